@@ -1,0 +1,172 @@
+"""Packing whole samples into flat sequences of at most ``max_tokens`` tokens (16,384 by default).
+
+A sample is never split across packs: one longer than a pack is an error, or — with ``truncate=True`` — has its
+caption cut to fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+from ..ops.mrope.positions import sample_position_ids
+from .batch import IGNORE_INDEX, PackedBatch, Sample
+
+DEFAULT_PACK_TOKENS = 16384
+
+
+class SampleTooLongError(ValueError):
+    pass
+
+
+def fit_sample(sample: Sample, max_tokens: int, truncate: bool = False) -> Sample:
+    """Return ``sample`` if it fits in a pack; else raise, or cut its caption when ``truncate``."""
+    if len(sample) <= max_tokens:
+        return sample
+    room = max_tokens - sample.num_patches - sample.prompt_ids.numel()
+    if not truncate or room < 1:
+        what = "even its image and prompt do not fit" if room < 1 else "pass truncate=True to cut its caption"
+        raise SampleTooLongError(
+            f"sample {sample.key!r} has {len(sample)} tokens ({sample.num_patches} patches + {sample.num_text} text) "
+            f"but a pack holds {max_tokens}; samples are never split across packs ({what})"
+        )
+    return Sample(sample.patches, sample.grid_hw, sample.caption_ids[:room], sample.prompt_ids, sample.key)
+
+
+def pack_samples(samples: Sequence[Sample], *, max_tokens: int | None = DEFAULT_PACK_TOKENS,
+                 pad_to: int | None = None) -> PackedBatch:
+    """Lay ``samples`` end to end into one :class:`PackedBatch`, optionally padded to ``pad_to`` tokens."""
+    if len(samples) == 0:
+        raise ValueError("cannot pack 0 samples: a pack holds at least one sample")
+    total = sum(len(s) for s in samples)
+    limit = pad_to if pad_to is not None else max_tokens
+    if limit is not None and total > limit:
+        raise SampleTooLongError(f"{len(samples)} samples hold {total} tokens, more than the pack's {limit}")
+    T = pad_to if pad_to is not None else total
+    patch_dim = next((s.patches.shape[1] for s in samples if s.num_patches), None)
+
+    lens = torch.tensor([len(s) for s in samples], dtype=torch.int64)
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    position_ids = torch.zeros(3, T, dtype=torch.int64)
+    input_ids = torch.zeros(T, dtype=torch.int64)
+    targets = torch.full((T,), IGNORE_INDEX, dtype=torch.int64)
+    seq_ids = torch.full((T,), -1, dtype=torch.int32)
+    image_index, text_index, patches = [], [], []
+    for i, s in enumerate(samples):
+        a = int(cu[i])
+        P, Lp, Lc = s.num_patches, s.prompt_ids.numel(), s.caption_ids.numel()
+        if P and s.patches.shape[1] != patch_dim:
+            raise ValueError(f"sample {s.key!r} has patch_dim {s.patches.shape[1]}, the pack has {patch_dim}")
+        position_ids[:, a:a + len(s)] = sample_position_ids(s.grid_hw[0], s.grid_hw[1], Lp + Lc)
+        input_ids[a + P:a + len(s)] = torch.cat([s.prompt_ids, s.caption_ids])
+        first = a + P + Lp  # first caption position; the token before it predicts caption[0]
+        lo = max(first - 1, a)
+        targets[lo:first + Lc - 1] = s.caption_ids[lo - (first - 1):]
+        seq_ids[a:a + len(s)] = i
+        image_index.append(torch.arange(a, a + P))
+        text_index.append(torch.arange(a + P, a + len(s)))
+        patches.append(s.patches)
+    return PackedBatch(
+        cu_seqlens=cu,
+        prefix_lens=torch.tensor([s.num_patches for s in samples], dtype=torch.int32),
+        position_ids=position_ids,
+        patches=torch.cat(patches) if patch_dim is not None else torch.zeros(0, 0),
+        image_index=torch.cat(image_index),
+        input_ids=input_ids,
+        text_index=torch.cat(text_index),
+        targets=targets,
+        loss_index=(targets != IGNORE_INDEX).nonzero().flatten(),
+        seq_ids=seq_ids,
+        grid_hw=torch.tensor([s.grid_hw for s in samples], dtype=torch.int64).reshape(-1, 2),
+        max_seqlen=int(lens.max()),
+        keys=[s.key for s in samples],
+    )
+
+
+def best_fit(lengths: Sequence[int], capacity: int) -> list[int]:
+    """Best-fit bin assignment in the given order: each item goes to the open bin it fills most tightly.
+
+    Returns the bin index of each item. Uses the compiled helper when it was built.
+    """
+    try:
+        from .. import _csrc  # type: ignore[attr-defined]
+
+        return _csrc.best_fit(list(lengths), capacity)
+    except ImportError:
+        pass
+    free: list[int] = []
+    out = []
+    for n in lengths:
+        if n > capacity:
+            raise SampleTooLongError(f"item of {n} tokens exceeds the capacity {capacity}")
+        best, best_free = -1, capacity + 1
+        for b, f in enumerate(free):
+            if n <= f < best_free:
+                best, best_free = b, f
+        if best < 0:
+            free.append(capacity)
+            best = len(free) - 1
+        free[best] -= n
+        out.append(best)
+    return out
+
+
+class Packer:
+    """Streams samples into packs.
+
+    ``lookahead == 1``: greedy — a pack is emitted when the next sample does not fit (good for stage 1, where
+    samples are alike). ``lookahead > 1``: samples wait in a buffer of that many and are placed by best fit; the
+    fullest pack leaves when the buffer is full (stage 2, where sample sizes vary 60×). Order within a pack follows
+    arrival. ``fill_ratio`` reports tokens used over tokens offered by emitted packs.
+    """
+
+    def __init__(self, max_tokens: int = DEFAULT_PACK_TOKENS, *, lookahead: int = 1, pad_to: int | None = None,
+                 truncate: bool = False):
+        self.max_tokens, self.lookahead, self.pad_to, self.truncate = max_tokens, max(1, lookahead), pad_to, truncate
+        self._bins: list[list[Sample]] = []
+        self._used_tokens = 0
+        self._packs = 0
+
+    @property
+    def fill_ratio(self) -> float:
+        return self._used_tokens / max(1, self._packs * self.max_tokens)
+
+    def _emit(self, samples: list[Sample]) -> PackedBatch:
+        self._used_tokens += sum(len(s) for s in samples)
+        self._packs += 1
+        return pack_samples(samples, max_tokens=self.max_tokens, pad_to=self.pad_to)
+
+    def add(self, sample: Sample) -> list[PackedBatch]:
+        """Add one sample; return the packs that are now complete (possibly none)."""
+        sample = fit_sample(sample, self.max_tokens, self.truncate)
+        n = len(sample)
+        room = [self.max_tokens - sum(len(s) for s in b) for b in self._bins]
+        fits = [i for i, r in enumerate(room) if r >= n]
+        if self.lookahead == 1:
+            out = [] if fits or not self._bins else [self._emit(self._bins.pop())]
+            if not self._bins:
+                self._bins.append([])
+            self._bins[0].append(sample)
+            return out
+        if fits:
+            self._bins[min(fits, key=lambda i: room[i])].append(sample)
+        else:
+            self._bins.append([sample])
+        out = []
+        while sum(len(b) for b in self._bins) >= self.lookahead or len(self._bins) > self.lookahead:
+            fullest = max(range(len(self._bins)), key=lambda i: sum(len(s) for s in self._bins[i]))
+            out.append(self._emit(self._bins.pop(fullest)))
+        return out
+
+    def flush(self) -> list[PackedBatch]:
+        """Emit whatever is buffered (end of stream)."""
+        out = [self._emit(b) for b in self._bins if b]
+        self._bins = []
+        return out
+
+    def pack(self, samples: Iterable[Sample]) -> Iterator[PackedBatch]:
+        for s in samples:
+            yield from self.add(s)
+        yield from self.flush()
