@@ -1,0 +1,33 @@
+"""Test-wide setup.
+
+Triton kernels run in the CPU interpreter here, and the interpreter must be chosen before any kernel is decorated,
+so the variable is set before genlip_fast is imported. Nothing touches CUDA at import time; GPU tests carry the
+``gpu`` marker and are skipped without one.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def error_bound_ok(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, atol: float = 1e-5,
+                   factor: float = 2.0) -> tuple[bool, str]:
+    """flash-attn's rule: the fused result's error vs the fp32 oracle is at most ``factor`` x PyTorch's own
+    low-precision error on the same inputs, plus ``atol``."""
+    err = (out.float() - ref_fp32.float()).abs().max().item()
+    base = (ref_lowp.float() - ref_fp32.float()).abs().max().item()
+    return err <= factor * base + atol, f"err {err:.3e} vs bound {factor} * {base:.3e} + {atol:.1e}"
