@@ -36,10 +36,8 @@ class Sample:
                 f"sample {self.key!r}: patches {tuple(self.patches.shape)} do not match grid {h}x{w} "
                 f"(expected ({h * w}, patch_dim))"
             )
-        if self.caption_ids.dim() != 1 or self.caption_ids.numel() == 0:
-            raise ValueError(
-                f"sample {self.key!r}: the caption has 0 tokens; every caption needs at least the end-of-text token"
-            )
+        if self.caption_ids.dim() != 1:
+            raise ValueError(f"sample {self.key!r}: caption_ids must be 1-D, got {tuple(self.caption_ids.shape)}")
         if self.prompt_ids is None:
             self.prompt_ids = torch.zeros(0, dtype=torch.int64)
 

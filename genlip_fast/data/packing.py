@@ -35,10 +35,20 @@ def fit_sample(sample: Sample, max_tokens: int, truncate: bool = False) -> Sampl
 
 
 def pack_samples(samples: Sequence[Sample], *, max_tokens: int | None = DEFAULT_PACK_TOKENS,
-                 pad_to: int | None = None) -> PackedBatch:
-    """Lay ``samples`` end to end into one :class:`PackedBatch`, optionally padded to ``pad_to`` tokens."""
+                 pad_to: int | None = None, require_caption: bool = True) -> PackedBatch:
+    """Lay ``samples`` end to end into one :class:`PackedBatch`, optionally padded to ``pad_to`` tokens.
+
+    Training samples need a caption (at least the end-of-text token); ``require_caption=False`` is for encoding
+    and generation, where the text is absent or still being written.
+    """
     if len(samples) == 0:
         raise ValueError("cannot pack 0 samples: a pack holds at least one sample")
+    if require_caption:
+        for s in samples:
+            if s.caption_ids.numel() == 0:
+                raise ValueError(
+                    f"sample {s.key!r}: the caption has 0 tokens; every caption needs at least the end-of-text token"
+                )
     total = sum(len(s) for s in samples)
     limit = pad_to if pad_to is not None else max_tokens
     if limit is not None and total > limit:
@@ -83,6 +93,22 @@ def pack_samples(samples: Sequence[Sample], *, max_tokens: int | None = DEFAULT_
         max_seqlen=int(lens.max()),
         keys=[s.key for s in samples],
     )
+
+
+def pack_images(patches: Sequence[torch.Tensor], grid_hw: Sequence[tuple[int, int]]) -> PackedBatch:
+    """Image-only samples (vision-encoder use): no text, no loss."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    return pack_samples([Sample(p, g, empty) for p, g in zip(patches, grid_hw)], max_tokens=None,
+                        require_caption=False)
+
+
+def pack_generation(patches: Sequence[torch.Tensor], grid_hw: Sequence[tuple[int, int]],
+                    text: Sequence[Sequence[int]]) -> PackedBatch:
+    """Samples ``[image | text so far]`` for greedy decoding; the text goes in as prompt (no loss)."""
+    empty = torch.zeros(0, dtype=torch.int64)
+    samples = [Sample(p, g, empty, prompt_ids=torch.tensor(list(t), dtype=torch.int64))
+               for p, g, t in zip(patches, grid_hw, text)]
+    return pack_samples(samples, max_tokens=None, require_caption=False)
 
 
 def best_fit(lengths: Sequence[int], capacity: int) -> list[int]:

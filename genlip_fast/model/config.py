@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ModelConfig:
     in_channels: int = 3
     """Image channels."""
     mrope_section: tuple[int, int, int] = (12, 12, 12)
-    """Rotary frequencies per (t, h, w) axis; sums to head_dim // 2."""
+    """Rotary frequencies per (t, h, w) axis (chunked: sums to head_dim // 2; interleaved: bounds h and w)."""
     mrope_interleaved: bool = True
     """Interleaved frequency layout (the authors') or chunked (Qwen2-VL)."""
     rope_theta: float = 10000.0
@@ -49,8 +49,9 @@ class ModelConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         self.mrope_section = tuple(int(s) for s in self.mrope_section)
-        if sum(self.mrope_section) != self.head_dim // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim // 2 = {self.head_dim // 2}")
+        from ..ops.mrope.positions import mrope_axis_map
+
+        mrope_axis_map(self.head_dim, self.mrope_section, self.mrope_interleaved)  # raises on a bad section
         if self.gate not in ("elementwise", "headwise", "none"):
             raise ValueError(f"gate must be 'elementwise', 'headwise' or 'none', got {self.gate!r}")
 

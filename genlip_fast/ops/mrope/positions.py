@@ -20,14 +20,16 @@ __all__ = [
 ]
 
 
-def _check_section(head_dim: int, mrope_section: Sequence[int]) -> tuple[int, int, int]:
+def _check_section(head_dim: int, mrope_section: Sequence[int], interleaved: bool) -> tuple[int, int, int]:
     if head_dim % 2:
         raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
     section = tuple(int(s) for s in mrope_section)
     if len(section) != 3 or min(section) < 0:
         raise ValueError(f"mrope_section must be three non-negative ints (t, h, w), got {mrope_section!r}")
-    if sum(section) != head_dim // 2:
-        raise ValueError(f"mrope_section {section} must sum to head_dim // 2 = {head_dim // 2}")
+    # Chunked runs must tile the frequencies exactly. Interleaved sections only bound where h and w stop
+    # (g/16 uses (16, 16, 16) with 32 frequencies: h and w then take every i = 1, 2 mod 3).
+    if not interleaved and sum(section) != head_dim // 2:
+        raise ValueError(f"chunked mrope_section {section} must sum to head_dim // 2 = {head_dim // 2}")
     return section  # type: ignore[return-value]
 
 
@@ -40,7 +42,7 @@ def mrope_axis_map(head_dim: int, mrope_section: Sequence[int], interleaved: boo
       ``i % 3 == 2 and i < 3 * s_w``, ``t`` otherwise;
     * chunked (Qwen2-VL): the first ``s_t`` frequencies take ``t``, the next ``s_h`` take ``h``, the last ``s_w`` ``w``.
     """
-    s_t, s_h, s_w = _check_section(head_dim, mrope_section)
+    s_t, s_h, s_w = _check_section(head_dim, mrope_section, interleaved)
     n = head_dim // 2
     i = torch.arange(n)
     if interleaved:

@@ -1,0 +1,241 @@
+"""GenLIP: one transformer over ``[image patches | caption tokens]`` (paper §3; DESIGN.md "The model").
+
+Shapes: T tokens in a pack, d model width, H heads of D channels, P patches, N loss rows, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..data.batch import PackedBatch
+from ..ops import linear_cross_entropy, prefix_lm_attention
+from .config import ModelConfig
+
+
+def drop_path_per_sample(x: torch.Tensor, p: float, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """Stochastic depth per *packed sample*: every token of a dropped sample loses the branch, the rest are scaled
+    by ``1 / (1 - p)`` — the same as dropping per batch element when samples are not packed."""
+    keep = (torch.rand(num_samples + 1, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+    keep[-1] = 0.0  # padding tokens (seq_id -1) index the last slot
+    return x * keep[seq_ids.long()].unsqueeze(-1)
+
+
+class Attention(nn.Module):
+    """Gated prefix-LM attention. ``q_proj`` also yields the gate logits: per head ``[q_h | g_h]`` (elementwise,
+    as the authors' code) or one extra logit per head (headwise)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, D = cfg.n_heads, cfg.head_dim
+        gate_width = {"elementwise": H * D, "headwise": H, "none": 0}[cfg.gate]
+        self.q_proj = nn.Linear(cfg.dim, H * D + gate_width)
+        self.k_proj = nn.Linear(cfg.dim, H * D)
+        self.v_proj = nn.Linear(cfg.dim, H * D)
+        self.o_proj = nn.Linear(H * D, cfg.dim)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, prefix_lens: torch.Tensor) -> torch.Tensor:
+        cfg, T = self.cfg, x.shape[0]
+        H, D = cfg.n_heads, cfg.head_dim
+        qg = self.q_proj(x)  # (T, H*D + gate)
+        if cfg.gate == "elementwise":
+            qg = qg.view(T, H, 2 * D)
+            q, gate = qg[..., :D], qg[..., D:]  # strided views, no copies
+        else:
+            q = qg[:, : H * D].view(T, H, D)
+            gate = qg[:, H * D :] if cfg.gate == "headwise" else None  # (T, H)
+        k = self.k_proj(x).view(T, H, D)
+        v = self.v_proj(x).view(T, H, D)
+        o = prefix_lm_attention(
+            q, k, v, batch.cu_seqlens, prefix_lens,
+            gate=gate,
+            position_ids=batch.position_ids,
+            mrope_section=cfg.mrope_section,
+            mrope_interleaved=cfg.mrope_interleaved,
+            rope_theta=cfg.rope_theta,
+            max_seqlen=batch.max_seqlen,
+            impl=cfg.attn_backend,
+        )  # (T, H, D)
+        return self.o_proj(o.reshape(T, H * D))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm: ``x += ls1 * drop_path(o_proj(gate * Attn(norm1 x)))``; ``x += ls2 * drop_path(MLP(norm2 x))``."""
+
+    def __init__(self, cfg: ModelConfig, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ls1 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.ls2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+        self.drop_path = drop_path
+
+    def _residual(self, y: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        if self.training and self.drop_path > 0:
+            y = drop_path_per_sample(y, self.drop_path, batch.seq_ids, batch.num_samples)
+        return y
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, prefix_lens: torch.Tensor) -> torch.Tensor:
+        x = x + self._residual(self.ls1 * self.attn(self.norm1(x), batch, prefix_lens), batch)
+        return x + self._residual(self.ls2 * self.mlp(self.norm2(x)), batch)
+
+
+class GenLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        text_dim = cfg.text_embed_dim or cfg.dim
+        # A 16x16 stride-16 conv; applied as a linear map on patches flattened (c, y, x), which is the same thing.
+        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.text_embed = nn.Embedding(cfg.vocab_size, text_dim)
+        self.text_in = nn.Linear(text_dim, cfg.dim) if text_dim != cfg.dim else nn.Identity()
+        rates = [cfg.drop_path * i / max(1, cfg.n_layers - 1) for i in range(cfg.n_layers)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.text_out = nn.Linear(cfg.dim, text_dim) if text_dim != cfg.dim else nn.Identity()
+        self.lm_head = nn.Linear(text_dim, cfg.vocab_size, bias=False)  # untied from text_embed
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The authors' init: xavier-uniform attention projections, zero biases, N(0, 0.02) elsewhere."""
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                if ".attn." in f".{name}.":
+                    nn.init.xavier_uniform_(m.weight)
+                else:
+                    nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for b in self.blocks:
+            nn.init.constant_(b.ls1, self.cfg.layer_scale_init)
+            nn.init.constant_(b.ls2, self.cfg.layer_scale_init)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """``(T, d)``: patch embeddings at image positions, text embeddings at text positions, 0 on padding."""
+        w = self.patch_embed.weight
+        x = torch.zeros(batch.num_tokens, self.cfg.dim, device=w.device, dtype=w.dtype)
+        if batch.image_index.numel():
+            img = F.linear(batch.patches.to(w.dtype), w.flatten(1), self.patch_embed.bias)  # (P, d)
+            x = x.index_copy(0, batch.image_index, img)
+        if batch.text_index.numel():
+            txt = self.text_in(self.text_embed(batch.input_ids.index_select(0, batch.text_index)))
+            x = x.index_copy(0, batch.text_index, txt.to(x.dtype))
+        return x
+
+    def hidden_states(self, batch: PackedBatch, *, full_attention: bool = False) -> torch.Tensor:
+        """``(T, d)`` after the final LayerNorm. ``full_attention`` makes every sample bidirectional (encoder)."""
+        x = self.embed(batch)
+        prefix_lens = batch.seqlens.to(torch.int32) if full_attention else batch.prefix_lens
+        for block in self.blocks:
+            x = block(x, batch, prefix_lens)
+        return self.norm(x)
+
+    def forward(self, batch: PackedBatch, loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token loss on caption tokens: sum of token losses / ``loss_denominator`` (default: this pack's loss
+        token count; the trainer passes the global count across ranks and accumulation steps)."""
+        h = self.hidden_states(batch)
+        rows = self.text_out(h.index_select(0, batch.loss_index))  # (N, text_dim): only rows that carry loss
+        loss_sum = linear_cross_entropy(
+            rows, self.lm_head.weight, batch.targets.index_select(0, batch.loss_index),
+            reduction="sum", impl=self.cfg.ce_backend,
+        )
+        if loss_denominator is None:
+            loss_denominator = max(1, batch.num_loss_tokens)
+        return loss_sum / loss_denominator
+
+    def logits_at(self, batch: PackedBatch, index: torch.Tensor) -> torch.Tensor:
+        """``(len(index), V)`` float32 logits at the given sequence positions (for generation and evaluation)."""
+        h = self.hidden_states(batch).index_select(0, index)
+        return self.lm_head(self.text_out(h)).float()
+
+    @torch.no_grad()
+    def encode(self, batch: PackedBatch) -> list[torch.Tensor]:
+        """Vision-encoder use: image tokens only, full attention; ``(grid_h * grid_w, d)`` features per sample from
+        the final LayerNorm. Text tokens in ``batch`` (if any) are ignored: only the image part is encoded."""
+        from ..data.packing import pack_images
+
+        imgs = pack_images(_split_patches(batch), [tuple(g) for g in batch.grid_hw.tolist()])
+        imgs = imgs.to(batch.patches.device)
+        h = self.hidden_states(imgs, full_attention=True)
+        cu = imgs.cu_seqlens.tolist()
+        return [h[cu[i]:cu[i + 1]] for i in range(imgs.num_samples)]
+
+    @torch.no_grad()
+    def generate(self, patches: list[torch.Tensor], grid_hw: list[tuple[int, int]], *, eot_id: int,
+                 max_new_tokens: int = 32, prompt_ids: torch.Tensor | None = None) -> list[list[int]]:
+        """Greedy captions for several images at once ("Let ViT Speak"): each step packs every unfinished sample
+        ``[image | prompt | generated]`` and reads the logits at its last token."""
+        from ..data.packing import pack_generation
+
+        device = self.patch_embed.weight.device
+        prompt = prompt_ids.tolist() if prompt_ids is not None else []
+        out: list[list[int]] = [[] for _ in patches]
+        live = list(range(len(patches)))
+        for _ in range(max_new_tokens):
+            if not live:
+                break
+            batch = pack_generation([patches[i] for i in live], [grid_hw[i] for i in live],
+                                    [prompt + out[i] for i in live]).to(device)
+            last = (batch.cu_seqlens[1:] - 1).long()
+            nxt = self.logits_at(batch, last).argmax(-1).tolist()
+            for i, t in zip(list(live), nxt):
+                out[i].append(t)
+                if t == eot_id:
+                    live.remove(i)
+        return out
+
+
+def _split_patches(batch: PackedBatch) -> list[torch.Tensor]:
+    counts = (batch.grid_hw[:, 0] * batch.grid_hw[:, 1]).tolist()
+    return list(batch.patches.split(counts))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by part: what Table 1 counts (the transformer without its gate) and everything else."""
+    parts = {"blocks": 0, "gate": 0, "patch_embed": 0, "text_embed": 0, "lm_head": 0, "other": 0}
+    cfg: ModelConfig = model.cfg
+    for name, p in model.named_parameters():
+        n = p.numel()
+        if name.startswith("blocks."):
+            if name.endswith("attn.q_proj.weight") or name.endswith("attn.q_proj.bias"):
+                gate_rows = {"elementwise": cfg.dim, "headwise": cfg.n_heads, "none": 0}[cfg.gate]
+                g = gate_rows * (p.shape[1] if p.dim() == 2 else 1)
+                parts["gate"] += g
+                n -= g
+            parts["blocks"] += n
+        elif name.startswith("patch_embed"):
+            parts["patch_embed"] += n
+        elif name.startswith(("text_embed", "text_in")):
+            parts["text_embed"] += n
+        elif name.startswith(("lm_head", "text_out")):
+            parts["lm_head"] += n
+        else:
+            parts["other"] += n
+    parts["total"] = sum(parts.values())
+    parts["vision_encoder"] = parts["blocks"] + parts["gate"] + parts["patch_embed"] + parts["other"]
+    return parts
+
+
+__all__ = ["GenLIP", "count_parameters", "drop_path_per_sample"]

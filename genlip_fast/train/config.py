@@ -1,0 +1,211 @@
+"""Job configuration: nested dataclasses, loaded from TOML with ``--section.key=value`` overrides.
+
+Every field has a one-line doc (the string under it). Unknown sections or keys, and values of the wrong type, are
+errors that name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    """Model preset: 'L/16', 'So/16', 'g/16', or a tiny one ('tiny', 'tiny-hd72', 'tiny-textproj')."""
+    vocab_size: int | None = None
+    """Embedding rows; None = the preset's (tiny presets take the tokenizer's size)."""
+    attn_backend: str = "auto"
+    """Attention implementation: 'auto' | 'triton' | 'reference' | 'flex'."""
+    ce_backend: str = "auto"
+    """LM head + cross-entropy implementation: 'auto' | 'triton' | 'reference'."""
+    drop_path: float | None = None
+    """Stochastic depth of the last block; None = the preset's."""
+    gate: str | None = None
+    """Attention gate: 'elementwise' | 'headwise' | 'none'; None = the preset's."""
+
+
+@dataclass
+class DataSection:
+    train_shards: str = "data/shapes/train-*.tar"
+    """Training shards: a path, glob or folder of webdataset .tar files."""
+    val_shards: str = "data/shapes/val-*.tar"
+    """Held-out shards, captioned by the model at the end of the run ('' = none)."""
+    generate_demo_data: bool = True
+    """Generate the shapes dataset at the shard paths' folder when no shard is there yet."""
+    tokenizer: str = "demo"
+    """'demo', 'qwen', or a local tokenizer.json path; nothing is downloaded."""
+    image_size: int = 64
+    """Stage-1 square input size in pixels (the paper: 224)."""
+    pack_tokens: int = 1024
+    """Tokens per pack (the paper: 16384)."""
+    lookahead: int = 1
+    """Samples buffered for best-fit packing (1 = greedy, fine for stage 1)."""
+    truncate_captions: bool = False
+    """Cut captions of samples longer than a pack instead of failing."""
+    seed: int = 0
+    """Shuffle seed of the sample stream."""
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr: float = 1e-6
+    """Final learning rate of the cosine decay."""
+    warmup_ratio: float = 0.007
+    """Fraction of the steps spent in linear warmup."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.05
+    """AdamW decoupled weight decay on matrices (norms, biases, layer scales and embeddings get none)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+
+
+@dataclass
+class TrainSection:
+    steps: int = 400
+    """Optimizer steps."""
+    seed: int = 0
+    """Seed of parameter init and drop path."""
+    device: str = "auto"
+    """'auto' (CUDA when present), 'cpu' or 'cuda'."""
+    log_every: int = 10
+    """Steps between log lines."""
+    out_dir: str = "runs/tiny"
+    """Where logs, metrics and checkpoints go."""
+    caption_samples: int = 8
+    """Held-out images captioned at the end of the run."""
+    max_new_tokens: int = 24
+    """Longest generated caption."""
+
+
+@dataclass
+class JobConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    """The model."""
+    data: DataSection = field(default_factory=DataSection)
+    """Shards, tokenizer and packing."""
+    optim: OptimSection = field(default_factory=OptimSection)
+    """AdamW and the LR schedule."""
+    train: TrainSection = field(default_factory=TrainSection)
+    """The loop."""
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(value, tp, where: str):
+    """Check (and gently convert) a TOML or CLI value to the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a {tp}")
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.strip("()[] ").split(",") if v.strip()]
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: {value!r} is not a {tp}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+            return value.lower() in ("true", "1")
+        raise ConfigError(f"{where}: {value!r} is not a bool")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: {value!r} is not an int")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not an int")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: {value!r} is not a float")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not a string")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _apply(obj, values: dict, where: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown key {where}{key!r}; known: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a table, got {value!r}")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], f"{where}{key}"))
+
+
+def resolve_config_path(name: str) -> Path:
+    """A TOML path, or the name of a bundled preset (``tiny``, ``so16_stage1``, ...)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    bundled = CONFIG_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+    if bundled.is_file():
+        return bundled
+    known = sorted(q.stem for q in CONFIG_DIR.glob("*.toml"))
+    raise ConfigError(f"no config file {name!r} (bundled presets: {known})")
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
+    """Defaults, then the TOML file, then ``--section.key=value`` overrides (later wins)."""
+    cfg = JobConfig()
+    if path:
+        with open(resolve_config_path(path), "rb") as f:
+            _apply(cfg, tomllib.load(f), "")
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --section.key=value")
+        dotted, value = item[2:].split("=", 1)
+        *parents, key = dotted.split(".")
+        table: dict = {key: value}
+        for p in reversed(parents):
+            table = {p: table}
+        _apply(cfg, table, "")
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
