@@ -52,6 +52,8 @@ def pack_samples(samples: Sequence[Sample], *, max_tokens: int | None = DEFAULT_
     total = sum(len(s) for s in samples)
     limit = pad_to if pad_to is not None else max_tokens
     if limit is not None and total > limit:
+        for s in samples:
+            fit_sample(s, limit)  # names the sample when one alone is too long
         raise SampleTooLongError(f"{len(samples)} samples hold {total} tokens, more than the pack's {limit}")
     T = pad_to if pad_to is not None else total
     patch_dim = next((s.patches.shape[1] for s in samples if s.num_patches), None)
@@ -120,7 +122,7 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[int]:
         from .. import _csrc  # type: ignore[attr-defined]
 
         return _csrc.best_fit(list(lengths), capacity)
-    except ImportError:
+    except ImportError:  # the optional extension was not built: same result in Python
         pass
     free: list[int] = []
     out = []

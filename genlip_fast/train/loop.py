@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.loader import HostSampleStream, packed_batches
-from ..data.packing import Packer
+from ..data.loader import HostSampleStream
+from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
@@ -104,9 +104,7 @@ def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     model = GenLIP(mcfg).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             eps=cfg.optim.eps)
-    stream = HostSampleStream(cfg.data.train_shards, tokenizer, image_size=cfg.data.image_size, seed=cfg.data.seed)
-    packer = Packer(cfg.data.pack_tokens, lookahead=cfg.data.lookahead, truncate=cfg.data.truncate_captions)
-    batches = packed_batches(iter(stream), packer)
+    batches = build_data_loader(cfg.data, tokenizer)
 
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,8 +142,9 @@ def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     if bar is not None:
         bar.close()
     metrics.close()
-    if stream.skipped.total:
-        log.warning("skipped %d bad samples: %s", stream.skipped.total, stream.skipped.counts)
+    skipped = batches.stream.skipped
+    if skipped.total:
+        log.warning("skipped %d bad samples: %s", skipped.total, skipped.counts)
     captions = caption_heldout(model, cfg, tokenizer, device)
     torch.save({"model": model.state_dict(), "model_config": mcfg.__dict__}, out_dir / "model.pt")
     return {"losses": losses, "captions": captions, "model": model}
