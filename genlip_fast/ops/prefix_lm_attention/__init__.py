@@ -42,7 +42,8 @@ def prefix_lm_attention(
         softmax_scale: default ``head_dim ** -0.5``.
         max_seqlen: longest sample (host int); lets the fused kernel size its grid without reading ``cu_seqlens``
             back from the device. Computed (one sync) when omitted.
-        impl: ``"auto"`` | ``"triton"`` | ``"reference"``.
+        impl: ``"auto"`` | ``"triton"`` | ``"reference"`` | ``"flex"`` (FlexAttention with rope and gate outside
+            it; a GPU baseline).
 
     Inside one sample (here 3 image tokens, 3 text tokens)::
 
@@ -56,7 +57,7 @@ def prefix_lm_attention(
 
     Returns ``(total_tokens, num_heads, head_dim)`` in q's dtype.
     """
-    which = resolve_impl(impl, q, k, v)
+    which = resolve_impl(impl, q, k, v, extra=("flex",))
     kwargs = dict(
         gate=gate,
         position_ids=position_ids,
@@ -69,6 +70,10 @@ def prefix_lm_attention(
         from .reference import prefix_lm_attention_reference
 
         return prefix_lm_attention_reference(q, k, v, cu_seqlens, prefix_lens, **kwargs)
+    if which == "flex":
+        from .flex import prefix_lm_attention_flex
+
+        return prefix_lm_attention_flex(q, k, v, cu_seqlens, prefix_lens, **kwargs)
     from .function import prefix_lm_attention_triton
 
     return prefix_lm_attention_triton(q, k, v, cu_seqlens, prefix_lens, max_seqlen=max_seqlen, **kwargs)
