@@ -24,7 +24,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Block sizes under the CPU interpreter: one config (autotuning with several fails there). Small enough that the
 # masked / unmasked / tail stages all occur on test-sized samples. Tests may patch this dict.
 INTERPRETER_CONFIGS = {
-    "fwd": dict(BLOCK_M=32, BLOCK_N=16),
+    "fwd": dict(BLOCK_M=32, BLOCK_N=32),
     "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
     "dq": dict(BLOCK_M=32, BLOCK_N=16),
     "pre": dict(BLOCK_M=64),
@@ -71,7 +71,7 @@ def _block_half(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim // 2))
 
 
-def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section):
+def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved):
     if q.dim() != 3:
         raise ValueError(f"q must be (total_tokens, num_heads, head_dim), got shape {tuple(q.shape)}")
     if k.shape != q.shape or v.shape != q.shape:
@@ -98,8 +98,10 @@ def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_se
             raise ValueError(f"position_ids must be (3, {T}) integer, got {tuple(position_ids.shape)} {position_ids.dtype}")
         if mrope_section is None:
             raise ValueError("position_ids given without mrope_section")
-        if len(mrope_section) != 3 or sum(mrope_section) != D // 2:
-            raise ValueError(f"mrope_section must be 3 ints summing to head_dim // 2 = {D // 2}, got {mrope_section}")
+        if len(mrope_section) != 3 or min(mrope_section) < 0:
+            raise ValueError(f"mrope_section must be three non-negative ints (t, h, w), got {mrope_section}")
+        if not mrope_interleaved and sum(mrope_section) != D // 2:
+            raise ValueError(f"chunked mrope_section {mrope_section} must sum to head_dim // 2 = {D // 2}")
     tensors = [t for t in (q, k, v, cu_seqlens, prefix_lens, gate, position_ids) if t is not None]
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
@@ -331,7 +333,7 @@ def prefix_lm_attention_triton(
     ``max_seqlen`` (host int, the longest sample) sizes the grid; when omitted it is read from ``cu_seqlens``, which
     costs one device-to-host sync.
     """
-    _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section)
+    _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved)
     D = q.shape[-1]
     scale = float(D**-0.5 if softmax_scale is None else softmax_scale)
     if max_seqlen is None:

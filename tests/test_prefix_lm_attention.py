@@ -1,0 +1,265 @@
+"""Fused prefix-LM attention (Triton, CPU interpreter here) vs the fp32 PyTorch oracle: output and every gradient.
+
+Low-precision results must stay within flash-attn's bound: at most 2x PyTorch's own low-precision error on the same
+inputs, plus a small atol. Shapes are awkward on purpose (odd lengths, head dim 72, image-only and text-only samples,
+trailing padding, strided views of one fused projection). GPU-marked tests run bf16 on full-size 16K packs.
+"""
+
+import math
+import random
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import error_bound_ok
+from genlip_fast.ops.mrope.positions import mrope_position_ids
+from genlip_fast.ops.prefix_lm_attention import prefix_lm_attention
+from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_attention_reference
+
+
+def _grid(prefix: int) -> tuple[int, int]:
+    """A (rows, cols) image grid with ``prefix`` patches, as square as the factors allow."""
+    if prefix == 0:
+        return 0, 0
+    h = max(d for d in range(1, int(math.isqrt(prefix)) + 1) if prefix % d == 0)
+    return h, prefix // h
+
+
+def _section(head_dim: int) -> list[int]:
+    half = head_dim // 2
+    a = half // 3
+    return [half - 2 * a, a, a]
+
+
+def make_pack(prefixes, texts, *, pad=0, heads=2, head_dim=64, dtype=torch.float16, gate="elementwise", rope=True,
+              fused=False, device="cpu", seed=0):
+    """Inputs for one pack. ``fused=True`` makes q, k, v, gate strided slices of one projection output."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [p + t for p, t in zip(prefixes, texts)]
+    n_valid = sum(lens)
+    T, H, D = n_valid + pad, heads, head_dim
+    cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
+    pl = torch.tensor(prefixes, dtype=torch.int32)
+    if fused:
+        width = 3 * D + (D if gate == "elementwise" else 1 if gate == "headwise" else 0)
+        proj = torch.randn(T, H, width, generator=g).to(dtype)
+        q, k, v = proj[..., :D], proj[..., D : 2 * D], proj[..., 2 * D : 3 * D]
+        gt = proj[..., 3 * D :] if gate == "elementwise" else proj[..., 3 * D] if gate == "headwise" else None
+    else:
+        q, k, v = (torch.randn(T, H, D, generator=g).to(dtype) for _ in range(3))
+        gt = {"elementwise": torch.randn(T, H, D, generator=g), "headwise": torch.randn(T, H, generator=g),
+              None: None}[gate]
+        gt = gt.to(dtype) if gt is not None else None
+    pos = None
+    if rope:
+        pos = mrope_position_ids([_grid(p) for p in prefixes], texts)
+        pos = torch.cat([pos, torch.zeros(3, pad, dtype=pos.dtype)], dim=1)
+    dout = torch.randn(T, H, D, generator=g).to(dtype)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dict(q=to(q), k=to(k), v=to(v), cu=to(cu), pl=to(pl), gate=to(gt), pos=to(pos), dout=to(dout),
+                max_seqlen=max(lens) if lens else 0, section=_section(D))
+
+
+def run(pack, impl, dtype=None, interleaved=True, max_seqlen="pack"):
+    """Output and gradients (q, k, v[, gate]) of one implementation, inputs cast to ``dtype`` as leaves."""
+    leaves = {}
+    for name in ("q", "k", "v", "gate"):
+        t = pack[name]
+        if t is not None:
+            t = t.detach() if dtype is None else t.detach().to(dtype)
+            leaves[name] = t.requires_grad_()
+    kw = dict(gate=leaves.get("gate"), position_ids=pack["pos"], mrope_interleaved=interleaved,
+              mrope_section=pack["section"] if pack["pos"] is not None else None)
+    if impl == "triton":
+        kw["max_seqlen"] = pack["max_seqlen"] if max_seqlen == "pack" else max_seqlen
+        out = prefix_lm_attention(leaves["q"], leaves["k"], leaves["v"], pack["cu"], pack["pl"], impl="triton", **kw)
+    else:
+        out = prefix_lm_attention_reference(leaves["q"], leaves["k"], leaves["v"], pack["cu"], pack["pl"], **kw)
+    dout = pack["dout"] if dtype is None else pack["dout"].to(dtype)
+    grads = torch.autograd.grad(out, list(leaves.values()), dout, allow_unused=True)
+    # The reference leaves inputs unused when the pack holds no token; the gradient is then zero.
+    grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves.values(), grads)]
+    return [out.detach()] + [gr.detach() for gr in grads]
+
+
+NAMES = ["out", "dq", "dk", "dv", "dgate"]
+
+
+def check_against_reference(pack, dtype, interleaved=True, atol=None):
+    got = run(pack, "triton", interleaved=interleaved)
+    ref32 = run(pack, "reference", torch.float32, interleaved=interleaved)
+    if dtype == torch.float32:
+        for name, a, b in zip(NAMES, got, ref32):
+            tol = 2e-5 if atol is None else atol
+            err = (a - b).abs().max().item() if a.numel() else 0.0
+            assert err <= tol * max(1.0, b.abs().max().item()), f"{name}: fp32 err {err:.3e}"
+        return got
+    lowp = run(pack, "reference", dtype, interleaved=interleaved)
+    for name, a, b, c in zip(NAMES, got, ref32, lowp):
+        assert a.dtype == dtype
+        ok, msg = error_bound_ok(a, b, c, atol=1e-4 if atol is None else atol)
+        assert ok, f"{name}: {msg}"
+    return got
+
+
+# (prefixes, texts, pad, head_dim, gate, rope, fused, interleaved): each row is one awkward pack.
+CASES = [
+    pytest.param([64], [33], 0, 64, "elementwise", True, False, True, id="one-sample-97-d64"),
+    pytest.param([100], [31], 0, 72, "elementwise", True, False, True, id="one-sample-131-d72"),
+    pytest.param([16, 0, 35, 49], [20, 37, 0, 11], 13, 72, "headwise", True, False, True,
+                 id="many-text-only-image-only-pad-headwise"),
+    pytest.param([9, 25, 12], [7, 30, 50], 5, 64, None, True, True, False, id="nogate-chunked-fused-views"),
+    pytest.param([36, 20], [19, 45], 0, 64, "elementwise", False, True, True, id="norope-fused-views"),
+    pytest.param([49, 0], [0, 40], 7, 80, "elementwise", True, False, True, id="d80"),
+    pytest.param([25, 30], [18, 3], 0, 96, "headwise", True, False, False, id="d96-chunked"),
+    pytest.param([20, 12], [21, 9], 3, 128, "elementwise", True, True, True, id="d128-fused"),
+]
+
+
+@pytest.mark.parametrize("prefixes,texts,pad,head_dim,gate,rope,fused,interleaved", CASES)
+def test_fp16_matches_reference(prefixes, texts, pad, head_dim, gate, rope, fused, interleaved):
+    pack = make_pack(prefixes, texts, pad=pad, head_dim=head_dim, gate=gate, rope=rope, fused=fused)
+    check_against_reference(pack, torch.float16, interleaved)
+
+
+@pytest.mark.parametrize("gate", ["elementwise", "headwise", None])
+def test_fp32_tight(gate):
+    pack = make_pack([30, 0, 17], [23, 14, 0], pad=4, head_dim=72, dtype=torch.float32, gate=gate)
+    check_against_reference(pack, torch.float32)
+
+
+def test_padding_rows_zero_and_zero_grads():
+    pack = make_pack([12, 20], [9, 0], pad=11, head_dim=64, dtype=torch.float32, gate="elementwise")
+    out, dq, dk, dv, dg = run(pack, "triton")
+    n = int(pack["cu"][-1])
+    for name, t in zip(NAMES, (out, dq, dk, dv, dg)):
+        assert torch.count_nonzero(t[n:]) == 0, name
+        assert torch.isfinite(t).all(), name
+
+
+def test_packed_equals_one_sample_at_a_time():
+    prefixes, texts = [40, 0, 25, 16], [15, 33, 0, 29]
+    pack = make_pack(prefixes, texts, pad=6, head_dim=72, dtype=torch.float16, gate="elementwise")
+    packed = run(pack, "triton")
+    cu = pack["cu"].tolist()
+    for s, (p, t) in enumerate(zip(prefixes, texts)):
+        a, b = cu[s], cu[s + 1]
+        alone = dict(pack)
+        for name in ("q", "k", "v", "gate", "dout"):
+            alone[name] = pack[name][a:b]
+        alone["pos"] = pack["pos"][:, a:b]
+        alone["cu"] = torch.tensor([0, b - a], dtype=torch.int32)
+        alone["pl"] = torch.tensor([p], dtype=torch.int32)
+        alone["max_seqlen"] = b - a
+        single = run(alone, "triton")
+        for name, x, y in zip(NAMES, packed, single):
+            # Same tiles in the same order: the sample's result does not depend on its neighbours at all.
+            assert torch.equal(x[a:b], y), f"sample {s} {name}"
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(
+    layout=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 50)), min_size=1, max_size=12),
+    pad=st.integers(0, 9),
+    head_dim=st.sampled_from([64, 72]),
+    gate=st.sampled_from(["elementwise", "headwise", None]),
+)
+def test_hypothesis_pack_layouts(layout, pad, head_dim, gate):
+    prefixes = [p for p, _ in layout]
+    texts = [t for _, t in layout]
+    assume(sum(prefixes) + sum(texts) > 0)
+    # fp32 against the fp32 oracle: the tightest check of the tile scheduling, and the cheapest on CPU.
+    pack = make_pack(prefixes, texts, pad=pad, heads=1, head_dim=head_dim, dtype=torch.float32, gate=gate)
+    check_against_reference(pack, torch.float32)
+
+
+def test_larger_max_seqlen_and_empty_samples():
+    # max_seqlen is only a grid bound: an over-estimate must not change anything; empty samples are legal.
+    pack = make_pack([10, 0, 0], [5, 0, 8], pad=2, head_dim=64, dtype=torch.float32, gate="headwise")
+    a = run(pack, "triton")
+    b = run(pack, "triton", max_seqlen=100)
+    c = run(pack, "triton", max_seqlen=None)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_input_errors():
+    pack = make_pack([4], [4], head_dim=64, dtype=torch.float32)
+    q, k, v, cu, pl = pack["q"], pack["k"], pack["v"], pack["cu"], pack["pl"]
+    with pytest.raises(ValueError, match="same shape"):
+        prefix_lm_attention(q, k[:, :1], v, cu, pl, impl="triton")
+    with pytest.raises(ValueError, match="gate must be"):
+        prefix_lm_attention(q, k, v, cu, pl, gate=torch.zeros(8, 2, 3), impl="triton")
+    with pytest.raises(ValueError, match="prefix_lens"):
+        prefix_lm_attention(q, k, v, cu, pl[:0], impl="triton")
+    with pytest.raises(ValueError, match="mrope_section"):
+        prefix_lm_attention(q, k, v, cu, pl, position_ids=pack["pos"], impl="triton")
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        prefix_lm_attention(q[..., :63], k[..., :63], v[..., :63], cu, pl, impl="triton")
+
+
+def test_torch_compile_sees_one_op():
+    pack = make_pack([6, 5], [7, 4], pad=3, head_dim=64, dtype=torch.float32, gate="elementwise")
+
+    def f(q, k, v, g):
+        return prefix_lm_attention(q, k, v, pack["cu"], pack["pl"], gate=g, position_ids=pack["pos"],
+                                   mrope_section=pack["section"], max_seqlen=pack["max_seqlen"], impl="triton")
+
+    leaves = [pack[n].clone().requires_grad_() for n in ("q", "k", "v", "gate")]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(*leaves)
+    grads = torch.autograd.grad(out, leaves, pack["dout"])
+    eager = run(pack, "triton")
+    assert torch.equal(out, eager[0])
+    for x, y in zip(grads, eager[1:]):
+        assert torch.equal(x, y)
+
+
+def test_opcheck():
+    from genlip_fast.ops.prefix_lm_attention.function import _fwd_op
+
+    pack = make_pack([5], [6], pad=2, head_dim=64, dtype=torch.float32, gate="headwise")
+    args = (pack["q"].requires_grad_(), pack["k"], pack["v"], pack["cu"], pack["pl"], pack["gate"], pack["pos"],
+            pack["section"], True, 10000.0, 0.125, pack["max_seqlen"])
+    torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+# ------------------------------------------------------------------------------------------- GPU: bf16, 16K packs
+
+PRESETS = {"L16": (16, 64, [8, 12, 12]), "So16": (16, 72, [12, 12, 12]), "g16": (24, 64, [16, 16, 16])}
+
+
+def _stage_layout(stage: str, total: int = 16384, seed: int = 0):
+    """Stage 1: 196 image patches + 30-120 text per sample; stage 2: 16-1024 patches + 100-500 text."""
+    rng = random.Random(seed)
+    prefixes, texts, used = [], [], 0
+    while True:
+        p = 196 if stage == "stage1" else rng.randint(16, 1024)
+        t = rng.randint(30, 120) if stage == "stage1" else rng.randint(100, 500)
+        if used + p + t > total:
+            break
+        prefixes.append(p), texts.append(t)
+        used += p + t
+    return prefixes, texts, total - used
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", list(PRESETS))
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_gpu_bf16_16k_pack(preset, stage):
+    heads, head_dim, section = PRESETS[preset]
+    prefixes, texts, pad = _stage_layout(stage)
+    pack = make_pack(prefixes, texts, pad=pad, heads=heads, head_dim=head_dim, dtype=torch.bfloat16,
+                     gate="elementwise", fused=True, device="cuda")
+    pack["section"] = section
+    check_against_reference(pack, torch.bfloat16, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefixes,texts,pad,head_dim,gate,rope,fused,interleaved", CASES)
+def test_gpu_bf16_small(prefixes, texts, pad, head_dim, gate, rope, fused, interleaved):
+    pack = make_pack(prefixes, texts, pad=pad, head_dim=head_dim, dtype=torch.bfloat16, gate=gate, rope=rope,
+                     fused=fused, device="cuda")
+    check_against_reference(pack, torch.bfloat16, interleaved)
