@@ -41,14 +41,25 @@ _BWD_CHUNK_INTERP = 256
 
 
 def _gpu_configs() -> list[triton.Config]:
-    # Tensor-core tiles for bf16 / fp16 on sm_90 (wgmma wants 64-row multiples per warpgroup). Configs that do
-    # not fit in shared memory for a dtype (fp32) are skipped by the autotuner as out-of-resources.
+    """Tile configs for sm_90, checked by tests/test_linear_ce_compile_sm90.py to compile without register spills.
+
+    Half types: wgmma tiles of 128 vocab x 64 channels. Every half config shares BLOCK_V and BLOCK_D, so each
+    logit is accumulated and each row reduced in the same order whichever one the autotuner picks (results do not
+    depend on the timing race). Wider vocab tiles (256) spilled registers in the softmax epilogue. fp32 runs
+    exact fp32 FMA products (no tensor cores) with one small tile.
+    """
+    half = dict(BLOCK_V=128, BLOCK_D=64)
     return [
-        triton.Config(dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_N=128, BLOCK_V=256, BLOCK_D=64), num_warps=8, num_stages=3),
-        triton.Config(dict(BLOCK_N=64, BLOCK_V=256, BLOCK_D=64), num_warps=4, num_stages=4),
-        triton.Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_N=128, **half), num_warps=8, num_stages=3),
+        triton.Config(dict(BLOCK_N=128, **half), num_warps=8, num_stages=4),
+        triton.Config(dict(BLOCK_N=64, **half), num_warps=4, num_stages=4),
+        triton.Config(dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32), num_warps=4, num_stages=3),
     ]
+
+
+def _configs_for_dtype(configs, named_args, **kwargs):
+    fp32 = named_args["H"].dtype == torch.float32
+    return [c for c in configs if (c.kwargs["BLOCK_D"] == 32) == fp32]
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,7 +67,8 @@ def _tuned(kernel_name: str):
     """GPU kernels wrapped in a small autotune keyed on D (the autotuner adds the tensors' dtypes to the key),
     never on N, so a new batch size never re-tunes."""
     kernel = {"fwd": _lce_fwd_kernel, "bwd": _lce_bwd_dlogits_kernel}[kernel_name]
-    return triton.autotune(configs=_gpu_configs(), key=["D"])(kernel)
+    return triton.autotune(configs=_gpu_configs(), key=["D"],
+                           prune_configs_by=dict(early_config_prune=_configs_for_dtype))(kernel)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
