@@ -21,47 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _rope_cos_sin(Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis,
-                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """cos and sin ``(BLOCK, BLOCK_HALF)`` fp32 for global token indices ``tok`` (int64)."""
-    f = tl.arange(0, BLOCK_HALF)
-    f_mask = f < HALF
-    # Padded frequencies get inv_freq 0: angle 0, cos 1, sin 0, so padded (zero) channels stay zero.
-    inv = tl.load(InvFreq + f, mask=f_mask, other=0.0)
-    axis = tl.load(Axis + f, mask=f_mask, other=0)
-    # Only three position axes exist, so load three rows and select instead of gathering per channel.
-    p_t = tl.load(Pos + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
-    p_h = tl.load(Pos + stride_pa + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
-    p_w = tl.load(Pos + 2 * stride_pa + tok * stride_pt, mask=tok_mask, other=0).to(tl.float32)
-    pos = tl.where(axis[None, :] == 0, p_t[:, None], tl.where(axis[None, :] == 1, p_h[:, None], p_w[:, None]))
-    # Same fp32 product as the reference (position * inv_freq), so both see the same angle.
-    return _sincos(pos * inv[None, :])
-
-
-@triton.jit
-def _sincos(x):
-    """``(cos(x), sin(x))`` in fp32 from FMA-pipe arithmetic only.
-
-    ``tl.cos``/``tl.sin`` lower to libdevice calls with a local-memory slow path; in the attention inner loop they
-    would cost more than the tile's two matmuls. Here: Cody-Waite reduction by pi/2 (three-part constant, exact
-    products for |x| < 2^13 * pi/2), then minimax polynomials on [-pi/4, pi/4] (Cephes sinf/cosf), about 1 ulp there.
-    """
-    k = tl.floor(x * 0.6366197723675814 + 0.5)
-    r = x - k * 1.5703125
-    r = r - k * 4.837512969970703125e-4
-    r = r - k * 7.54978995489188216e-8
-    r2 = r * r
-    s = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
-    c = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
-    quad = k.to(tl.int32) & 3
-    swap = (quad & 1) != 0
-    sin_v = tl.where(swap, c, s)
-    cos_v = tl.where(swap, s, c)
-    sin_v = tl.where(quad >= 2, -sin_v, sin_v)
-    cos_v = tl.where((quad == 1) | (quad == 2), -cos_v, cos_v)
-    return cos_v, sin_v
+from ..mrope.kernels import _rope_cos_sin
 
 
 @triton.jit
