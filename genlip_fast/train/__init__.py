@@ -1,1 +1,1 @@
-"""Training: config, schedule, loop."""
+"""Training: config, FSDP2 trainer, checkpoints, FLOP counting, export."""

@@ -68,6 +68,54 @@ class TrainSection:
     """Held-out images captioned at the end of the run."""
     max_new_tokens: int = 24
     """Longest generated caption."""
+    global_batch_samples: int = 0
+    """Samples per optimizer step across all ranks, as the paper gives it (32K); turned into packs per step."""
+    packs_per_step: int = 0
+    """Packs per optimizer step across all ranks; 0 = from global_batch_samples (or one pack per data stream)."""
+    tokens_per_sample: float = 0.0
+    """Mean tokens per sample used to turn global_batch_samples into packs; 0 = measure from the first packs."""
+    max_bad_steps: int = 3
+    """Stop with an error after this many optimizer steps in a row with a NaN/inf loss or gradient norm."""
+    stop_at_step: int = 0
+    """End this run after this step with a checkpoint, as if preempted; rerun to continue (0 = run to the end)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to out_dir/tb (skipped with a warning when tensorboard is not installed)."""
+
+
+@dataclass
+class ParallelSection:
+    backend: str = "auto"
+    """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    data_streams: int = 0
+    """Data loader streams the global batch is drawn from (0 = one per rank); a multiple of the world size. Runs
+    with the same streams see the same packs in each step, whatever the number of ranks."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 params + fp32 gradient reduce on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
+    activation_checkpoint: str = "none"
+    """'none', 'full' (every block) or 'ratio' (a fraction ac_ratio of the blocks, evenly spread)."""
+    ac_ratio: float = 0.5
+    """Fraction of blocks recomputed in backward under activation_checkpoint = 'ratio'."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (ZeRO-3); False keeps them until backward."""
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0
+    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1)."""
+    keep: int = 3
+    """Most recent complete checkpoints kept (older ones are deleted)."""
+    dir: str = ""
+    """Checkpoint folder; '' = out_dir/checkpoints."""
+    resume: bool = True
+    """Continue from the latest complete checkpoint in the checkpoint folder when there is one."""
+    init_from: str = ""
+    """Checkpoint (or run folder) whose model weights start a fresh run, e.g. stage 2 from stage 1; the optimizer,
+    schedule and data start anew. Ignored when resuming."""
+    final: bool = True
+    """Save a checkpoint when training ends."""
 
 
 @dataclass
@@ -80,6 +128,10 @@ class JobConfig:
     """AdamW and the LR schedule."""
     train: TrainSection = field(default_factory=TrainSection)
     """The loop."""
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    """FSDP2, precision, activation checkpointing, compile."""
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Saving, resuming, initialising from another run."""
 
 
 class ConfigError(ValueError):
@@ -184,6 +236,45 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         for p in reversed(parents):
             table = {p: table}
         _apply(cfg, table, "")
+    return validate(cfg)
+
+
+CHOICES = {
+    "model.attn_backend": ("auto", "triton", "reference", "flex"),
+    "model.ce_backend": ("auto", "triton", "reference"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "parallel.mixed_precision": ("auto", "bf16", "fp32"),
+    "parallel.activation_checkpoint": ("none", "full", "ratio"),
+}
+
+
+def validate(cfg: JobConfig) -> JobConfig:
+    """Check values that a type alone does not (choices, ranges); raise ConfigError naming the key."""
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted} = {value!r}; choose one of {list(allowed)}")
+    positive = {"train.steps": cfg.train.steps, "data.pack_tokens": cfg.data.pack_tokens}
+    for dotted, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{dotted} must be > 0, got {value!r}")
+    non_negative = {
+        "train.global_batch_samples": cfg.train.global_batch_samples, "train.packs_per_step": cfg.train.packs_per_step,
+        "train.tokens_per_sample": cfg.train.tokens_per_sample, "parallel.data_streams": cfg.parallel.data_streams,
+        "checkpoint.every": cfg.checkpoint.every, "train.stop_at_step": cfg.train.stop_at_step,
+        "optim.grad_clip": cfg.optim.grad_clip,
+    }
+    for dotted, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{dotted} must be >= 0, got {value!r}")
+    if not 0.0 < cfg.parallel.ac_ratio <= 1.0:
+        raise ConfigError(f"parallel.ac_ratio must be in (0, 1], got {cfg.parallel.ac_ratio!r}")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep!r}")
+    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
+        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio!r}")
     return cfg
 
 

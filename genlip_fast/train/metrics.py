@@ -1,0 +1,88 @@
+"""What a user watches: a progress bar, log lines, JSONL metrics and TensorBoard scalars — from rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("genlip_fast.train")
+
+
+def _fmt_rate(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+class MetricsLogger:
+    """One row per optimizer step to ``out_dir/metrics.jsonl`` (appended to when a run resumes), TensorBoard scalars
+    under ``out_dir/tb`` (imported only when enabled), and a tqdm bar or periodic log lines. Ranks other than 0 get
+    an inert logger."""
+
+    def __init__(self, out_dir: str | Path, *, enabled: bool, total_steps: int, start_step: int = 0,
+                 progress: bool = True, tensorboard: bool = True, log_every: int = 10):
+        self.enabled, self.log_every = enabled, max(1, log_every)
+        self._jsonl = self._tb = self._bar = None
+        if not enabled:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(out_dir / "metrics.jsonl", "a" if start_step > 0 else "w")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+            except ImportError:
+                log.warning("tensorboard is not installed; no TensorBoard scalars (pip install tensorboard)")
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        step = row["step"]
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        mfu = row.get("mfu")
+        mem = row.get("peak_mem_gib")
+        fields = {
+            "loss": f"{row['loss']:.4f}",
+            "lr": f"{row['lr']:.2e}",
+            "tok/s": _fmt_rate(row["tokens_per_s"]),
+            "samples/s": _fmt_rate(row["samples_per_s"]),
+            "mfu": f"{100 * mfu:.1f}%" if mfu is not None else "n/a",
+            "mem": f"{mem:.1f}G" if mem is not None else "n/a",
+            "data": f"{row['data_wait_s'] * 1e3:.0f}ms",
+        }
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(fields, refresh=False)
+        elif step % self.log_every == 0:
+            log.info("step %d %s", step, " ".join(f"{k} {v}" for k, v in fields.items()))
+
+    def message(self, text: str, level: int = logging.INFO) -> None:
+        """A log line that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None and level < logging.WARNING:
+            self._bar.write(text)
+        else:
+            log.log(level, text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
