@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a GPU machine: bf16 correctness of every fused op at full size, then every benchmark in one run.
+# Writes raw JSON and a markdown summary (device, commit, date, command) to $OUT (default benchmarks/results/raw).
+#   bash scripts/gpu_check.sh            # needs torch + triton with CUDA, pytest, hypothesis, pytest-benchmark
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/raw}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
+PY=${PYTHON:-python}
+nvidia-smi -L | tee "$OUT/device.txt"
+$PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+$PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" 2>&1 \
+  | tee "$OUT/bench.txt"
+bench_rc=${PIPESTATUS[0]}
+$PY benchmarks/summarize.py "$OUT/bench.json" --command "bash scripts/gpu_check.sh" > "$OUT/summary.md"
+cat "$OUT/summary.md"
+exit $(( tests_rc || bench_rc ))
