@@ -256,6 +256,10 @@ def validate(cfg: JobConfig) -> JobConfig:
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
             raise ConfigError(f"{dotted} = {value!r}; choose one of {list(allowed)}")
+    from ..model.config import PRESETS
+
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset = {cfg.model.preset!r}; choose one of {sorted(PRESETS)}")
     positive = {"train.steps": cfg.train.steps, "data.pack_tokens": cfg.data.pack_tokens}
     for dotted, value in positive.items():
         if value <= 0:

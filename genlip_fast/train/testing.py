@@ -1,0 +1,46 @@
+"""Small, fast training setups for tests and for trying the trainer on CPU.
+
+``make_shapes(dir)`` writes a few generated shards; ``tiny_config(data_dir, out_dir, ...)`` is the tiny preset on
+them with 256-token packs and the reference (CPU) kernels, so a step takes a fraction of a second on 2 cores.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import JobConfig, load_config
+
+
+def make_shapes(data_dir: str | Path, *, num_train: int = 240, per_shard: int = 60, num_val: int = 8) -> Path:
+    """Generated shapes shards (4 training shards by default, so up to 4 data streams have their own)."""
+    from ..data.synthetic import generate_shards
+
+    data_dir = Path(data_dir)
+    if not any(data_dir.glob("train-*.tar")):
+        generate_shards(data_dir, num_train=num_train, num_val=num_val, per_shard=per_shard, size=64, seed=0)
+    return data_dir
+
+
+def tiny_overrides(data_dir: str | Path, out_dir: str | Path, *, steps: int = 6, pack_tokens: int = 256,
+                   **extra) -> list[str]:
+    """``--section.key=value`` strings for the tiny test run; ``extra`` as ``section__key=value``."""
+    over = {
+        "data.train_shards": f"{data_dir}/train-*.tar",
+        "data.val_shards": "",
+        "data.pack_tokens": pack_tokens,
+        "model.attn_backend": "reference",
+        "model.ce_backend": "reference",
+        "train.steps": steps,
+        "train.out_dir": str(out_dir),
+        "train.tensorboard": False,
+        "train.caption_samples": 0,
+        "train.device": "cpu",
+        "optim.warmup_ratio": 0.2,
+        "checkpoint.final": True,
+    }
+    over.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def tiny_config(data_dir: str | Path, out_dir: str | Path, **kw) -> JobConfig:
+    return load_config("tiny", tiny_overrides(data_dir, out_dir, **kw))

@@ -1,0 +1,81 @@
+"""Job config: bundled presets load, mistakes are clear errors, overrides win."""
+
+import pytest
+
+from genlip_fast.train.config import CONFIG_DIR, ConfigError, load_config
+
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def test_all_paper_presets_are_bundled():
+    for model in ("l16", "so16", "g16"):
+        for stage in (1, 2):
+            assert f"{model}_stage{stage}" in PRESETS
+    assert "tiny" in PRESETS
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_bundled_preset_loads(name):
+    cfg = load_config(name)
+    assert cfg.optim.betas == (0.9, 0.95)
+    assert cfg.optim.grad_clip == 1.0
+
+
+@pytest.mark.parametrize("model,preset,warmup,batch,drop", [
+    ("l16", "L/16", 0.007, 32768, 0.1), ("so16", "So/16", 0.007, 32768, 0.1), ("g16", "g/16", 0.02, 49152, 0.2),
+])
+def test_paper_table2_values(model, preset, warmup, batch, drop):
+    s1, s2 = load_config(f"{model}_stage1"), load_config(f"{model}_stage2")
+    for cfg in (s1, s2):
+        assert cfg.model.preset == preset and cfg.model.drop_path == drop
+        assert cfg.optim.warmup_ratio == warmup and cfg.optim.min_lr == 1e-6
+        assert cfg.data.pack_tokens == 16384 and cfg.data.tokenizer == "qwen"
+    assert s1.optim.lr == 1e-3 and s1.train.global_batch_samples == batch and s1.data.image_size == 224
+    assert s2.optim.lr == 1e-4 and s2.train.global_batch_samples == 3600
+    assert s2.checkpoint.init_from  # stage 2 starts from stage 1's weights
+
+
+def test_overrides_win_and_convert():
+    cfg = load_config("tiny", ["--optim.lr=3e-4", "--train.steps=7", "--parallel.compile=true",
+                               "--optim.betas=0.8,0.9", "--checkpoint.init_from=runs/x", "--model.vocab_size=none"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.parallel.compile is True
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.checkpoint.init_from == "runs/x" and cfg.model.vocab_size is None
+
+
+def test_toml_file_path(tmp_path):
+    p = tmp_path / "job.toml"
+    p.write_text('[model]\npreset = "tiny-hd72"\n[parallel]\nactivation_checkpoint = "ratio"\nac_ratio = 0.25\n')
+    cfg = load_config(str(p))
+    assert cfg.model.preset == "tiny-hd72" and cfg.parallel.ac_ratio == 0.25
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--optim.lrr=1", "unknown key optim.'lrr'"),
+    ("--nosuch.key=1", "unknown key 'nosuch'"),
+    ("--train.steps=many", "train.steps"),
+    ("--train.steps=1.5", "train.steps"),
+    ("--parallel.compile=maybe", "parallel.compile"),
+    ("--optim.betas=0.9", "optim.betas"),
+    ("--parallel.activation_checkpoint=some", "parallel.activation_checkpoint"),
+    ("--model.attn_backend=fast", "model.attn_backend"),
+    ("--model.preset=XL/14", "model.preset"),
+    ("--parallel.ac_ratio=0", "parallel.ac_ratio"),
+    ("--train.steps=0", "train.steps"),
+    ("train.steps=3", "must look like"),
+])
+def test_mistakes_are_clear_errors(override, match):
+    with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(".", r"\.")):
+        load_config("tiny", [override])
+
+
+def test_unknown_key_or_wrong_type_in_toml(tmp_path):
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        load_config(str(bad_key))
+    bad_type = tmp_path / "b.toml"
+    bad_type.write_text('[optim]\nlr = "fast"\n')
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(str(bad_type))
+    with pytest.raises(ConfigError, match="bundled presets"):
+        load_config("no_such_preset")
