@@ -8,20 +8,42 @@ from dataclasses import dataclass
 @dataclass
 class DataConfig:
     train_shards: str = "data/shapes/train-*.tar"
-    """Training shards: a path, glob or folder of webdataset .tar files."""
+    """Training shards: a path, glob or folder of webdataset .tar files (comma-separated for several)."""
     val_shards: str = "data/shapes/val-*.tar"
     """Held-out shards, captioned by the model at the end of the run ('' = none)."""
     generate_demo_data: bool = True
     """Generate the shapes dataset at the shard paths' folder when no shard is there yet."""
     tokenizer: str = "demo"
     """'demo', 'qwen', or a local tokenizer.json path; nothing is downloaded."""
+    stage: int = 1
+    """1: square ``image_size`` crops (resize shorter side + centre crop); 2: native aspect ratio."""
     image_size: int = 64
     """Stage-1 square input size in pixels (the paper: 224)."""
+    patch_size: int = 16
+    """Patch side in pixels; stage-2 sizes are multiples of it."""
+    min_patches: int = 16
+    """Stage 2: fewest patches per image (small images are upsampled to reach it)."""
+    max_patches: int = 1024
+    """Stage 2: most patches per image (large images are downsampled to fit)."""
     pack_tokens: int = 1024
     """Tokens per pack (the paper: 16384)."""
     lookahead: int = 1
-    """Samples buffered for best-fit packing (1 = greedy, fine for stage 1)."""
+    """Samples buffered for best-fit packing (1 = greedy, fine for stage 1; stage 2 wants ~64)."""
     truncate_captions: bool = False
-    """Cut captions of samples longer than a pack instead of failing."""
+    """Cut the captions of samples longer than a pack to fit (otherwise such samples are skipped and counted)."""
+    max_caption_tokens: int = 0
+    """Cut captions to this many tokens, end-of-text included (0 = no limit)."""
+    caption_field: str = ""
+    """Take the caption from this field of the sample's .json (e.g. 'caption'); '' = the .txt member."""
+    backend: str = "auto"
+    """Image decode: 'auto' (DALI when installed, on the GPU when there is one), 'dali', or 'host' (Pillow)."""
+    batch_size: int = 64
+    """Images decoded per DALI (or host) batch; packs are cut from the stream of samples regardless."""
+    num_threads: int = 4
+    """CPU threads of the DALI pipeline (or of the host decoder)."""
+    num_workers: int = 1
+    """Shard readers per rank; each reads its own shards, and their samples interleave in a fixed order."""
+    prefetch: int = 4
+    """Packs prepared ahead of the training step by the background thread (0 = no thread, build on demand)."""
     seed: int = 0
-    """Shuffle seed of the sample stream."""
+    """Shuffle seed of the sample stream (shard order and sample order inside each shard, per epoch)."""

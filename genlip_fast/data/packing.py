@@ -144,16 +144,23 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[int]:
 class Packer:
     """Streams samples into packs.
 
-    ``lookahead == 1``: greedy — a pack is emitted when the next sample does not fit (good for stage 1, where
-    samples are alike). ``lookahead > 1``: samples wait in a buffer of that many and are placed by best fit; the
-    fullest pack leaves when the buffer is full (stage 2, where sample sizes vary 60×). Order within a pack follows
-    arrival. ``fill_ratio`` reports tokens used over tokens offered by emitted packs.
+    ``lookahead == 1``: greedy — a pack is closed when the next sample does not fit (good for stage 1, where
+    samples are alike). ``lookahead > 1``: samples wait in up to that many open packs and each goes to the one it fills
+    most tightly (best fit); the fullest pack is closed when ``lookahead`` samples are buffered, and any pack is closed
+    as soon as its room is smaller than the shortest sample seen so far (nothing could fill it). Order within a pack
+    follows arrival. ``fill_ratio`` reports tokens used over tokens offered by emitted packs.
+
+    ``add`` is ``place`` followed by ``ready``; a streaming loader uses the two halves to record, between packs,
+    which samples are still buffered (``buffered()``) and to rebuild that state later (``restore()``).
     """
 
     def __init__(self, max_tokens: int = DEFAULT_PACK_TOKENS, *, lookahead: int = 1, pad_to: int | None = None,
                  truncate: bool = False):
         self.max_tokens, self.lookahead, self.pad_to, self.truncate = max_tokens, max(1, lookahead), pad_to, truncate
         self._bins: list[list[Sample]] = []
+        self._bin_tokens: list[int] = []
+        self._closed: list[list[Sample]] = []
+        self._min_len = max_tokens
         self._used_tokens = 0
         self._packs = 0
 
@@ -166,33 +173,77 @@ class Packer:
         self._packs += 1
         return pack_samples(samples, max_tokens=self.max_tokens, pad_to=self.pad_to)
 
-    def add(self, sample: Sample) -> list[PackedBatch]:
-        """Add one sample; return the packs that are now complete (possibly none)."""
+    def _close(self, i: int) -> None:
+        self._closed.append(self._bins.pop(i))
+        self._bin_tokens.pop(i)
+
+    def place(self, sample: Sample) -> Sample:
+        """Put one sample into an open pack (closing packs as the policy says); returns it as placed (its caption
+        may have been cut when ``truncate``). Closed packs wait for :meth:`ready`."""
         sample = fit_sample(sample, self.max_tokens, self.truncate)
         n = len(sample)
-        room = [self.max_tokens - sum(len(s) for s in b) for b in self._bins]
-        fits = [i for i, r in enumerate(room) if r >= n]
+        self._min_len = min(self._min_len, n)
         if self.lookahead == 1:
-            out = [] if fits or not self._bins else [self._emit(self._bins.pop())]
+            if self._bins and self._bin_tokens[0] + n > self.max_tokens:
+                self._close(0)
             if not self._bins:
                 self._bins.append([])
+                self._bin_tokens.append(0)
             self._bins[0].append(sample)
-            return out
-        if fits:
-            self._bins[min(fits, key=lambda i: room[i])].append(sample)
-        else:
-            self._bins.append([sample])
-        out = []
+            self._bin_tokens[0] += n
+            return sample
+        best, best_room = -1, self.max_tokens + 1
+        for i, used in enumerate(self._bin_tokens):
+            room = self.max_tokens - used
+            if n <= room < best_room:
+                best, best_room = i, room
+        if best < 0:
+            self._bins.append([])
+            self._bin_tokens.append(0)
+        self._bins[best].append(sample)
+        self._bin_tokens[best] += n
+        if self.max_tokens - self._bin_tokens[best] < self._min_len:
+            self._close(best % len(self._bins))
         while sum(len(b) for b in self._bins) >= self.lookahead or len(self._bins) > self.lookahead:
-            fullest = max(range(len(self._bins)), key=lambda i: sum(len(s) for s in self._bins[i]))
-            out.append(self._emit(self._bins.pop(fullest)))
-        return out
+            self._close(max(range(len(self._bins)), key=self._bin_tokens.__getitem__))
+        return sample
+
+    def ready(self) -> Iterator[PackedBatch]:
+        """Emit the closed packs, oldest first; between two, :meth:`buffered` shows what is still held."""
+        while self._closed:
+            yield self._emit(self._closed.pop(0))
+
+    def add(self, sample: Sample) -> list[PackedBatch]:
+        """Add one sample; return the packs that are now complete (possibly none)."""
+        self.place(sample)
+        return list(self.ready())
+
+    def buffered(self) -> tuple[list[list[Sample]], list[list[Sample]]]:
+        """``(closed, open)``: samples held, pack by pack, in the order they will leave."""
+        return [list(b) for b in self._closed], [list(b) for b in self._bins]
+
+    @property
+    def min_len(self) -> int:
+        """Shortest sample seen (a pack with less room than this is closed); saved with :meth:`buffered`'s state."""
+        return self._min_len
+
+    def restore(self, closed: list[list[Sample]], open_bins: list[list[Sample]], min_len: int | None = None) -> None:
+        """Rebuild the state :meth:`buffered` and :attr:`min_len` described (same samples, same packs, same order)."""
+        self._closed = [list(b) for b in closed]
+        self._bins = [list(b) for b in open_bins]
+        self._bin_tokens = [sum(len(s) for s in b) for b in self._bins]
+        lens = [len(s) for b in self._closed + self._bins for s in b]
+        self._min_len = min(lens, default=self.max_tokens) if min_len is None else int(min_len)
+
+    def close_all(self) -> None:
+        """Close every open pack (end of stream); :meth:`ready` then emits them."""
+        self._closed += [b for b in self._bins if b]
+        self._bins, self._bin_tokens = [], []
 
     def flush(self) -> list[PackedBatch]:
         """Emit whatever is buffered (end of stream)."""
-        out = [self._emit(b) for b in self._bins if b]
-        self._bins = []
-        return out
+        self.close_all()
+        return list(self.ready())
 
     def pack(self, samples: Iterable[Sample]) -> Iterator[PackedBatch]:
         for s in samples:
