@@ -1,0 +1,94 @@
+"""Two ranks of FSDP2 (gloo, CPU) under torchrun train exactly like one rank on the same global batch, and a rank
+that dies under ``torchrun --max-restarts`` is replaced by a restart from the last checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from genlip_fast.train.export import load_checkpoint_model
+from genlip_fast.train.testing import make_shapes, tiny_config, tiny_overrides
+from genlip_fast.train.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 6
+# Two data streams: the global batch is one pack from each, whether one rank reads both or two ranks one each.
+COMMON = dict(steps=STEPS, parallel__data_streams=2, checkpoint__every=2)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def one_rank(shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_rank")
+    res = train(tiny_config(shapes, out, **COMMON), progress=False)
+    return out, res["losses"]
+
+
+def torchrun(args: list[str], tmp_path: Path, *, script: Path | None = None, max_restarts: int = 0):
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
+    target = [str(script)] if script else ["-m", "genlip_fast.train"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={max_restarts}", *target, "--no-progress", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return res
+
+
+def losses_of(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in open(out / "metrics.jsonl")]
+
+
+def test_two_ranks_match_one_rank(shapes, one_rank, tmp_path):
+    ref_out, ref = one_rank
+    out = tmp_path / "two_ranks"
+    torchrun(tiny_overrides(shapes, out, **COMMON), tmp_path)
+    got = losses_of(out)
+    assert len(got) == STEPS
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
+    m1, _ = load_checkpoint_model(ref_out)
+    m2, meta = load_checkpoint_model(out)
+    assert meta["world_size"] == 2 and meta["packs_per_step"] == 2
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        if n.endswith("k_proj.bias"):
+            # A key bias shifts every score of a query equally, which softmax ignores: its gradient is rounding
+            # noise, and Adam turns noise into lr-sized steps. Nothing else may differ.
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dead_rank_restarts_from_the_last_checkpoint(shapes, one_rank, tmp_path):
+    _, ref = one_rank
+    out = tmp_path / "restarted"
+    script = tmp_path / "dies_once.py"
+    # Rank 1 of the first attempt dies as step 5 begins (after the step-4 checkpoint); torchrun restarts both.
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import genlip_fast.train.trainer as trainer
+        from genlip_fast.train.__main__ import main
+
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0" and os.environ.get("RANK") == "1":
+            real = trainer.warmup_cosine
+
+            def dying(step, **kw):
+                if step == 4:
+                    os._exit(1)
+                return real(step, **kw)
+
+            trainer.warmup_cosine = dying
+        sys.exit(main(sys.argv[1:]))
+    """))
+    res = torchrun(tiny_overrides(shapes, out, **COMMON), tmp_path, script=script, max_restarts=1)
+    assert "resuming from" in res.stdout + res.stderr
+    got = losses_of(out)
+    assert len(got) == STEPS  # 4 rows from the first attempt, 2 after the restart
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
