@@ -76,7 +76,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _check_inputs(hidden, weight, targets, bias) -> None:
+def _check_inputs(hidden, weight, targets, bias, softcap=None) -> None:
+    """Raise a clear error for inputs the kernels cannot take. Targets are not range-checked (that would need a
+    device-to-host read): a target outside ``[0, V)`` that is not ``ignore_index`` gives loss ``logsumexp``."""
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"hidden must be (N, d) and weight (V, d), got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
@@ -97,7 +101,7 @@ def _check_inputs(hidden, weight, targets, bias) -> None:
 
 def linear_cross_entropy_forward(hidden, weight, targets, bias=None, ignore_index=-100, softcap=None):
     """Per-row losses ``(N,)`` float32 (0 on ignored rows) and per-row logsumexp ``(N,)`` float32."""
-    _check_inputs(hidden, weight, targets, bias)
+    _check_inputs(hidden, weight, targets, bias, softcap)
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -124,14 +128,17 @@ def linear_cross_entropy_forward(hidden, weight, targets, bias=None, ignore_inde
 
 
 def linear_cross_entropy_backward(grad_losses, hidden, weight, targets, lse, bias=None, ignore_index=-100,
-                                  softcap=None):
-    """``(dhidden, dweight, dbias)`` for upstream per-row gradient ``grad_losses (N,)``; dbias is ``(0,)`` without
-    a bias. Deterministic: every sum runs in a fixed order (no atomics)."""
+                                  softcap=None, need_dweight=True):
+    """``(dhidden, dweight, dbias)`` for upstream per-row gradient ``grad_losses (N,)`` and the forward's ``lse``.
+
+    dbias is ``(0,)`` without a bias; dweight is ``(0, d)`` when ``need_dweight`` is False (a frozen head skips its
+    matmuls and its weight-sized buffer). Deterministic: every sum runs in a fixed order (no atomics).
+    """
     _check_inputs(hidden, weight, targets, bias)
     N, D = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    dweight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    dweight = torch.empty(V if need_dweight else 0, D, dtype=weight.dtype, device=dev)
     dbias = torch.empty(V if bias is not None else 0, dtype=torch.float32, device=dev)
     if N == 0:
         dweight.zero_()
@@ -164,7 +171,8 @@ def linear_cross_entropy_backward(grad_losses, hidden, weight, targets, lse, bia
         # Products in the input dtype with fp32 accumulation, as the eager LM head does; dH's chunks are summed in
         # fp32 so the chunking adds only one rounding per chunk.
         dhidden_acc.add_(torch.mm(dz, weight[v_lo:v_hi]))
-        torch.mm(dz.t(), hidden, out=dweight[v_lo:v_hi])
+        if need_dweight:
+            torch.mm(dz.t(), hidden, out=dweight[v_lo:v_hi])
         if bias is not None:
             torch.sum(dz, dim=0, dtype=torch.float32, out=dbias[v_lo:v_hi])
     return dhidden_acc.to(hidden.dtype), dweight, dbias.to(weight.dtype)
@@ -191,15 +199,16 @@ def _(hidden, weight, targets, bias, ignore_index, softcap):
 @torch.library.custom_op("genlip_fast::linear_ce_bwd", mutates_args=())
 def _linear_ce_bwd_op(grad_losses: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
                       targets: torch.Tensor, lse: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
-                      softcap: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return linear_cross_entropy_backward(grad_losses, hidden, weight, targets, lse, bias, ignore_index, softcap)
+                      softcap: float | None, need_dweight: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return linear_cross_entropy_backward(grad_losses, hidden, weight, targets, lse, bias, ignore_index, softcap,
+                                         need_dweight)
 
 
 @_linear_ce_bwd_op.register_fake
-def _(grad_losses, hidden, weight, targets, lse, bias, ignore_index, softcap):
+def _(grad_losses, hidden, weight, targets, lse, bias, ignore_index, softcap, need_dweight):
     nb = weight.shape[0] if bias is not None else 0
-    return (torch.empty_like(hidden), torch.empty_like(weight, memory_format=torch.contiguous_format),
-            weight.new_empty(nb))
+    nw = weight.shape[0] if need_dweight else 0
+    return torch.empty_like(hidden), weight.new_empty(nw, weight.shape[1]), weight.new_empty(nb)
 
 
 def _setup_context(ctx, inputs, output):
@@ -216,8 +225,10 @@ def _backward(ctx, grad_losses, grad_lse):
     hidden, weight, targets, bias, lse = ctx.saved_tensors
     if grad_losses is None:
         grad_losses = torch.zeros_like(lse)
-    dh, dw, db = _linear_ce_bwd_op(grad_losses, hidden, weight, targets, lse, bias, ctx.ignore_index, ctx.softcap)
-    return dh, dw, None, (db if ctx.has_bias else None), None, None
+    need_dweight = ctx.needs_input_grad[1]
+    dh, dw, db = _linear_ce_bwd_op(grad_losses, hidden, weight, targets, lse, bias, ctx.ignore_index, ctx.softcap,
+                                   need_dweight)
+    return dh, (dw if need_dweight else None), None, (db if ctx.has_bias else None), None, None
 
 
 _linear_ce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -228,7 +239,7 @@ def linear_cross_entropy_triton(hidden, weight, targets, *, bias=None, ignore_in
     """Fused LM head + cross entropy (see ``genlip_fast.ops.linear_cross_entropy`` for the contract)."""
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    _check_inputs(hidden, weight, targets, bias)
+    _check_inputs(hidden, weight, targets, bias, softcap)
     losses, _ = _linear_ce_fwd_op(hidden, weight, targets, bias, int(ignore_index),
                                   None if softcap is None else float(softcap))
     if reduction == "none":
