@@ -3,7 +3,8 @@
 One graph for both devices: with a GPU the decoder runs ``device="mixed"`` (nvJPEG) and resize and normalisation run
 on the GPU; without one the same graph runs on DALI's CPU backend (``device_id=None``), which is how tests run.
 
-* stage 1: resize the shorter side to ``image_size`` (bicubic, antialiased), centre-crop ``image_size`` square;
+* stage 1: resize the shorter side to ``image_size`` (bicubic, antialiased), centre-crop ``image_size`` square, both
+  placed by :func:`~genlip_fast.data.transforms.stage1_geometry` as on the host;
 * stage 2: per-sample target size from the image's own header (``fn.peek_image_shape``) through
   :func:`~genlip_fast.data.transforms.stage2_grid` — the same expression the host path evaluates on numbers.
 
@@ -21,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .transforms import IMAGE_MEAN, IMAGE_STD, patchify, patchify_batch, stage2_grid
+from .transforms import IMAGE_MEAN, IMAGE_STD, patchify, patchify_batch, stage1_geometry, stage2_grid
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,23 @@ class DaliDecoder:
         with pipe:
             enc = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
             img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            shape = fn.peek_image_shape(enc)  # (H, W, C) from the header, EXIF orientation applied
+            h = fn.cast(shape[0], dtype=types.FLOAT)
+            w = fn.cast(shape[1], dtype=types.FLOAT)
             if self.stage == 1:
-                img = fn.resize(img, resize_shorter=self.image_size, interp_type=types.INTERP_CUBIC, antialias=True)
-                crop = (self.image_size, self.image_size)
+                S = self.image_size
+                nh, nw, top, left = stage1_geometry(h, w, size=S, ops=grid_ops())
+                img = fn.resize(img, resize_x=nw, resize_y=nh, interp_type=types.INTERP_CUBIC, antialias=True)
+                start = fn.cast(fn.stack(top, left), dtype=types.INT32)  # whole numbers already
+                img = fn.slice(img, start=start, shape=[S, S], axis_names="HW",
+                               out_of_bounds_policy="trim_to_shape")
             else:
-                shape = fn.peek_image_shape(enc)  # (H, W, C) from the header, EXIF orientation applied
-                h = fn.cast(shape[0], dtype=types.FLOAT)
-                w = fn.cast(shape[1], dtype=types.FLOAT)
                 gh, gw = stage2_grid(h, w, patch=self.patch, min_patches=self.min_patches,
                                      max_patches=self.max_patches, ops=grid_ops())
                 img = fn.resize(img, resize_x=gw * float(self.patch), resize_y=gh * float(self.patch),
                                 interp_type=types.INTERP_CUBIC, antialias=True)
-                crop = None
             out = fn.crop_mirror_normalize(
-                img, crop=crop, dtype=types.FLOAT, output_layout="CHW",
+                img, dtype=types.FLOAT, output_layout="CHW",
                 mean=[255.0 * m for m in IMAGE_MEAN], std=[255.0 * s for s in IMAGE_STD],
             )
             pipe.set_outputs(out)
@@ -108,7 +112,10 @@ class DaliDecoder:
         (out,) = self._pipe.run()
         p = self.patch
         if self.stage == 1:
-            x = self._to_torch(out.as_tensor())  # (B, 3, S, S)
+            if out.is_dense_tensor():
+                x = self._to_torch(out.as_tensor())  # (B, 3, S, S)
+            else:  # samples in separate buffers (the slice's output): copy one by one
+                x = torch.stack([self._to_torch(out[i]) for i in range(len(images))])
             g = self.image_size // p
             x = patchify_batch(x, p)
             return [(x[i], (g, g)) for i in range(len(images))]

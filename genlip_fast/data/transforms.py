@@ -55,6 +55,18 @@ def stage2_grid(h, w, *, patch: int = 16, min_patches: int = 16, max_patches: in
     return ops.select(tall, g_long, g_short), ops.select(tall, g_short, g_long)
 
 
+def stage1_geometry(h, w, *, size: int, ops=NUMPY_OPS):
+    """Stage 1: resize so the shorter side is ``size`` (the longer one rounded, never below ``size``), then crop
+    the centre ``size x size`` square. Returns ``(resized_h, resized_w, top, left)``, float32 whole numbers of
+    ``ops``' kind — the host path and the DALI graph both use this, so their crops sit on the same pixels."""
+    c = ops.const
+    h, w, S = c(h), c(w), c(size)
+    s = S / ops.min(h, w)
+    nh = ops.max(S, ops.floor(h * s + c(0.5)))
+    nw = ops.max(S, ops.floor(w * s + c(0.5)))
+    return nh, nw, ops.floor((nh - S) / c(2)), ops.floor((nw - S) / c(2))
+
+
 def check_grid_limits(min_patches: int, max_patches: int) -> None:
     """Raise unless every image gets a grid within ``[min_patches, max_patches]``: the short side has at most
     ``round(sqrt(max_patches))`` patches, and some multiple of it must lie in the range."""
@@ -172,10 +184,8 @@ def decode_resize_crop(data: bytes, size: int, patch: int = 16) -> tuple[torch.T
         w, h = im.size
         if min(w, h) < patch:
             raise ValueError(f"image {w}x{h} is smaller than one {patch}x{patch} patch")
-        s = size / min(w, h)
-        nw, nh = max(size, round(w * s)), max(size, round(h * s))
+        nh, nw, top, left = (int(v) for v in stage1_geometry(h, w, size=size))
         im = im.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
         im = im.crop((left, top, left + size, top + size))
         arr = np.asarray(im)
     except (UnidentifiedImageError, OSError) as e:
