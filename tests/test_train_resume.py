@@ -135,3 +135,46 @@ def test_stage2_init_and_export(shapes, straight, tmp_path):
 
     with safe_open(str(dst), framework="pt") as f:
         assert not any(k.startswith("lm_head") for k in f.keys())
+
+
+def test_sigterm_saves_and_resumes_exactly(shapes, straight, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    _, losses = straight
+    real = trainer_mod.build_data_loader
+
+    class Preempted:
+        """SIGTERM arrives while the third step's data is being read."""
+
+        def __init__(self, loader):
+            self.loader, self.i = loader, 0
+
+        def __next__(self):
+            if self.i == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            self.i += 1
+            return next(self.loader)
+
+        def __getattr__(self, name):
+            return getattr(self.loader, name)
+
+    monkeypatch.setattr(trainer_mod, "build_data_loader", lambda *a, **k: Preempted(real(*a, **k)))
+    first = train(tiny_config(shapes, tmp_path, steps=6), progress=False)
+    monkeypatch.undo()
+    assert first["stopped_by"] == "signal" and first["signal"] == signal.SIGTERM
+    assert len(first["losses"]) == 3  # the step in flight finishes, then a checkpoint
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_00000003"
+    second = train(tiny_config(shapes, tmp_path, steps=6), progress=False)
+    assert first["losses"] + second["losses"] == losses
+
+
+@pytest.mark.parametrize("mode", ["full", "ratio"])
+def test_activation_checkpointing_does_not_change_training(shapes, straight, tmp_path, mode):
+    _, losses = straight
+    from genlip_fast.train.distributed import blocks_to_checkpoint
+
+    assert blocks_to_checkpoint(4, "ratio", 0.5) == [1, 3] and blocks_to_checkpoint(4, "full") == [0, 1, 2, 3]
+    res = train(tiny_config(shapes, tmp_path, steps=6, train__stop_at_step=3, parallel__activation_checkpoint=mode),
+                progress=False)
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(losses[:3]), rtol=1e-6, atol=0)
