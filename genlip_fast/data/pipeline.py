@@ -123,6 +123,9 @@ class PackedLoader:
         pack, state = item
         self._state = state
         self.skipped.counts = dict(state["skipped"])
+        if pack is None:
+            self._thread, self._gen = None, iter(())
+            raise StopIteration
         d = self._delivered
         d["packs"] += 1
         d["tokens"] += int(pack.cu_seqlens[-1])
@@ -340,6 +343,7 @@ class PackedLoader:
         packer.close_all()
         for pack in packer.ready():
             yield pack, snapshot(epoch=self.epochs or 0, pos=0)
+        yield None, snapshot(epoch=self.epochs or 0, pos=0)  # the end: its counts, without a pack
 
 
 def build_data_loader(cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,
