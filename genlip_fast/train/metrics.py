@@ -30,7 +30,13 @@ class MetricsLogger:
             return
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(out_dir / "metrics.jsonl", "a" if start_step > 0 else "w")
+        path = out_dir / "metrics.jsonl"
+        if start_step > 0 and path.is_file():
+            # steps logged after the checkpoint we resume from are run again: drop their old rows
+            kept = [line for line in path.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._jsonl = open(path, "a" if start_step > 0 else "w")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
