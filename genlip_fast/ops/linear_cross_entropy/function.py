@@ -168,9 +168,18 @@ def linear_cross_entropy_backward(grad_losses, hidden, weight, targets, lse, bia
         else:
             _tuned("bwd")[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(v_hi - v_lo, meta["BLOCK_V"]))](
                 *args, **flags)
-        # Products in the input dtype with fp32 accumulation, as the eager LM head does; dH's chunks are summed in
-        # fp32 so the chunking adds only one rounding per chunk.
-        dhidden_acc.add_(torch.mm(dz, weight[v_lo:v_hi]))
+        # Products in the input dtype with fp32 accumulation, as the eager LM head does. dH is a sum over chunks:
+        # each chunk's product is added in fp32 and never rounded to half precision on the way (the chunks'
+        # partial sums are larger than their total, since softmax - onehot sums to 0, so rounding each one would
+        # cost several times the error of eager's single rounding).
+        w_chunk = weight[v_lo:v_hi]
+        if dz.dtype == torch.float32:
+            dhidden_acc.addmm_(dz, w_chunk)
+        elif dz.is_cuda:
+            dhidden_acc = torch.addmm(dhidden_acc, dz, w_chunk, out_dtype=torch.float32)
+        else:
+            # CPU (interpreter) has no mixed-dtype addmm; half products are exact in fp32, so this is the same sum.
+            dhidden_acc.addmm_(dz.float(), w_chunk.float())
         if need_dweight:
             torch.mm(dz.t(), hidden, out=dweight[v_lo:v_hi])
         if bias is not None:
