@@ -25,8 +25,8 @@ from .kernels import _lce_bwd_dlogits_kernel, _lce_combine_kernel, _lce_fwd_kern
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Vocab split width of the forward: 151,936 / 2,048 = 75 splits, times 35 row blocks of 128 for 4,400 rows gives
-# ~2,600 programs, enough to fill 132 SMs many times over while each program still runs 8-16 tiles. Independent of
-# the tile config, so the partial buffers can be sized before the autotuner picks one.
+# ~2,600 programs, enough to fill 132 SMs many times over while each program still runs 16 vocab tiles.
+# Independent of the tile config, so the partial buffers can be sized before the autotuner picks one.
 _CHUNK_V_GPU = 2048
 # Backward workspace cap: at 4,400 rows of bf16 that is a 7,424-wide vocab chunk (21 chunks for 151,936), large
 # enough for the dH / dW matmuls to run near peak, small enough to stay far below the logits' 1.3 GB.
