@@ -1,0 +1,138 @@
+"""Packed prefix-LM attention with MRoPE and the gate, at So/16's shape (16 heads x 72) on 16K packs.
+
+Implementations, all in one process:
+
+* ``fused``: ``prefix_lm_attention(..., impl="triton")`` (tiles scheduled per sample, rope and gate inside);
+* ``reference``: the plain-PyTorch oracle (sample by sample, rope and gate outside);
+* ``flex``: compiled FlexAttention with the packed prefix-LM ``BlockMask`` (built once per pack, outside the timing),
+  rope and gate outside, and the (T, H, D) <-> (1, H, T, D) layout change inside the timing;
+* ``sdpa_dense``: ``scaled_dot_product_attention`` sample by sample on the *full* (unmasked) sample — more work
+  than prefix-LM, a dense per-sample upper bound; rope and gate outside.
+
+Layouts: stage 1 (196 image + 30-120 text tokens per sample, ~60 samples) and stage 2 (16-1024 image + 100-500
+text, ~20 samples), each filled to 16,384 tokens with padding. Modes: ``fwd``, ``bwd`` (backward only, graph
+built outside the timing), ``fwd_bwd``. Useful work counts only unmasked query-key pairs:
+4·D·H·pairs FLOPs forward, 2.5x that backward (FlashAttention's convention), for every implementation alike.
+
+Run on a GPU machine (skipped without one)::
+
+    python -m pytest benchmarks/bench_attention.py --benchmark-only \
+        --benchmark-columns=median --benchmark-json=attention.json
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from _utils import run_benchmark
+from genlip_fast.ops import prefix_lm_attention
+from genlip_fast.ops.mrope.positions import mrope_position_ids
+from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_attention_reference
+
+TOTAL = 16_384
+HEADS, HEAD_DIM, SECTION = 16, 72, (12, 12, 12)  # So/16
+
+
+def _layout(stage: str, seed: int = 0):
+    rng = random.Random(seed)
+    grids, texts, used = [], [], 0
+    while True:
+        if stage == "stage1":
+            h = w = 14
+            t = rng.randint(30, 120)
+        else:
+            n = rng.randint(16, 1024)
+            h = max(1, int(n**0.5 * rng.uniform(0.6, 1.0)))
+            w = max(1, n // h)
+            t = rng.randint(100, 500)
+        if used + h * w + t > TOTAL:
+            return grids, texts
+        grids.append((h, w)), texts.append(t)
+        used += h * w + t
+
+
+def _useful_pairs(prefixes, lens) -> int:
+    pairs = 0
+    for p, n in zip(prefixes, lens):
+        pairs += p * p + sum(i + 1 for i in range(p, n))  # image rows see the prefix; text row i sees keys <= i
+    return pairs
+
+
+def _make(stage: str):
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    grids, texts = _layout(stage)
+    prefixes = [h * w for h, w in grids]
+    lens = [p + t for p, t in zip(prefixes, texts)]
+    n = sum(lens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    pl = torch.tensor(prefixes, dtype=torch.int32, device=dev)
+    pos = torch.cat([mrope_position_ids(grids, texts), torch.zeros(3, TOTAL - n, dtype=torch.long)], 1).to(dev)
+    # q, k, v and the gate as slices of one projection output, as the model produces them.
+    proj = torch.randn(TOTAL, HEADS, 4 * HEAD_DIM, device=dev, dtype=torch.bfloat16)
+    q, k, v, g = (proj[..., i * HEAD_DIM:(i + 1) * HEAD_DIM] for i in range(4))
+    return dict(q=q, k=k, v=v, gate=g, cu=cu, pl=pl, pos=pos, prefixes=prefixes, lens=lens,
+                max_seqlen=max(lens), pairs=_useful_pairs(prefixes, lens), num_samples=len(lens))
+
+
+def _sdpa_dense(q, k, v, cu, gate, pos):
+    from genlip_fast.ops.prefix_lm_attention.flex import _rotate
+    from genlip_fast.ops.mrope.positions import mrope_cos_sin
+
+    cos, sin = mrope_cos_sin(pos, HEAD_DIM, SECTION)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    out = torch.zeros_like(q)
+    bounds = cu.tolist()  # one host read per call: part of what a per-sample loop costs
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs)[0].transpose(0, 1)
+    return out * torch.sigmoid(gate)
+
+
+def _attention(impl: str, d):
+    kw = dict(gate=d["gate"], position_ids=d["pos"], mrope_section=SECTION)
+    if impl == "fused":
+        return lambda q, k, v: prefix_lm_attention(q, k, v, d["cu"], d["pl"], max_seqlen=d["max_seqlen"],
+                                                   impl="triton", **kw)
+    if impl == "reference":
+        return lambda q, k, v: prefix_lm_attention_reference(q, k, v, d["cu"], d["pl"], **kw)
+    if impl == "flex":
+        from genlip_fast.ops.prefix_lm_attention.flex import prefix_lm_attention_flex, prefix_lm_block_mask
+
+        mask = prefix_lm_block_mask(d["cu"], d["pl"], TOTAL)
+        return lambda q, k, v: prefix_lm_attention_flex(q, k, v, mask, **kw)
+    return lambda q, k, v: _sdpa_dense(q, k, v, d["cu"], d["gate"], d["pos"])
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", ["fused", "flex", "sdpa_dense", "reference"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_attention(benchmark, stage, impl, mode):
+    d = _make(stage)
+    attn = _attention(impl, d)
+    leaves = [d[n].detach().clone().requires_grad_(mode != "fwd") for n in ("q", "k", "v")]
+    dout = torch.randn_like(d["q"])
+    fwd_flops = 4 * HEAD_DIM * HEADS * d["pairs"]
+
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return attn(*leaves)
+        flops = fwd_flops
+    elif mode == "bwd":
+        out = attn(*leaves)
+
+        def fn():
+            return torch.autograd.grad(out, leaves, dout, retain_graph=True)
+        flops = 2.5 * fwd_flops
+    else:
+        def fn():
+            return torch.autograd.grad(attn(*leaves), leaves, dout)
+        flops = 3.5 * fwd_flops
+
+    run_benchmark(benchmark, fn, flops=flops, name=f"attention/{stage}/{impl}/{mode}", impl=impl, mode=mode,
+                  stage=stage, heads=HEADS, head_dim=HEAD_DIM, num_samples=d["num_samples"],
+                  max_seqlen=d["max_seqlen"], useful_pairs=d["pairs"], dtype="bf16")
