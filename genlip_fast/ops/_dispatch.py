@@ -5,7 +5,6 @@ An explicit ``"triton"`` that cannot run raises with the reason; only ``"auto"``
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -19,14 +18,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once at import; a plain constant keeps the check traceable by torch.compile.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_unavailable_reason(*tensors: torch.Tensor) -> str | None:
     """Why the Triton path cannot run on these tensors, or None when it can."""
-    if not _triton_installed():
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
     devices = {t.device.type for t in tensors}
     if devices == {"cuda"}:
