@@ -35,11 +35,11 @@ CASES = [
 FULL_CASES = [
     (kind, dtype, d, gate, rope, cfg)
     for kind in ("fwd", "dkdv", "dq")
-    for dtype in ("bf16", "fp16")
+    for dtype in ("bf16", "fp16", "fp32")
     for d in (64, 72, 128)
     for gate in ((0, 1, 2) if kind == "fwd" else (0,))
     for rope in (True, False)
-    for cfg in range(4)
+    for cfg in range(2 if dtype == "fp32" else 4)
 ] + [("pre", dtype, d, gate, False, 0) for dtype in ("bf16", "fp16") for d in (64, 72, 128) for gate in (0, 1, 2)]
 
 _SCRIPT = r'''
@@ -56,8 +56,9 @@ def compile_case(case):
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim))
     options = dict(num_warps=4, num_stages=2)
     if kind in ("fwd", "dkdv", "dq"):
-        m, n, w, s = F.GPU_CONFIGS[kind][cfg]
-        consts.update(BLOCK_HALF=half, BLOCK_M=m, BLOCK_N=n, ROPE=rope, DOT_PREC="tf32")
+        table = F.GPU_CONFIGS_FP32 if dtype == "fp32" else F.GPU_CONFIGS
+        m, n, w, s = table[kind][cfg % len(table[kind])]
+        consts.update(BLOCK_HALF=half, BLOCK_M=m, BLOCK_N=n, ROPE=rope, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
         options = dict(num_warps=w, num_stages=s)
         if kind == "fwd":
             consts["GATE_MODE"] = gate_mode

@@ -113,7 +113,7 @@ CASES = [
     pytest.param([9, 25, 12], [7, 30, 50], 5, 64, None, True, True, False, id="nogate-chunked-fused-views"),
     pytest.param([36, 20], [19, 45], 0, 64, "elementwise", False, True, True, id="norope-fused-views"),
     pytest.param([49, 0], [0, 40], 7, 80, "elementwise", True, False, True, id="d80"),
-    pytest.param([25, 30], [18, 3], 0, 96, "headwise", True, False, False, id="d96-chunked"),
+    pytest.param([25, 30], [18, 3], 0, 96, "headwise", True, True, False, id="d96-chunked-fused-headwise"),
     pytest.param([20, 12], [21, 9], 3, 128, "elementwise", True, True, True, id="d128-fused"),
 ]
 
@@ -127,6 +127,20 @@ def test_fp16_matches_reference(prefixes, texts, pad, head_dim, gate, rope, fuse
 @pytest.mark.parametrize("gate", ["elementwise", "headwise", None])
 def test_fp32_tight(gate):
     pack = make_pack([30, 0, 17], [23, 14, 0], pad=4, head_dim=72, dtype=torch.float32, gate=gate)
+    check_against_reference(pack, torch.float32)
+
+
+@pytest.mark.parametrize("configs", [
+    # The GPU configs' shapes scaled down: query tiles wider than key tiles in fwd/dq, narrower in dk/dv.
+    dict(fwd=dict(BLOCK_M=64, BLOCK_N=32), dkdv=dict(BLOCK_M=16, BLOCK_N=64), dq=dict(BLOCK_M=64, BLOCK_N=16)),
+    dict(fwd=dict(BLOCK_M=16, BLOCK_N=64), dkdv=dict(BLOCK_M=64, BLOCK_N=16), dq=dict(BLOCK_M=16, BLOCK_N=32)),
+], ids=["wide-q", "wide-k"])
+def test_other_block_shapes(monkeypatch, configs):
+    from genlip_fast.ops.prefix_lm_attention import function
+
+    monkeypatch.setattr(function, "INTERPRETER_CONFIGS", {**function.INTERPRETER_CONFIGS, **configs})
+    pack = make_pack([70, 0, 33, 16], [45, 29, 0, 17], pad=9, heads=1, head_dim=72, dtype=torch.float32,
+                     gate="elementwise")
     check_against_reference(pack, torch.float32)
 
 

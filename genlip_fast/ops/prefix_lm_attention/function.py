@@ -38,6 +38,12 @@ GPU_CONFIGS = {
     "dkdv": [(32, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
     "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
 }
+# fp32 tiles take twice the shared memory: the 16-bit configs above overflow an H100's 227 KiB.
+GPU_CONFIGS_FP32 = {
+    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2)],
+    "dkdv": [(32, 64, 4, 1), (32, 32, 4, 2)],
+    "dq": [(64, 32, 4, 1), (32, 32, 4, 2)],
+}
 _TUNE_KEYS = {"fwd": ["HEAD_DIM", "GATE_MODE", "ROPE"], "dkdv": ["HEAD_DIM", "ROPE"], "dq": ["HEAD_DIM", "ROPE"]}
 _KERNELS = {
     "fwd": kernels._prefix_lm_attn_fwd_kernel,
@@ -47,18 +53,19 @@ _KERNELS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(name: str):
-    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in GPU_CONFIGS[name]]
+def _tuned(name: str, fp32: bool):
+    table = GPU_CONFIGS_FP32 if fp32 else GPU_CONFIGS
+    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in table[name]]
     return triton.autotune(configs, key=_TUNE_KEYS[name])(_KERNELS[name])
 
 
-def _launch(name: str, grid, *args, **consts) -> None:
+def _launch(name: str, grid, *args, fp32: bool = False, **consts) -> None:
     """Launch kernel ``name``: the fixed interpreter config on CPU, the autotuned one on a GPU."""
     if interpreting():
         cfg = INTERPRETER_CONFIGS[name]
         _KERNELS[name][grid(cfg)](*args, **consts, **cfg)
     else:
-        _tuned(name)[grid](*args, **consts)
+        _tuned(name, fp32)[grid](*args, **consts)
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,7 +166,7 @@ def prefix_lm_attention_forward(
         lse.stride(0), spa, spt,
         T, num_samples, softmax_scale * _LOG2E,
         HEAD_DIM=D, BLOCK_HALF=_block_half(D), BLOCK_D=triton.next_power_of_2(D),
-        GATE_MODE=_gate_mode(gate), ROPE=rope, DOT_PREC=_dot_prec(q.dtype),
+        GATE_MODE=_gate_mode(gate), ROPE=rope, DOT_PREC=_dot_prec(q.dtype), fp32=q.dtype == torch.float32,
     )
     return out, out_u, lse
 
@@ -196,7 +203,8 @@ def prefix_lm_attention_backward(
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, GATE_MODE=mode,
     )
     pos, inv, axis, spa, spt, rope = _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
-    common = dict(HEAD_DIM=D, BLOCK_HALF=_block_half(D), BLOCK_D=block_d, ROPE=rope, DOT_PREC=_dot_prec(q.dtype))
+    common = dict(HEAD_DIM=D, BLOCK_HALF=_block_half(D), BLOCK_D=block_d, ROPE=rope, DOT_PREC=_dot_prec(q.dtype),
+                  fp32=q.dtype == torch.float32)
 
     def grid_n(meta):
         return (max(1, triton.cdiv(max_seqlen, meta["BLOCK_N"])), num_samples + 1, H)
