@@ -60,7 +60,13 @@ def init_distributed(device_name: str = "auto", backend: str = "auto") -> DistIn
     if not dist.is_initialized():
         owns = True
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+            store, rank, world = next(dist.rendezvous("env://"))
+            # torchrun's store outlives a restart: keep each attempt's keys (peer addresses, barrier counters)
+            # apart, or a restarted rank can read a dead peer's address and fail to connect.
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            store = dist.PrefixStore(f"genlip_attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    device_id=device if device.type == "cuda" else None)
         else:  # a plain single process: an in-memory store, no network
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
