@@ -32,6 +32,7 @@ def test_paper_table2_values(model, preset, warmup, batch, drop):
         assert cfg.data.pack_tokens == 16384 and cfg.data.tokenizer == "qwen"
     assert s1.optim.lr == 1e-3 and s1.train.global_batch_samples == batch and s1.data.image_size == 224
     assert s2.optim.lr == 1e-4 and s2.train.global_batch_samples == 3600
+    assert s1.data.stage == 1 and s2.data.stage == 2 and (s2.data.min_patches, s2.data.max_patches) == (16, 1024)
     assert s2.checkpoint.init_from  # stage 2 starts from stage 1's weights
 
 
