@@ -7,7 +7,7 @@ import pytest
 from genlip_fast.data.tokenizer import load_tokenizer, qwen_tokenizer_path
 from genlip_fast.model import GenLIP
 from genlip_fast.train.config import load_config
-from genlip_fast.train.loop import build_model_config
+from genlip_fast.train.trainer import build_model_config
 
 
 def test_demo_tokenizer_round_trip_and_eot():
