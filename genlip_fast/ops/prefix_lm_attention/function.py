@@ -89,7 +89,9 @@ def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_se
     if D % 2 or not 2 <= D <= 256:
         raise ValueError(f"head_dim must be even and at most 256 (rotate-half halves), got {D}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"cu_seqlens must be (num_samples + 1,) int32, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}")
+        raise ValueError(
+            f"cu_seqlens must be (num_samples + 1,) int32, got {tuple(cu_seqlens.shape)} {cu_seqlens.dtype}"
+        )
     if prefix_lens.shape != (cu_seqlens.numel() - 1,) or prefix_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(
             f"prefix_lens must be (num_samples,) = ({cu_seqlens.numel() - 1},) int32, "
@@ -102,7 +104,9 @@ def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_se
             raise ValueError(f"gate must be a float tensor, got {gate.dtype}")
     if position_ids is not None:
         if position_ids.shape != (3, T) or position_ids.dtype.is_floating_point:
-            raise ValueError(f"position_ids must be (3, {T}) integer, got {tuple(position_ids.shape)} {position_ids.dtype}")
+            raise ValueError(
+                f"position_ids must be (3, {T}) integer, got {tuple(position_ids.shape)} {position_ids.dtype}"
+            )
         if mrope_section is None:
             raise ValueError("position_ids given without mrope_section")
         if len(mrope_section) != 3 or min(mrope_section) < 0:
