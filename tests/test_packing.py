@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genlip_fast.data import IGNORE_INDEX, Packer, Sample, SampleTooLongError, pack_samples
-from genlip_fast.data.packing import best_fit, fit_sample
+from genlip_fast.data.packing import _tightest_bin_py, fit_sample, tightest_bin
 from genlip_fast.data.transforms import decode_resize_crop, patchify
 
 PD = 12  # patch dim used in these tests
@@ -98,7 +98,15 @@ def test_packer_keeps_every_sample_whole_and_once(layout, lookahead, cap):
         assert 0 < packer.fill_ratio <= 1
 
 
-def test_best_fit_picks_the_tightest_bin():
-    assert best_fit([6, 5, 4, 3, 1], 10) == [0, 1, 0, 1, 1]
-    with pytest.raises(ValueError):
-        best_fit([11], 10)
+@pytest.mark.parametrize("impl", [tightest_bin, _tightest_bin_py])
+def test_tightest_bin_picks_the_least_room_that_fits(impl):
+    assert impl([6, 9, 8, 8], 2, 10) == 2  # rooms 4, 1, 2, 2: the first of the two 2s
+    assert impl([6, 9], 5, 10) == -1
+    assert impl([], 1, 10) == -1
+
+
+def test_compiled_helper_is_built_where_a_compiler_is():
+    import shutil
+
+    if shutil.which("c++") or shutil.which("g++"):
+        assert tightest_bin is not _tightest_bin_py, "setup.py should have built genlip_fast._csrc"

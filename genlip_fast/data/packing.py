@@ -113,32 +113,19 @@ def pack_generation(patches: Sequence[torch.Tensor], grid_hw: Sequence[tuple[int
     return pack_samples(samples, max_tokens=None, require_caption=False)
 
 
-def best_fit(lengths: Sequence[int], capacity: int) -> list[int]:
-    """Best-fit bin assignment in the given order: each item goes to the open bin it fills most tightly.
+def _tightest_bin_py(used: Sequence[int], n: int, capacity: int) -> int:
+    """Index of the open pack (tokens ``used`` each) with the least room that still fits ``n``, or -1."""
+    best, best_room = -1, capacity + 1
+    for i, u in enumerate(used):
+        if n <= capacity - u < best_room:
+            best, best_room = i, capacity - u
+    return best
 
-    Returns the bin index of each item. Uses the compiled helper when it was built.
-    """
-    try:
-        from .. import _csrc  # type: ignore[attr-defined]
 
-        return _csrc.best_fit(list(lengths), capacity)
-    except ImportError:  # the optional extension was not built: same result in Python
-        pass
-    free: list[int] = []
-    out = []
-    for n in lengths:
-        if n > capacity:
-            raise SampleTooLongError(f"item of {n} tokens exceeds the capacity {capacity}")
-        best, best_free = -1, capacity + 1
-        for b, f in enumerate(free):
-            if n <= f < best_free:
-                best, best_free = b, f
-        if best < 0:
-            free.append(capacity)
-            best = len(free) - 1
-        free[best] -= n
-        out.append(best)
-    return out
+try:  # the optional compiled helper (csrc/packing.cpp); same answer, fewer Python comparisons
+    from .._csrc import tightest_bin  # type: ignore[attr-defined]
+except ImportError:
+    tightest_bin = _tightest_bin_py
 
 
 class Packer:
@@ -192,11 +179,7 @@ class Packer:
             self._bins[0].append(sample)
             self._bin_tokens[0] += n
             return sample
-        best, best_room = -1, self.max_tokens + 1
-        for i, used in enumerate(self._bin_tokens):
-            room = self.max_tokens - used
-            if n <= room < best_room:
-                best, best_room = i, room
+        best = tightest_bin(self._bin_tokens, n, self.max_tokens)
         if best < 0:
             self._bins.append([])
             self._bin_tokens.append(0)
