@@ -71,9 +71,10 @@ def prefix_lm_attention(
 
         return prefix_lm_attention_reference(q, k, v, cu_seqlens, prefix_lens, **kwargs)
     if which == "flex":
-        from .flex import prefix_lm_attention_flex
+        from .flex import cached_block_mask, prefix_lm_attention_flex
 
-        return prefix_lm_attention_flex(q, k, v, cu_seqlens, prefix_lens, **kwargs)
+        mask = cached_block_mask(cu_seqlens, prefix_lens, q.shape[0])
+        return prefix_lm_attention_flex(q, k, v, mask, **kwargs)
     from .function import prefix_lm_attention_triton
 
     return prefix_lm_attention_triton(q, k, v, cu_seqlens, prefix_lens, max_seqlen=max_seqlen, **kwargs)

@@ -48,6 +48,22 @@ def prefix_lm_block_mask(cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor, to
                              BLOCK_SIZE=block_size)
 
 
+_MASK_CACHE: list = []  # [(cu_seqlens, prefix_lens, T, versions, mask)]: the last pack's mask
+
+
+def cached_block_mask(cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor, total_tokens: int):
+    """The pack's block mask, built once and reused while the same ``cu_seqlens``/``prefix_lens`` tensors come back
+    (every layer of one forward passes the same ones). The cache holds the tensors, so their ids stay theirs."""
+    versions = (cu_seqlens._version, prefix_lens._version)
+    if _MASK_CACHE:
+        cu, pl, T, ver, mask = _MASK_CACHE[0]
+        if cu is cu_seqlens and pl is prefix_lens and T == total_tokens and ver == versions:
+            return mask
+    mask = prefix_lm_block_mask(cu_seqlens, prefix_lens, total_tokens)
+    _MASK_CACHE[:] = [(cu_seqlens, prefix_lens, total_tokens, versions, mask)]
+    return mask
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
@@ -82,4 +98,4 @@ def prefix_lm_attention_flex(
     return out
 
 
-__all__ = ["prefix_lm_block_mask", "prefix_lm_attention_flex"]
+__all__ = ["cached_block_mask", "prefix_lm_block_mask", "prefix_lm_attention_flex"]
