@@ -169,11 +169,6 @@ class PackedLoader:
             "last_wait_s": self._wait["last"],
         }
 
-    @property
-    def stream(self) -> "PackedLoader":
-        """Older name: ``loader.stream.skipped`` is ``loader.skipped`` (prefer ``loader.stats``)."""
-        return self
-
     def close(self) -> None:
         self._shutdown()
         self.reader.close()

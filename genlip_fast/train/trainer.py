@@ -346,7 +346,9 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
         loss_tokens, tokens, samples, flops, stop_votes = all_reduce_sum(counts).tolist()
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
-        for b in packs:
+        for i, b in enumerate(packs):
+            # Gradients accumulate unsharded across micro-steps and are reduce-scattered once, after the last.
+            model.set_requires_gradient_sync(i == len(packs) - 1)
             loss = model(b.to(device, non_blocking=True), loss_denominator=max(1.0, loss_tokens))
             loss.backward()
             loss_sum += loss.detach().float()
@@ -393,9 +395,13 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
                             f"to continue", logging.WARNING)
             break
     metrics.close()
-    skipped = sum(loader.stream.skipped.total for loader in loaders.values() if hasattr(loader, "stream"))
+    skipped: dict[str, int] = {}
+    for loader in loaders.values():
+        loader.close()
+        for reason, n in loader.stats["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
     if skipped:
-        log.warning("skipped %d bad samples", skipped)
+        log.warning("skipped %d bad samples on rank %d: %s", sum(skipped.values()), info.rank, skipped)
     captions = caption_heldout(model, cfg, tokenizer) if stopped_by is None and step == cfg.train.steps else []
     return {"losses": losses, "captions": captions, "model": model, "step": step, "stopped_by": stopped_by,
             "signal": signals.received, "checkpoint": last_ckpt}
