@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # On a GPU machine: bf16 correctness of every fused op at full size, then every benchmark in one run.
 # Writes raw JSON and a markdown summary (device, commit, date, command) to $OUT (default benchmarks/results/raw).
-#   bash scripts/gpu_check.sh            # needs torch + triton with CUDA, pytest, hypothesis, pytest-benchmark
+#   bash scripts/gpu_check.sh
+# Needs torch + triton with CUDA, and pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors.
+# On an offline machine, download those wheels elsewhere into ./wheels (`pip download -d wheels ...`): they are
+# installed from there first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ -d wheels ]; then
+  ${PYTHON:-python} -m pip install -q --no-index --find-links wheels \
+    pytest hypothesis pytest-benchmark tokenizers pillow tqdm safetensors || echo "some wheels missing; going on"
+fi
 OUT=${OUT:-benchmarks/results/raw}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
