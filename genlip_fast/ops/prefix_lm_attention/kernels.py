@@ -36,6 +36,33 @@ def _load_halves(X, tok, tok_mask, stride_t, stride_d, HALF: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _sample_span(CuSeqlens, PrefixLens, sample):
+    """``(first token, length, image tokens)`` of one sample; a prefix longer than the sample means all of it."""
+    bos = tl.load(CuSeqlens + sample)
+    seqlen = tl.load(CuSeqlens + sample + 1) - bos
+    return bos, seqlen, tl.minimum(tl.load(PrefixLens + sample), seqlen)
+
+
+@triton.jit
+def _load_rows(X, tok, tok_mask, stride_t, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows ``tok`` of one head of X, ``(BLOCK, BLOCK_D)``, zero past ``HEAD_DIM`` and on masked rows."""
+    d = tl.arange(0, BLOCK_D)
+    return tl.load(X + tok[:, None] * stride_t + d[None, :] * stride_d,
+                   mask=tok_mask[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _load_rotated(X, tok, tok_mask, stride_t, stride_d, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, ROPE: tl.constexpr):
+    """Both halves of rows ``tok``, rotated by MRoPE when ``ROPE`` (computed here, never stored)."""
+    x1, x2 = _load_halves(X, tok, tok_mask, stride_t, stride_d, HALF, BLOCK_HALF)
+    if ROPE:
+        cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis, HALF, BLOCK_HALF)
+        x1, x2 = _rotate(x1, x2, cos, sin)
+    return x1, x2
+
+
+@triton.jit
 def _store_halves(X, tok, tok_mask, stride_t, stride_d, x1, x2, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
     d = tl.arange(0, BLOCK_HALF)
     mask = tok_mask[:, None] & (d[None, :] < HALF)
@@ -84,15 +111,12 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, K, V, Pos, InvFreq, Axis,
     and inside the sample, so the common case pays no mask arithmetic."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         n_idx = n0 + offs_n
         n_ok = n_idx < seqlen
         tok = (bos + n_idx).to(tl.int64)
-        k1, k2 = _load_halves(K, tok, n_ok, stride_kt, stride_kd, HALF, BLOCK_HALF)
-        if ROPE:
-            cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok, n_ok, InvFreq, Axis, HALF, BLOCK_HALF)
-            k1, k2 = _rotate(k1, k2, cos, sin)
+        k1, k2 = _load_rotated(K, tok, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt,
+                               InvFreq, Axis, HALF, BLOCK_HALF, ROPE)
         s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
         s = s * QK_SCALE
@@ -103,8 +127,7 @@ def _fwd_inner(acc, l_i, m_i, q1, q2, K, V, Pos, InvFreq, Axis,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + tok[:, None] * stride_vt + d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        v = _load_rows(V, tok, n_ok, stride_vt, stride_vd, HEAD_DIM, BLOCK_D)
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
@@ -150,9 +173,7 @@ def _prefix_lm_attn_fwd_kernel(
             _zero_rows(OutU, stride_ot, stride_od, pad_start, total_tokens, pid_m, tl.num_programs(0),
                        HEAD_DIM, BLOCK_D, BLOCK_M)
         return
-    bos = tl.load(CuSeqlens + sample)
-    seqlen = tl.load(CuSeqlens + sample + 1) - bos
-    prefix = tl.minimum(tl.load(PrefixLens + sample), seqlen)
+    bos, seqlen, prefix = _sample_span(CuSeqlens, PrefixLens, sample)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:  # grid is sized for the longest sample
         return
@@ -163,10 +184,8 @@ def _prefix_lm_attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seqlen
     tok_m = (bos + offs_m).to(tl.int64)
-    q1, q2 = _load_halves(Q, tok_m, m_ok, stride_qt, stride_qd, HALF, BLOCK_HALF)
-    if ROPE:
-        cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok_m, m_ok, InvFreq, Axis, HALF, BLOCK_HALF)
-        q1, q2 = _rotate(q1, q2, cos, sin)
+    q1, q2 = _load_rotated(Q, tok_m, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt,
+                           InvFreq, Axis, HALF, BLOCK_HALF, ROPE)
 
     # A finite floor instead of -inf: a row whose first tile is fully masked then gives exp2(-inf - floor) = 0
     # rather than exp2(-inf + inf) = NaN.
@@ -264,17 +283,13 @@ def _bwd_dkdv_inner(dk1, dk2, dv, k1, k2, v, Q, DOU, Lse, Delta, Pos, InvFreq, A
     """Accumulate dK (rotated frame) and dV of one key block over query blocks ``[lo, hi)``, working on the
     transposed tile ``S^T = k q^T`` so the accumulators stay row-major in keys."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    d = tl.arange(0, BLOCK_D)
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < seqlen
         tok = (bos + offs_m).to(tl.int64)
-        q1, q2 = _load_halves(Q, tok, m_ok, stride_qt, stride_qd, HALF, BLOCK_HALF)
-        if ROPE:
-            cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok, m_ok, InvFreq, Axis, HALF, BLOCK_HALF)
-            q1, q2 = _rotate(q1, q2, cos, sin)
-        do = tl.load(DOU + tok[:, None] * stride_ut + d[None, :] * stride_ud,
-                     mask=m_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        q1, q2 = _load_rotated(Q, tok, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt,
+                               InvFreq, Axis, HALF, BLOCK_HALF, ROPE)
+        do = _load_rows(DOU, tok, m_ok, stride_ut, stride_ud, HEAD_DIM, BLOCK_D)
         lse = tl.load(Lse + tok, mask=m_ok, other=0.0)
         delta = tl.load(Delta + tok, mask=m_ok, other=0.0)
         st = tl.dot(k1, tl.trans(q1), input_precision=DOT_PREC)
@@ -323,9 +338,7 @@ def _prefix_lm_attn_bwd_dkdv_kernel(
         _zero_rows(DV, stride_dvt, stride_dvd, pad_start, total_tokens, pid_n, tl.num_programs(0),
                    HEAD_DIM, BLOCK_D, BLOCK_N)
         return
-    bos = tl.load(CuSeqlens + sample)
-    seqlen = tl.load(CuSeqlens + sample + 1) - bos
-    prefix = tl.minimum(tl.load(PrefixLens + sample), seqlen)
+    bos, seqlen, prefix = _sample_span(CuSeqlens, PrefixLens, sample)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
@@ -339,13 +352,11 @@ def _prefix_lm_attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < seqlen
     tok_n = (bos + offs_n).to(tl.int64)
-    k1, k2 = _load_halves(K, tok_n, n_ok, stride_kt, stride_kd, HALF, BLOCK_HALF)
-    if ROPE:
-        cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok_n, n_ok, InvFreq, Axis, HALF, BLOCK_HALF)
-        k1, k2 = _rotate(k1, k2, cos, sin)
+    k1, k2 = _load_rotated(K, tok_n, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt,
+                           InvFreq, Axis, HALF, BLOCK_HALF, ROPE)
     d = tl.arange(0, BLOCK_D)
     nd_mask = n_ok[:, None] & (d[None, :] < HEAD_DIM)
-    v = tl.load(V + tok_n[:, None] * stride_vt + d[None, :] * stride_vd, mask=nd_mask, other=0.0)
+    v = _load_rows(V, tok_n, n_ok, stride_vt, stride_vd, HEAD_DIM, BLOCK_D)
     dk1 = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
     dk2 = tl.zeros([BLOCK_N, BLOCK_HALF], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -389,17 +400,13 @@ def _bwd_dq_inner(dq1, dq2, q1, q2, do, lse, delta, K, V, Pos, InvFreq, Axis,
                   BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr, DOT_PREC: tl.constexpr):
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         n_idx = n0 + offs_n
         n_ok = n_idx < seqlen
         tok = (bos + n_idx).to(tl.int64)
-        k1, k2 = _load_halves(K, tok, n_ok, stride_kt, stride_kd, HALF, BLOCK_HALF)
-        if ROPE:
-            cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok, n_ok, InvFreq, Axis, HALF, BLOCK_HALF)
-            k1, k2 = _rotate(k1, k2, cos, sin)
-        v = tl.load(V + tok[:, None] * stride_vt + d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
+        k1, k2 = _load_rotated(K, tok, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt,
+                               InvFreq, Axis, HALF, BLOCK_HALF, ROPE)
+        v = _load_rows(V, tok, n_ok, stride_vt, stride_vd, HEAD_DIM, BLOCK_D)
         s = tl.dot(q1, tl.trans(k1), input_precision=DOT_PREC)
         s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
         p = tl.exp2(s * QK_SCALE - lse[:, None])
@@ -441,9 +448,7 @@ def _prefix_lm_attn_bwd_dq_kernel(
         _zero_rows(DQ, stride_dqt, stride_dqd, pad_start, total_tokens, pid_m, tl.num_programs(0),
                    HEAD_DIM, BLOCK_D, BLOCK_M)
         return
-    bos = tl.load(CuSeqlens + sample)
-    seqlen = tl.load(CuSeqlens + sample + 1) - bos
-    prefix = tl.minimum(tl.load(PrefixLens + sample), seqlen)
+    bos, seqlen, prefix = _sample_span(CuSeqlens, PrefixLens, sample)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
@@ -457,13 +462,9 @@ def _prefix_lm_attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seqlen
     tok_m = (bos + offs_m).to(tl.int64)
-    q1, q2 = _load_halves(Q, tok_m, m_ok, stride_qt, stride_qd, HALF, BLOCK_HALF)
-    if ROPE:
-        cos, sin = _rope_cos_sin(Pos, stride_pa, stride_pt, tok_m, m_ok, InvFreq, Axis, HALF, BLOCK_HALF)
-        q1, q2 = _rotate(q1, q2, cos, sin)
-    d = tl.arange(0, BLOCK_D)
-    md_mask = m_ok[:, None] & (d[None, :] < HEAD_DIM)
-    do = tl.load(DOU + tok_m[:, None] * stride_ut + d[None, :] * stride_ud, mask=md_mask, other=0.0)
+    q1, q2 = _load_rotated(Q, tok_m, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt,
+                           InvFreq, Axis, HALF, BLOCK_HALF, ROPE)
+    do = _load_rows(DOU, tok_m, m_ok, stride_ut, stride_ud, HEAD_DIM, BLOCK_D)
     lse = tl.load(Lse + tok_m, mask=m_ok, other=0.0)
     delta = tl.load(Delta + tok_m, mask=m_ok, other=0.0)
     dq1 = tl.zeros([BLOCK_M, BLOCK_HALF], dtype=tl.float32)
