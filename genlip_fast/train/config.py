@@ -167,26 +167,15 @@ def _coerce(value, tp, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
             return value.lower() in ("true", "1")
         raise ConfigError(f"{where}: {value!r} is not a bool")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: {value!r} is not an int")
-        if isinstance(value, int):
-            return value
+    if tp in (int, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (tp is float or isinstance(value, int)):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}: {value!r} is not an int")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: {value!r} is not a float")
+        raise ConfigError(f"{where}: {value!r} is not {'an int' if tp is int else 'a float'}")
     if tp is str:
         if isinstance(value, str):
             return value
