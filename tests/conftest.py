@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """The generated shapes dataset used by the trainer tests (written once per test session)."""
+    from genlip_fast.train.testing import make_shapes
+
+    return make_shapes(tmp_path_factory.mktemp("shapes"))
+
+
 def error_bound_ok(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Tensor, atol: float = 1e-5,
                    factor: float = 2.0) -> tuple[bool, str]:
     """flash-attn's rule: the fused result's error vs the fp32 oracle is at most ``factor`` x PyTorch's own

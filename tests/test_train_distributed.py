@@ -12,18 +12,13 @@ import pytest
 import torch
 
 from genlip_fast.train.export import load_checkpoint_model
-from genlip_fast.train.testing import make_shapes, tiny_config, tiny_overrides
+from genlip_fast.train.testing import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
 # Two data streams: the global batch is one pack from each, whether one rank reads both or two ranks one each.
 COMMON = dict(steps=STEPS, parallel__data_streams=2, checkpoint__every=2)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")

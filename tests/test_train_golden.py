@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from genlip_fast.train.testing import make_shapes, tiny_config
+from genlip_fast.train.testing import tiny_config
 from genlip_fast.train.trainer import train
 
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "tiny.json"
 STEPS = 8
 
 
-def test_tiny_losses_match_the_golden_file(tmp_path):
-    cfg = tiny_config(make_shapes(tmp_path / "shapes"), tmp_path / "run", steps=STEPS, checkpoint__final=False)
+def test_tiny_losses_match_the_golden_file(shapes, tmp_path):
+    cfg = tiny_config(shapes, tmp_path / "run", steps=STEPS, checkpoint__final=False)
     losses = train(cfg, progress=False)["losses"]
     if os.environ.get("GENLIP_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,8 @@ import genlip_fast.train.checkpoint as ckpt_mod
 import genlip_fast.train.trainer as trainer_mod
 from genlip_fast.train.checkpoint import latest_checkpoint, list_checkpoints
 from genlip_fast.train.export import export, load_checkpoint_model, load_exported
-from genlip_fast.train.testing import make_shapes, tiny_config
+from genlip_fast.train.testing import tiny_config
 from genlip_fast.train.trainer import NonFiniteLossError, train
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_shapes(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")
