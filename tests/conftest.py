@@ -2,7 +2,8 @@
 
 Triton kernels run in the CPU interpreter here, and the interpreter must be chosen before any kernel is decorated,
 so the variable is set before genlip_fast is imported. Nothing touches CUDA at import time; GPU tests carry the
-``gpu`` marker and are skipped without one.
+``gpu`` marker and are skipped without one. Tests marked ``slow`` (extras that would push CI past its time budget)
+run only with ``--runslow`` or ``GENLIP_RUN_SLOW=1``.
 """
 
 import os
@@ -15,13 +16,19 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow (outside CI's budget)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    run_slow = config.getoption("--runslow") or os.environ.get("GENLIP_RUN_SLOW") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or GENLIP_RUN_SLOW=1")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        elif "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(scope="session")
