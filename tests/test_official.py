@@ -172,3 +172,25 @@ def test_authors_model_jsons_map_to_the_official_presets(capsys):
         assert total == official_json_params(c)
         row = next(line for line in rows if line.startswith(f"| {preset} |"))
         assert row.rstrip(" |").endswith(f"{total / 1e6:.1f}M"), (row, total)
+
+
+def test_authors_run_configs_and_model_options_reach_the_model():
+    from genlip_fast.data.tokenizer import load_tokenizer
+    from genlip_fast.train.config import ConfigError, load_config
+    from genlip_fast.train.trainer import build_model_config
+
+    s1, s2 = load_config("so16_official_stage1"), load_config("so16_official_stage2")
+    tok = load_tokenizer("demo")  # only its size is read: the presets keep their 151,936 rows
+    for cfg in (s1, s2):
+        assert cfg.optim.weight_decay == 0.01 and cfg.train.packs_per_step == 512
+        assert build_model_config(cfg, tok) == get_preset("So/16-official")
+    assert (s1.optim.lr, s2.optim.lr, s1.train.steps, s2.train.steps) == (1e-3, 1e-4, 264000, 12000)
+    assert s2.data.stage == 2 and s2.checkpoint.init_from == s1.train.out_dir
+    over = load_config("tiny", ["--model.mlp_bias=true", "--model.drop_path_mode=pack",
+                                "--model.drop_path_schedule=constant"])
+    m = build_model_config(over, tok)
+    assert (m.mlp_bias, m.drop_path_mode, m.drop_path_schedule) == (True, "pack", "constant")
+    unset = build_model_config(load_config("tiny"), tok)
+    assert unset == get_preset("tiny", vocab_size=tok.vocab_size)  # options left unset keep the preset's
+    with pytest.raises(ConfigError, match="model.drop_path_mode"):
+        load_config("tiny", ["--model.drop_path_mode=token"])

@@ -32,6 +32,12 @@ class ModelSection:
     """Stochastic depth of the last block; None = the preset's."""
     gate: str | None = None
     """Attention gate: 'elementwise' | 'headwise' | 'none'; None = the preset's."""
+    mlp_bias: bool | None = None
+    """Biases on the SwiGLU linears; None = the preset's (on for the '-official' presets)."""
+    drop_path_mode: str | None = None
+    """Drop path per 'sample' or per 'pack' (the authors'); None = the preset's."""
+    drop_path_schedule: str | None = None
+    """Drop-path rate over depth: 'linear' or 'constant' (the authors'); None = the preset's."""
 
 
 @dataclass
@@ -231,6 +237,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
 CHOICES = {
     "model.attn_backend": ("auto", "triton", "reference", "flex"),
     "model.ce_backend": ("auto", "triton", "reference"),
+    "model.drop_path_mode": (None, "sample", "pack"),
+    "model.drop_path_schedule": (None, "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),

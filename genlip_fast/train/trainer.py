@@ -74,8 +74,9 @@ def build_model_config(cfg: JobConfig, tokenizer: Tokenizer) -> ModelConfig:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} entries, more than the model's vocab")
     if m.drop_path is not None:
         over["drop_path"] = m.drop_path
-    if m.gate is not None:
-        over["gate"] = m.gate
+    for key in ("gate", "mlp_bias", "drop_path_mode", "drop_path_schedule"):
+        if getattr(m, key) is not None:
+            over[key] = getattr(m, key)
     return get_preset(m.preset, **over)
 
 
