@@ -122,3 +122,17 @@ def test_load_encoder_features_for_every_input_kind(run_dir, image_files):
     assert enc.model.lm_head is None and enc.model.text_embed is None  # the text side is dropped
     sq = genlip_fast.load_encoder(run_dir, image_size=32, attn_backend="reference")
     assert [tuple(f.shape) for f in sq([pil, arr])] == [(4, enc.dim), (4, enc.dim)]  # stage-1 crop: 2x2 patches
+
+
+def test_readme_encoder_example_runs_as_written(run_dir, capsys):
+    """The README's encoder + projector block, on this run instead of runs/tiny; it prints what its comment says."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```python\n(import numpy as np, torch, genlip_fast\n.*?)```", readme, re.S).group(1)
+    assert 'genlip_fast.load_encoder("runs/tiny")' in block
+    exec(block.replace('genlip_fast.load_encoder("runs/tiny")',
+                       f'genlip_fast.load_encoder({str(run_dir)!r}, attn_backend="reference")'), {})
+    printed = capsys.readouterr().out.strip()
+    assert printed == re.search(r"print\(.*\)\s+# (.*)", block).group(1)
