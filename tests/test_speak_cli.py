@@ -136,3 +136,21 @@ def test_readme_encoder_example_runs_as_written(run_dir, capsys):
                        f'genlip_fast.load_encoder({str(run_dir)!r}, attn_backend="reference")'), {})
     printed = capsys.readouterr().out.strip()
     assert printed == re.search(r"print\(.*\)\s+# (.*)", block).group(1)
+
+
+def test_exported_files_caption_and_vision_only_ones_encode(run_dir, image_files, tmp_path, capsys):
+    from genlip_fast.train.export import export
+
+    full, vision = tmp_path / "full.safetensors", tmp_path / "vision.safetensors"
+    export(run_dir, full)
+    export(run_dir, vision, vision_only=True)
+    capsys.readouterr()
+    for ckpt in (run_dir, full):
+        assert speak_main([str(image_files[0]), "--checkpoint", str(ckpt), "--max-new-tokens", "4", *REF]) == 0
+    first, second = capsys.readouterr().out.strip().splitlines()
+    assert first == second
+    assert speak_main([str(image_files[0]), "--checkpoint", str(vision), *REF]) == 2
+    assert "--vision-only export" in capsys.readouterr().err
+    a = genlip_fast.load_encoder(vision, attn_backend="reference")([np.zeros((64, 64, 3), np.uint8)])[0]
+    b = genlip_fast.load_encoder(run_dir, attn_backend="reference")([np.zeros((64, 64, 3), np.uint8)])[0]
+    assert torch.equal(a, b)

@@ -161,7 +161,7 @@ def generate(
     sampling = sampling or Sampling()
     device = model.patch_embed.weight.device
     n = len(patches)
-    prompt = list(prompt_ids or [])
+    prompt = [] if prompt_ids is None else [int(t) for t in prompt_ids]
     out: list[list[int]] = [[] for _ in range(n)]
     logits_out: list[list[torch.Tensor]] = [[] for _ in range(n)]
     if n == 0 or max_new_tokens <= 0:

@@ -108,9 +108,10 @@ def inputs_from_meta(meta: dict) -> InputSpec:
     return InputSpec(tokenizer=data.get("tokenizer", "demo"), image=image)
 
 
-def load_model(path: str | Path) -> tuple[GenLIP, InputSpec]:
+def load_model(path: str | Path, *, need_text: bool = True) -> tuple[GenLIP, InputSpec]:
     """A :class:`GenLIP` (fp32, CPU, eval mode) from a trainer checkpoint (or run folder), an exported
-    ``.safetensors`` file, or a folder in the authors' layout; and how it reads its inputs."""
+    ``.safetensors`` file, or a folder in the authors' layout; and how it reads its inputs. A ``--vision-only``
+    export has no text embedding or LM head: it is refused unless ``need_text=False`` (the encoder)."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
         from .official import load_official
@@ -121,9 +122,12 @@ def load_model(path: str | Path) -> tuple[GenLIP, InputSpec]:
 
         if not p.is_file():
             raise FileNotFoundError(f"no exported model file at {p}")
-        model = load_exported(p)
         with safe_open(str(p), framework="pt") as f:
             md = f.metadata()
+        if need_text and md.get("genlip_vision_only") == "true":
+            raise ValueError(f"{p} is a --vision-only export (no text embedding or LM head); captioning needs the "
+                             f"checkpoint it came from or a full export")
+        model = load_exported(p)
         inputs = InputSpec.from_dict(json.loads(md["genlip_inputs"])) if "genlip_inputs" in md else InputSpec()
     else:
         model, meta = load_checkpoint_model(p)
@@ -140,7 +144,7 @@ def load_encoder(path: str | Path, *, dtype: torch.dtype = torch.float32, device
     centre-crops to that square (stage 1). Call it with a list of PIL images / uint8 arrays (or patches with
     grids); it returns per-image ``(grid_h * grid_w, d)`` final-LayerNorm features.
     """
-    model, inputs = load_model(path)
+    model, inputs = load_model(path, need_text=False)
     model.cfg.attn_backend = attn_backend
     transform = dataclasses.replace(inputs.image, image_size=image_size)
     return VisionEncoder(model, transform).to(device=device, dtype=dtype).eval()
