@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .trainer import train
 
-    result = train(cfg, progress=not args.no_progress)
+    try:
+        result = train(cfg, progress=not args.no_progress)
+    except ConfigError as e:  # bad input found at start (every rank finds it alike), before anything is written
+        print(f"genlip-train: config error: {e}", file=sys.stderr)
+        return 2
     if rank != 0:
         return 128 + result["signal"] if result["stopped_by"] == "signal" else 0
     losses = result["losses"]

@@ -35,7 +35,7 @@ from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
 from .checkpoint import Checkpointer, latest_checkpoint, load_model_weights, set_rng_state
-from .config import JobConfig, to_dict
+from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
     DistInfo,
     all_reduce_sum,
@@ -93,21 +93,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def ensure_demo_data(cfg: JobConfig) -> None:
-    """Generate the shapes dataset where the config points when it is not there yet."""
+def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
+    """Generate the demo shapes dataset when ``data.generate_demo_data`` is on and ``data.train_shards`` matches
+    nothing yet; otherwise a missing shard is a ``ConfigError`` naming the path.
+
+    Every rank checks (reads only, so all ranks fail alike); only ``write=True`` (rank 0) generates. The generator
+    writes only into a new or empty folder and never over a file (``data.synthetic.demo_folder``), so a mistyped path
+    is an error before anything is written, never a user's files replaced by demo data.
+    """
+    from ..data.synthetic import demo_folder, generate_shards
     from ..data.webdataset import expand_shards
 
     try:
         expand_shards(cfg.data.train_shards)
         return
-    except FileNotFoundError:
+    except FileNotFoundError as e:
         if not cfg.data.generate_demo_data:
-            raise
-    from ..data.synthetic import generate_shards
-
-    out = Path(cfg.data.train_shards).parent
-    log.info("generating the shapes dataset in %s", out)
-    generate_shards(out, size=cfg.data.image_size, seed=cfg.data.seed)
+            raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
+    try:
+        out = demo_folder(cfg.data.train_shards, cfg.data.val_shards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if write:
+        log.info("generating the shapes dataset in %s", out)
+        generate_shards(out, size=cfg.data.image_size, seed=cfg.data.seed)
 
 
 @dataclass
@@ -254,8 +263,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
     device = info.device
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if info.is_main:
-        ensure_demo_data(cfg)
+    ensure_demo_data(cfg, write=info.is_main)
     barrier()
     mcfg = build_model_config(cfg, tokenizer)
     if device.type == "cuda":
