@@ -144,7 +144,8 @@ def test_preset_parameter_counts(name):
         c_off = count_parameters(GenLIP(off))
     per_block = expected_block_params(off.dim, off.ffn_dim, off.n_heads, off.gate, mlp_bias=True)
     assert c_off["blocks"] + c_off["gate"] == off.n_layers * per_block
-    assert (off == cfg.replace(mlp_bias=True, drop_path_mode="pack", drop_path_schedule="constant")) == (name == "So/16")
+    same_shape = off == cfg.replace(mlp_bias=True, drop_path_mode="pack", drop_path_schedule="constant")
+    assert same_shape == (name == "So/16")
 
 
 def test_drop_path_per_pack_and_schedules():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-
 CHOICES = {
     "gate": ("elementwise", "headwise", "none"),
     "drop_path_mode": ("sample", "pack"),
