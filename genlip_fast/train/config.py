@@ -86,6 +86,13 @@ class TrainSection:
 class ParallelSection:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    replicate: int = 0
+    """HSDP replicas (the mesh's outer dim, usually nodes); 0 = world size / shard. 1 = plain FSDP over all ranks."""
+    shard: int = 0
+    """Ranks each replica shards parameters, gradients and optimizer state over; 0 = the GPUs of one node
+    (LOCAL_WORLD_SIZE), or world size / replicate when that is given. replicate x shard = the world size."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait before it fails; at 90% of it a stalled rank logs which ranks are behind."""
     data_streams: int = 0
     """Data loader streams the global batch is drawn from (0 = one per rank); a multiple of the world size. Runs
     with the same streams see the same packs in each step, whatever the number of ranks."""
@@ -98,7 +105,8 @@ class ParallelSection:
     compile: bool = False
     """torch.compile each transformer block."""
     reshard_after_forward: bool = True
-    """Free each block's gathered parameters after its forward (ZeRO-3); False keeps them until backward."""
+    """Free each block's gathered parameters after its forward in a step's last micro-step (ZeRO-3; not the last
+    block or the root); False keeps them until backward. Earlier micro-steps never reshard (see prepare_micro_step)."""
 
 
 @dataclass
@@ -257,11 +265,14 @@ def validate(cfg: JobConfig) -> JobConfig:
         "train.global_batch_samples": cfg.train.global_batch_samples, "train.packs_per_step": cfg.train.packs_per_step,
         "train.tokens_per_sample": cfg.train.tokens_per_sample, "parallel.data_streams": cfg.parallel.data_streams,
         "checkpoint.every": cfg.checkpoint.every, "train.stop_at_step": cfg.train.stop_at_step,
-        "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.grad_clip": cfg.optim.grad_clip, "parallel.replicate": cfg.parallel.replicate,
+        "parallel.shard": cfg.parallel.shard,
     }
     for dotted, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{dotted} must be >= 0, got {value!r}")
+    if cfg.parallel.collective_timeout_s <= 0:
+        raise ConfigError(f"parallel.collective_timeout_s must be > 0, got {cfg.parallel.collective_timeout_s!r}")
     if not 0.0 < cfg.parallel.ac_ratio <= 1.0:
         raise ConfigError(f"parallel.ac_ratio must be in (0, 1], got {cfg.parallel.ac_ratio!r}")
     if cfg.checkpoint.keep < 1:
