@@ -30,8 +30,10 @@ when measured, else the pack's useful FLOPs (:mod:`genlip_fast.train.flops`) at 
 forward is a third of it. Overlap, as FSDP2 schedules it: the root's all-gather opens the step and its gradient
 reduction closes it, both exposed; the blocks' forward all-gathers hide behind the first micro-step's forward and
 their backward all-gathers and reductions behind the last micro-step's backward, as far as they fit; NVLink and the
-network work in parallel. Step time = compute + exposed communication; efficiency = compute / step time. Not
-modelled: the optimizer step, data loading, stragglers, congestion, and NCCL's tree and NVLS algorithms.
+network work in parallel. Step time = compute + exposed communication; efficiency = compute / step time, for
+communication only: ``fill`` is the share of the busiest GPU's micro-step slots the step's packs fill (547 packs on
+512 GPUs: 2 slots each, 53% filled). Not modelled: the optimizer step, data loading, stragglers, congestion, and
+NCCL's tree and NVLS algorithms.
 """
 
 from __future__ import annotations
@@ -196,6 +198,9 @@ class Prediction:
     replicate: int
     shard: int
     micro_steps: int
+    """Packs (micro-steps) of the busiest GPU: ceil(packs per step / GPUs)."""
+    fill: float
+    """Packs per step / (GPUs x micro_steps): the share of micro-step slots that hold a pack."""
     compute_s: float
     bytes_nvlink: float
     bytes_network: float
@@ -260,7 +265,8 @@ def predict(units: Sequence[Unit], *, nodes: int, net: Network, hsdp: bool, pack
                + max(0.0, seconds("blocks_backward") - 2 * pack_s / 3))
     micro = math.ceil(packs_per_step / gpus)
     state = 16 * sum(u.shard_numel(shard) for u in units) / 2**30
-    return Prediction("HSDP" if hsdp else "FSDP", gpus, replicate, shard, micro, micro * pack_s, on_link[False],
+    return Prediction("HSDP" if hsdp else "FSDP", gpus, replicate, shard, micro, packs_per_step / (gpus * micro),
+                      micro * pack_s, on_link[False],
                       on_link[True], seconds(None), exposed, state)
 
 
@@ -333,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(rows: Sequence[Prediction], *, markdown: bool = False) -> str:
-    head = ["GPUs", "layout", "mesh", "packs/GPU", "NVLink GB/GPU", "network GB/GPU", "comm ms", "exposed ms",
+    head = ["GPUs", "layout", "mesh", "packs/GPU", "fill", "NVLink GB/GPU", "network GB/GPU", "comm ms", "exposed ms",
             "compute ms", "step ms", "efficiency", "state GiB/GPU"]
-    body = [[str(p.gpus), p.layout, f"{p.replicate}x{p.shard}", str(p.micro_steps), f"{p.bytes_nvlink / 1e9:.2f}",
+    body = [[str(p.gpus), p.layout, f"{p.replicate}x{p.shard}", str(p.micro_steps), f"{p.fill:.0%}",
+             f"{p.bytes_nvlink / 1e9:.2f}",
              f"{p.bytes_network / 1e9:.2f}", f"{p.comm_s * 1e3:.0f}", f"{p.exposed_s * 1e3:.0f}",
              f"{p.compute_s * 1e3:.0f}", f"{p.step_s * 1e3:.0f}", f"{p.efficiency:.1%}", f"{p.state_gib:.2f}"]
             for p in rows]
