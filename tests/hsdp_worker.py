@@ -7,7 +7,8 @@ gradients of all ranks' data. Part 2: the trainer itself (``python -m genlip_fas
 run across mesh shapes, each leg resuming the checkpoint of the one before: the default mesh (2x2 when launched
 as two torchrun agents of 2 ranks), then 1x4, then 4x1. The pytest side compares everything.
 
-    python -m torch.distributed.run ... tests/hsdp_worker.py OUT_JSON SHAPES_DIR RUN_DIR
+    OUT_DIR=RUN_DIR TRAIN_MODULE=hsdp_worker bash scripts/slurm/train.sbatch OUT_JSON SHAPES_DIR
+    (or python -m torch.distributed.run ... -m hsdp_worker --train.out_dir=RUN_DIR OUT_JSON SHAPES_DIR)
 """
 
 import copy
@@ -108,7 +109,9 @@ def trainer_legs(shapes: str, run_dir: str) -> dict:
 
 
 def main() -> None:
-    out_json, shapes, run_dir = sys.argv[1:4]
+    # the arguments the Slurm script passes to a training module, and this worker's own two
+    run_dir = next(a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--train.out_dir="))
+    out_json, shapes = [a for a in sys.argv[1:] if not a.startswith("--")]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     report = {"meshes": model_checks(rank, world), "trainer_exit_codes": trainer_legs(shapes, run_dir)}

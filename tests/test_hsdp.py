@@ -1,8 +1,9 @@
 """HSDP on a 2-D mesh (gloo, CPU, tiny model), in as few process launches as the checks allow.
 
-One launch of two torchrun agents (``--nnodes=2``, 2 ranks each, loopback c10d rendezvous) runs
-``tests/hsdp_worker.py``: gradients and the recorded collectives of 1x4 FSDP, 2x2 HSDP and 4x1 replicas, and one
-trainer run continued across mesh shapes. The tests below read what it wrote, and add the single-process legs.
+One launch of ``scripts/slurm/train.sbatch`` — two torchrun agents (``--nnodes=2``, 2 ranks each, loopback c10d
+rendezvous), started by a stand-in ``srun`` — runs ``tests/hsdp_worker.py``: gradients and the recorded
+collectives of 1x4 FSDP, 2x2 HSDP and 4x1 replicas, and one trainer run continued across mesh shapes. The tests
+below read what it wrote, and add the single-process legs.
 """
 
 import json
@@ -39,21 +40,38 @@ def worker_env() -> dict:
             "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
 
 
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: the command once per node, in parallel, as Slurm would start it on each
+while [[ $# -gt 0 && $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] && for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done
+"""
+
+
 @pytest.fixture(scope="module")
 def launched(shapes, tmp_path_factory):
-    """Two torchrun agents of 2 ranks each, as two nodes would start them (``srun`` runs one agent per node)."""
+    """``scripts/slurm/train.sbatch`` on two "nodes": a stand-in ``srun`` starts one torchrun agent per node on
+    this machine, 2 ranks each, and they meet in the script's c10d rendezvous on the first node."""
     tmp = tmp_path_factory.mktemp("hsdp")
-    out_json, run_dir = tmp / "report.json", tmp / "train"
-    endpoint = f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
-           f"--rdzv_endpoint={endpoint}", "--rdzv_id=hsdp-test", str(WORKER), str(out_json), str(shapes),
-           str(run_dir)]
-    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=worker_env(),
-                               cwd=tmp) for _ in range(2)]
-    logs = [a.communicate(timeout=400)[0] for a in agents]
-    for a, log in zip(agents, logs):
-        assert a.returncode == 0, log[-4000:]
-    return json.loads(out_json.read_text()), run_dir, "\n".join(logs)
+    out_json, run_dir, bin_dir = tmp / "report.json", tmp / "train", tmp / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**worker_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "OUT_DIR": str(run_dir),
+           "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()),
+           "TRAIN_MODULE": "hsdp_worker", "MAX_RESTARTS": "0"}
+    env["PYTHONPATH"] += f"{os.pathsep}{WORKER.parent}"
+    res = subprocess.run(["bash", str(REPO / "scripts/slurm/train.sbatch"), str(out_json), str(shapes)],
+                         capture_output=True, text=True, env=env, cwd=tmp, timeout=400)
+    log = res.stdout + res.stderr
+    assert res.returncode == 0, log[-4000:]
+    return json.loads(out_json.read_text()), run_dir, log
 
 
 @pytest.fixture(scope="module")
