@@ -9,15 +9,18 @@ below read what it wrote, and add the single-process legs.
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from genlip_fast.train.checkpoint import latest_checkpoint
 from genlip_fast.train.config import ConfigError
 from genlip_fast.train.distributed import mesh_shape
 from genlip_fast.train.testing import tiny_config, tiny_overrides
@@ -41,15 +44,37 @@ def worker_env() -> dict:
 
 
 FAKE_SRUN = """#!/usr/bin/env bash
-# srun on one machine: the command once per node, in parallel, as Slurm would start it on each
+# srun on one machine: the command once per node, in parallel, as Slurm starts it on each; SIGTERM is passed on
 while [[ $# -gt 0 && $1 == --* ]]; do shift; done
 pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
 for ((i = 0; i < SLURM_NNODES; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
-rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
+rc=0
+for p in "${pids[@]}"; do
+  while :; do wait "$p"; r=$?; kill -0 "$p" 2>/dev/null || break; done
+  [ "$r" -ne 0 ] && rc=$r
+done
+exit $rc
 """
 FAKE_SCONTROL = """#!/usr/bin/env bash
 [ "$1 $2" = "show hostnames" ] && for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done
+[ "$1" = requeue ] && echo "requeue $2" >> "$OUT_DIR/../scontrol.log"
+exit 0
 """
+SBATCH = REPO / "scripts/slurm/train.sbatch"
+
+
+def slurm_env(tmp: Path, out_dir: Path, **extra) -> dict:
+    """The environment a 2-node Slurm job of 2 GPUs per node would give the script, with stand-in srun and
+    scontrol first on PATH."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**worker_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2",
+            "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "OUT_DIR": str(out_dir),
+            "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -57,18 +82,11 @@ def launched(shapes, tmp_path_factory):
     """``scripts/slurm/train.sbatch`` on two "nodes": a stand-in ``srun`` starts one torchrun agent per node on
     this machine, 2 ranks each, and they meet in the script's c10d rendezvous on the first node."""
     tmp = tmp_path_factory.mktemp("hsdp")
-    out_json, run_dir, bin_dir = tmp / "report.json", tmp / "train", tmp / "bin"
-    bin_dir.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {**worker_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2",
-           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_ID": "4242", "OUT_DIR": str(run_dir),
-           "PYTHON": sys.executable, "GPUS_PER_NODE": "2", "RDZV_PORT": str(free_port()),
-           "TRAIN_MODULE": "hsdp_worker", "MAX_RESTARTS": "0"}
+    out_json, run_dir = tmp / "report.json", tmp / "train"
+    env = slurm_env(tmp, run_dir, TRAIN_MODULE="hsdp_worker", MAX_RESTARTS="0")
     env["PYTHONPATH"] += f"{os.pathsep}{WORKER.parent}"
-    res = subprocess.run(["bash", str(REPO / "scripts/slurm/train.sbatch"), str(out_json), str(shapes)],
-                         capture_output=True, text=True, env=env, cwd=tmp, timeout=400)
+    res = subprocess.run(["bash", str(SBATCH), str(out_json), str(shapes)], capture_output=True, text=True, env=env,
+                         cwd=tmp, timeout=400)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:]
     return json.loads(out_json.read_text()), run_dir, log
@@ -171,3 +189,23 @@ def test_a_rank_that_hangs_is_named(shapes, tmp_path):
     assert res.returncode != 0, log[-3000:]
     assert "rank 1 is behind: its last sync point was" in log and "rank 0 waits in sync point" in log, log[-3000:]
     assert "parallel.collective_timeout_s = 6" in log
+
+
+@pytest.mark.slow
+def test_slurm_time_limit_checkpoints_and_requeues(shapes, tmp_path):
+    """The script's time-limit path: Slurm's SIGUSR1 to the batch shell -> SIGTERM through srun and torchrun to
+    every worker -> a checkpoint, a clean stop and ``scontrol requeue`` of the job."""
+    out = tmp_path / "run"
+    over = [o for o in tiny_overrides(shapes, out, steps=10_000) if not o.startswith("--train.out_dir")]
+    job = subprocess.Popen(["bash", str(SBATCH), *over], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=slurm_env(tmp_path, out), cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.5)
+    job.send_signal(signal.SIGUSR1)
+    log = job.communicate(timeout=300)[0]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n", log[-3000:]
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert latest_checkpoint(out / "checkpoints").name == f"step_{steps[-1]:08d}"
+    assert "stopped after step" in log and steps[-1] < 10_000
