@@ -44,7 +44,7 @@ import math
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -151,9 +151,9 @@ class CollectiveRecorder(TorchDispatchMode):
     dispatcher as ``c10d`` ops). ``calls`` is a list of ``(op, group_size, payload_bytes)`` with the payload as in
     :class:`Collective`. Backward runs inside it too on CPU (the autograd engine keeps the dispatch mode)."""
 
-    OPS = {"_allgather_base_": "all_gather", "allgather_into_tensor_coalesced_": "all_gather",
-           "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_tensor_coalesced_": "reduce_scatter",
-           "allreduce_": "all_reduce", "allreduce_coalesced_": "all_reduce"}
+    # the ops FSDP2 and the trainer issue (checked on torch 2.13); an op a later FSDP2 moves to is missed loudly: the
+    # comparison with the model fails
+    OPS = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "allreduce_": "all_reduce"}
 
     def __init__(self):
         super().__init__()
@@ -177,7 +177,7 @@ class CollectiveRecorder(TorchDispatchMode):
 
 @dataclass
 class Network:
-    """Bandwidths in GB/s (10^9 bytes), one direction."""
+    """The links, in Gb/s (10^9 bits) one way, and an optional latency per ring step."""
 
     gpus_per_node: int = 8
     intra_gbps: float = 3600.0
@@ -208,7 +208,6 @@ class Prediction:
     exposed_s: float
     state_gib: float
     """Sharded fp32 parameters + gradients + AdamW moments per GPU."""
-    extra: dict = field(default_factory=dict)
 
     @property
     def step_s(self) -> float:
