@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from _utils import environment
 
 from genlip_fast.train.manifest import check_files, describe
-
-from _utils import environment
 
 GB = float(os.environ.get("BENCH_CKPT_GB", "1"))
 ROOT = os.environ.get("BENCH_CKPT_DIR") or tempfile.gettempdir()

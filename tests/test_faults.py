@@ -27,15 +27,15 @@ import genlip_fast.train.checkpoint as ckpt_mod
 import genlip_fast.train.trainer as trainer_mod
 from genlip_fast.train.__main__ import main
 from genlip_fast.train.checkpoint import (
+    Checkpointer,
     CheckpointError,
     CheckpointSpaceError,
-    Checkpointer,
     list_checkpoints,
     load_dcp,
     verify_checkpoint,
 )
 from genlip_fast.train.export import load_checkpoint_model
-from genlip_fast.train.manifest import MANIFEST, describe, read_manifest, write_manifest
+from genlip_fast.train.manifest import describe, read_manifest, write_manifest
 from genlip_fast.train.testing import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import NonFiniteLossError, train
 

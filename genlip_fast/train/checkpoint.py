@@ -180,10 +180,14 @@ def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> list[st
 
 
 def _out_of_space(exc: BaseException, folder: Path, need: int) -> bool:
-    """An errno of ENOSPC / EDQUOT anywhere in ``exc``, or (DCP's zip writer loses the errno: "unexpected pos")
-    less room on ``folder``'s file system, counting what the failed save already wrote, than one checkpoint."""
-    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in nested_exceptions(exc)):
+    """An errno of ENOSPC / EDQUOT anywhere in ``exc``; or, when no errno says otherwise (DCP's zip writer loses
+    it: "unexpected pos"), less room on ``folder``'s file system than one checkpoint, counting what the failed save
+    already wrote."""
+    errnos = {e.errno for e in nested_exceptions(exc) if isinstance(e, OSError) and e.errno is not None}
+    if errnos & {errno.ENOSPC, errno.EDQUOT}:
         return True
+    if errnos:
+        return False
     try:
         free = shutil.disk_usage(nearest_existing(folder)).free
     except OSError:
@@ -342,10 +346,16 @@ class Checkpointer:
                     f"checkpoint that passes")
             aside = None
             if self.rank == 0:
-                aside = move_aside(path, "damaged")
-                log.warning("checkpoint %s failed its check: %s. Moved aside to %s; trying the one before it",
-                            path, reasons, aside)
-            skipped.append(str(broadcast_object(aside)))
+                try:
+                    aside = str(move_aside(path, "damaged"))
+                    log.warning("checkpoint %s failed its check: %s. Moved aside to %s; trying the one before it",
+                                path, reasons, aside)
+                except OSError as e:
+                    aside = OSError(f"checkpoint {path} failed its check ({reasons}) and cannot be moved aside: {e}")
+            aside = broadcast_object(aside)
+            if isinstance(aside, OSError):
+                raise CheckpointError(str(aside))
+            skipped.append(aside)
         damaged = broadcast_object(sorted(str(p) for p in self.root.glob("step_*.damaged*")) if self.rank == 0
                                    else None)
         if damaged:

@@ -72,7 +72,7 @@ def read_manifest(folder: Path) -> tuple[dict[str, dict] | None, str | None]:
             if "/" in name or name in ("", ".", "..") or not isinstance(e.get("size"), int) or ALGORITHM not in e:
                 return None, f"{MANIFEST} has a malformed entry {name!r}"
         return files, None
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return None, f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
 
 

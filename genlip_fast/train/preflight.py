@@ -110,30 +110,42 @@ def check_inputs(cfg: JobConfig, out_dir: Path, ckpt_root: Path) -> None:
     for path, option in ((out_dir, "train.out_dir"), (ckpt_root, ckpt_option)):
         if option == "train.out_dir" or nearest_existing(ckpt_root) != nearest_existing(out_dir):
             problems += filter(None, [_write_problem(path, option)])
-    if not cfg.checkpoint.resume and (found := list_checkpoints(ckpt_root)):
+    try:
+        found = [] if cfg.checkpoint.resume else list_checkpoints(ckpt_root)
+    except OSError as e:
+        found, problems = [], [*problems, f"{ckpt_option}: cannot list {ckpt_root} ({e.strerror or e})"]
+    if found:
         problems.append(f"checkpoint.resume = false, but {ckpt_root} already holds checkpoints (newest: "
                         f"{found[-1].name}); a fresh run would write among them. Give it its own --train.out_dir "
                         f"or --checkpoint.dir, or move them away")
     agree(problems)
 
 
+def _space_problem(ckpt_root: Path, need: int, keep: int) -> str | None:
+    free = shutil.disk_usage(nearest_existing(ckpt_root)).free
+    if free < need:
+        return (f"{ckpt_root} has {format_bytes(free)} free, not enough for one checkpoint (≈ {format_bytes(need)}; "
+                f"checkpoint.keep={keep} needs ≈ {format_bytes((keep + 1) * need)}). Free space, or set "
+                f"checkpoint.dir to a larger disk")
+    kept = sum(f.stat().st_size for c in list_checkpoints(ckpt_root) for f in c.iterdir() if f.is_file())
+    if free + kept < (keep + 1) * need:
+        log.warning("%s has %s free: enough for %d more checkpoint(s) of ≈ %s, but checkpoint.keep=%d needs ≈ %s in "
+                    "all; the run will stop with a clear error when a save finds no space", ckpt_root,
+                    format_bytes(free), int(free // max(need, 1)), format_bytes(need), keep,
+                    format_bytes((keep + 1) * need))
+    return None
+
+
 def check_space(ckpt_root: Path, need: int, keep: int, *, rank: int) -> None:
     """Room for one checkpoint of ``need`` bytes where checkpoints go (rank 0 measures; all ranks call it); a
     warning when ``keep`` + 1 of them will not fit."""
-    problems = []
+    problem = None
     if rank == 0:
-        free = shutil.disk_usage(nearest_existing(ckpt_root)).free
-        kept = sum(f.stat().st_size for c in list_checkpoints(ckpt_root) for f in c.iterdir() if f.is_file())
-        if free < need:
-            problems.append(f"{ckpt_root} has {format_bytes(free)} free, not enough for one checkpoint (≈ "
-                            f"{format_bytes(need)}; checkpoint.keep={keep} needs ≈ {format_bytes((keep + 1) * need)})"
-                            f". Free space, or set checkpoint.dir to a larger disk")
-        elif free + kept < (keep + 1) * need:
-            log.warning("%s has %s free: enough for %d more checkpoint(s) of ≈ %s, but checkpoint.keep=%d needs ≈ %s "
-                        "in all; the run will stop with a clear error when a save finds no space", ckpt_root,
-                        format_bytes(free), int(free // max(need, 1)), format_bytes(need), keep,
-                        format_bytes((keep + 1) * need))
-    agree(problems)
+        try:
+            problem = _space_problem(ckpt_root, need, keep)
+        except OSError as e:
+            problem = f"cannot measure the free space of {ckpt_root} ({e.strerror or e})"
+    agree([problem] if problem else [])
 
 
 def init_source(cfg: JobConfig) -> Path:
