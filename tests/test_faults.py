@@ -144,6 +144,13 @@ def test_fallback_resume_is_exact_and_drops_a_torn_metrics_line(reference, shape
         assert torch.equal(a, b), n
 
 
+def test_export_refuses_a_damaged_checkpoint(reference, tmp_path):
+    out = killed_run(reference, tmp_path, steps=(2,), rows=2)
+    DAMAGE["bit flip in a shard"][1](out / "checkpoints" / "step_00000002" / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match=r"step_00000002 failed its check: __0_0\.distcp: checksum"):
+        load_checkpoint_model(out)
+
+
 def test_fallback_off_stops_and_moves_nothing(reference, shapes, tmp_path, capsys):
     out = killed_run(reference, tmp_path)
     DAMAGE["truncated shard"][1](out / "checkpoints" / "step_00000004" / "__0_0.distcp")

@@ -172,6 +172,9 @@ def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> list[st
         elif not problems and (missing := sorted(listed - set(entries))):
             problems.append(f"{MANIFEST} does not list {', '.join(missing)}")
         head = (entries, problems)
+    if world_size == 1:
+        entries, problems = head
+        return problems or check_files(path, entries)
     entries, problems = broadcast_object(head)
     if problems:
         return problems
@@ -387,15 +390,21 @@ class Checkpointer:
         return meta, data, rng
 
 
+def require_passing(ckpt: Path, *, distributed: bool = True) -> None:
+    """CheckpointError unless ``ckpt`` passes :func:`verify_checkpoint` (for a checkpoint that is only read: nothing
+    in its folder is moved). With ``distributed``, every rank of the process group calls it together."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
+    problems = verify_checkpoint(ckpt, rank, world)
+    if problems:
+        raise CheckpointError(f"checkpoint {ckpt} failed its check: {'; '.join(problems)}. Use another checkpoint "
+                              f"folder (step_*)")
+
+
 def load_model_weights(path: str | os.PathLike, model: nn.Module) -> Path:
     """Load only the model weights of a checkpoint (stage 2 from stage 1); works sharded or not. The checkpoint
     must pass its check; nothing in its folder is changed."""
     ckpt = resolve_checkpoint(path)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    problems = verify_checkpoint(ckpt, rank, world)
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt} failed its check: {'; '.join(problems)}. Point "
-                              f"checkpoint.init_from at another checkpoint folder (step_*)")
+    require_passing(ckpt)
     sd = get_model_state_dict(model)
     load_dcp({"model": sd}, ckpt)
     set_model_state_dict(model, sd)
@@ -405,5 +414,5 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> Path:
 __all__ = ["CheckpointError", "CheckpointSpaceError", "Checkpointer", "all_gather_objects",
            "estimate_checkpoint_bytes", "format_bytes", "latest_checkpoint", "list_checkpoints", "load_dcp",
            "load_model_weights", "load_rank_file", "move_aside", "nearest_existing", "read_meta",
-           "resolve_checkpoint", "rng_state", "set_rng_state", "space_message", "step_dir_name", "step_folders",
+           "require_passing", "resolve_checkpoint", "rng_state", "set_rng_state", "space_message", "step_dir_name", "step_folders",
            "verify_checkpoint"]
