@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.cpu_ok
 def shards(name: str) -> str:
     root = CACHE / f"{name}-{NUM}"
     if not (root / "done").is_file():
+        shutil.rmtree(root, ignore_errors=True)  # an interrupted earlier run's partial cache (generators never overwrite)
         generate_photo_shards(root, SIZES[name], num=NUM, per_shard=64, prefix="photo")
         (root / "done").write_text("ok")
     return str(root / "photo-*.tar")

@@ -61,15 +61,19 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 [ "$1" = requeue ] && echo "requeue $2" >> "$OUT_DIR/../scontrol.log"
 exit 0
 """
+FAKE_SQUEUE = """#!/usr/bin/env bash
+# the job's end time (squeue -h -j ID -o %e)
+if [ -n "${FAKE_JOB_END:-}" ]; then date -d "@$FAKE_JOB_END" +%Y-%m-%dT%H:%M:%S; else echo UNLIMITED; fi
+"""
 SBATCH = REPO / "scripts/slurm/train.sbatch"
 
 
 def slurm_env(tmp: Path, out_dir: Path, **extra) -> dict:
-    """The environment a 2-node Slurm job of 2 GPUs per node would give the script, with stand-in srun and
-    scontrol first on PATH."""
+    """The environment a 2-node Slurm job of 2 GPUs per node would give the script, with stand-in srun, scontrol
+    and squeue first on PATH."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("squeue", FAKE_SQUEUE)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return {**worker_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_NNODES": "2",
@@ -193,17 +197,20 @@ def test_a_rank_that_hangs_is_named(shapes, tmp_path):
 
 @pytest.mark.slow
 def test_slurm_time_limit_checkpoints_and_requeues(shapes, tmp_path):
-    """The script's time-limit path: Slurm's SIGUSR1 to the batch shell -> SIGTERM through srun and torchrun to
-    every worker -> a checkpoint, a clean stop and ``scontrol requeue`` of the job."""
+    """The script's time-limit path: Slurm's SIGTERM to the step (here: to the stand-in srun, which passes it to
+    the torchrun agents as Slurm would) -> every worker finishes its step and saves -> with under 330 s left, the
+    job requeues itself."""
     out = tmp_path / "run"
     over = [o for o in tiny_overrides(shapes, out, steps=10_000) if not o.startswith("--train.out_dir")]
+    env = slurm_env(tmp_path, out, FAKE_JOB_END=str(int(time.time()) + 200))
     job = subprocess.Popen(["bash", str(SBATCH), *over], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=slurm_env(tmp_path, out), cwd=tmp_path)
+                           env=env, cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
         time.sleep(0.5)
-    job.send_signal(signal.SIGUSR1)
+    srun = subprocess.run(["pgrep", "-P", str(job.pid), "-f", "srun"], capture_output=True, text=True).stdout.split()
+    os.kill(int(srun[0]), signal.SIGTERM)
     log = job.communicate(timeout=300)[0]
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n", log[-3000:]
     steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]

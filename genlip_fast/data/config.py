@@ -11,8 +11,9 @@ class DataConfig:
     """Training shards: a path, glob or folder of webdataset .tar files (comma-separated for several)."""
     val_shards: str = "data/shapes/val-*.tar"
     """Held-out shards, captioned by the model at the end of the run ('' = none)."""
-    generate_demo_data: bool = True
-    """Generate the shapes dataset at the shard paths' folder when no shard is there yet."""
+    generate_demo_data: bool = False
+    """Generate the demo shapes dataset when train_shards (of the form DIR/train-*.tar) matches nothing and DIR is
+    new or empty (the tiny demo config turns it on); never writes next to or over existing files."""
     tokenizer: str = "demo"
     """'demo', 'qwen', or a local tokenizer.json path; nothing is downloaded."""
     stage: int = 1

@@ -67,16 +67,50 @@ def render(rng: random.Random, size: int = 64):
     return im, " and ".join(parts) + " ."
 
 
+def demo_folder(train_shards: str, val_shards: str = "") -> Path:
+    """The folder the demo generator may fill for these shard patterns; raises ``ValueError`` saying why not.
+
+    The generator writes ``DIR/train-*.tar`` and ``DIR/val-*.tar`` (with ``.idx`` sidecars), so the patterns must be
+    exactly those (``val_shards`` may be ``""``), and ``DIR`` must not exist yet or be an empty folder: demo data is
+    never written next to other files, so a mistyped path cannot overwrite anything of the user's.
+    """
+    train = Path(train_shards)
+    folder = train.parent
+    if train.name != "train-*.tar" or "," in train_shards:
+        raise ValueError(f"data.train_shards = {train_shards!r} matches no shard. (Demo data is generated only for a "
+                         f"pattern of the form DIR/train-*.tar with data.generate_demo_data = true.)")
+    if val_shards and Path(val_shards) != folder / "val-*.tar":
+        raise ValueError(f"data.val_shards = {val_shards!r}: the demo generator writes the held-out shards to "
+                         f"{str(folder / 'val-*.tar')!r}; point data.val_shards there or set it to ''")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"data.train_shards = {train_shards!r}: {str(folder)!r} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"data.train_shards = {train_shards!r} matches no shard, and its folder {str(folder)!r} is "
+                         f"not empty: demo data is only generated into a new or empty folder (nothing was written). "
+                         f"Point data.train_shards at your shards, or at a new folder for the demo data.")
+    return folder
+
+
+def _refuse_existing(paths: list[Path]) -> None:
+    for p in paths:
+        for q in (p, p.with_name(p.name + ".idx")):
+            if q.exists():
+                raise FileExistsError(f"{str(q)!r} exists: the generator never writes over a file (nothing was written)")
+
+
 def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int = 64, size: int = 64,
                     per_shard: int = 1000, seed: int = 0) -> dict[str, list[str]]:
     """Write ``train-*.tar`` and ``val-*.tar`` (``key.jpg`` + ``key.txt``) into ``out_dir``; returns the paths.
 
-    Deterministic for a seed; existing shards with the same names are replaced atomically.
+    Deterministic for a seed. Raises ``FileExistsError`` before writing anything if any shard (or its index) it would
+    write exists already.
     """
     out_dir = Path(out_dir)
     rng = random.Random(seed)
+    splits = (("train", num_train), ("val", num_val))
+    _refuse_existing([out_dir / f"{split}-{k:06d}.tar" for split, n in splits for k in range(-(-n // per_shard))])
     paths: dict[str, list[str]] = {"train": [], "val": []}
-    for split, n in (("train", num_train), ("val", num_val)):
+    for split, n in splits:
         for start in range(0, n, per_shard):
             samples = []
             for i in range(start, min(n, start + per_shard)):
@@ -119,8 +153,10 @@ def photo_jpeg(width: int, height: int, seed: int = 0, quality: int = 90) -> byt
 
 def generate_photo_shards(out_dir: str | Path, sizes: list[tuple[int, int]], *, num: int = 256,
                           per_shard: int = 128, seed: int = 0, prefix: str = "photos") -> list[str]:
-    """Shards of photo-sized JPEGs (``sizes`` cycled, as (width, height)) with short captions, for benchmarks."""
+    """Shards of photo-sized JPEGs (``sizes`` cycled, as (width, height)) with short captions, for benchmarks.
+    Like ``generate_shards``, never writes over an existing file."""
     out_dir = Path(out_dir)
+    _refuse_existing([out_dir / f"{prefix}-{k:06d}.tar" for k in range(-(-num // per_shard))])
     paths = []
     rng = random.Random(seed)
     for start in range(0, num, per_shard):
