@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..model import GenLIP
+from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
 from .flops import peak_flops, training_flops
 
@@ -180,11 +180,13 @@ class Network:
     """The links, in Gb/s (10^9 bits) one way, and an optional latency per ring step."""
 
     gpus_per_node: int = 8
+    """GPUs sharing a node's network."""
     intra_gbps: float = 3600.0
     """Per-GPU NVLink bandwidth, Gb/s (H100 SXM: 450 GB/s each way)."""
     inter_gbps: float = 3200.0
     """Per-node network bandwidth, Gb/s (8 x 400 Gb/s InfiniBand)."""
     step_latency_us: float = 0.0
+    """Latency of one ring step, µs (0: bandwidth only)."""
 
     def seconds(self, c: Collective, spans_nodes: bool) -> float:
         bw = (self.inter_gbps / self.gpus_per_node if spans_nodes else self.intra_gbps) * 1e9 / 8
@@ -294,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m genlip_fast.train.scaling", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="so16_stage1", help="bundled preset or TOML path (model and batch)")
+    ap.add_argument("--config", default="so16_stage1",
+                    help="bundled preset or TOML path (model and batch); --section.key=value overrides follow")
     ap.add_argument("--nodes", default="1,8,64", help="comma-separated node counts")
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--intra-gbps", type=float, default=3600.0, help="per-GPU NVLink Gb/s, one way (450 GB/s)")
-    ap.add_argument("--inter-gbps", type=float, default=3200.0, help="per-node network Gb/s (8 x 400 Gb/s)")
-    ap.add_argument("--step-latency-us", type=float, default=0.0, help="latency per ring step (0: bandwidth only)")
+    net = Network()
+    ap.add_argument("--gpus-per-node", type=int, default=net.gpus_per_node)
+    ap.add_argument("--intra-gbps", type=float, default=net.intra_gbps, help="per-GPU NVLink Gb/s, one way")
+    ap.add_argument("--inter-gbps", type=float, default=net.inter_gbps, help="per-node network Gb/s, one way")
+    ap.add_argument("--step-latency-us", type=float, default=net.step_latency_us,
+                    help="latency per ring step (0: bandwidth only)")
     ap.add_argument("--pack-ms", type=float, default=0.0, help="measured fwd+bwd ms of one pack on one GPU")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU when --pack-ms is not given")
     ap.add_argument("--peak-tflops", type=float, default=peak_flops("H100") / 1e12, help="bf16 dense peak")
@@ -309,10 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", action="store_true", help="print a markdown table")
     args, rest = ap.parse_known_args(argv)
     cfg = load_config(args.config, rest)
-    from ..model import get_preset
-
-    shapes = {k: v for k, v in (("vocab_size", cfg.model.vocab_size), ("gate", cfg.model.gate)) if v is not None}
-    mcfg = get_preset(cfg.model.preset, **shapes)
+    over = {k: v for k, v in (("vocab_size", cfg.model.vocab_size), ("gate", cfg.model.gate)) if v is not None}
+    mcfg = get_preset(cfg.model.preset, **over)
     units = fsdp_units(mcfg, reshard_after_forward=not args.no_reshard_after_forward)
     if args.pack_ms > 0:
         pack_s, source = args.pack_ms / 1e3, f"measured {args.pack_ms:g} ms/pack"
@@ -327,12 +330,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.data.pack_tokens} tokens per step; compute {pack_s * 1e3:.0f} ms/pack ({source}); NVLink "
           f"{args.intra_gbps / 8:g} GB/s per GPU, network {args.inter_gbps / 8:g} GB/s per node "
           f"({args.gpus_per_node} GPUs); params {args.param_dtype}, gradient reduce {args.reduce_dtype}")
-    rows = []
-    for nodes in (int(n) for n in args.nodes.split(",")):
-        for hsdp in (False, True):
-            p = predict(units, nodes=nodes, net=net, hsdp=hsdp, packs_per_step=packs, pack_s=pack_s,
-                        param_bytes=DTYPE_BYTES[args.param_dtype], grad_bytes=DTYPE_BYTES[args.reduce_dtype])
-            rows.append(p)
+    rows = [predict(units, nodes=int(nodes), net=net, hsdp=hsdp, packs_per_step=packs, pack_s=pack_s,
+                    param_bytes=DTYPE_BYTES[args.param_dtype], grad_bytes=DTYPE_BYTES[args.reduce_dtype])
+            for nodes in args.nodes.split(",") for hsdp in (False, True)]
     print(format_table(rows, markdown=args.markdown))
     return 0
 
