@@ -164,6 +164,16 @@ def test_mesh_shape_defaults_and_errors():
         mesh_shape(16, local_world_size=3)
 
 
+def test_a_mesh_that_does_not_fit_is_a_config_error(shapes, tmp_path, capsys):
+    from genlip_fast.train.__main__ import main
+
+    over = tiny_overrides(shapes, tmp_path / "run", steps=1, parallel__replicate=2)
+    assert main(["--no-progress", *over]) == 2
+    assert "parallel.replicate (2) x parallel.shard (?) must equal the world size 1" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not torch.distributed.is_initialized()  # no process group left behind
+
+
 def test_a_rank_that_hangs_is_named(shapes, tmp_path):
     """Rank 1 hangs before step 2's first collective; rank 0, waiting in it, logs that rank 1 is behind before
     the collective fails at the timeout, and the run ends instead of hanging. (The timeout leaves room for ranks

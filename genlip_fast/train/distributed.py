@@ -142,7 +142,12 @@ def init_distributed(device_name: str = "auto", backend: str = "auto", *, replic
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    R, S = mesh_shape(world, replicate=replicate, shard=shard, local_world_size=local_world)
+    try:
+        R, S = mesh_shape(world, replicate=replicate, shard=shard, local_world_size=local_world)
+    except ConfigError:  # every rank finds it alike: leave no process group behind
+        if owns:
+            dist.destroy_process_group()
+        raise
     if owns and store is not None and world > 1 and timeout_s:
         _start_watch(ProgressWatch(store, rank, world, timeout_s))
     mesh = build_mesh(device.type, R, S, timeout)
