@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     args = ap.parse_args(argv)
 
+    from .train.checkpoint import CheckpointError
     from .train.official import OfficialFormatError, export_official, import_official, parse_size
 
     try:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                                 max_shard_bytes=parse_size(args.max_shard_size))
             print(f"wrote {args.out_dir}: {r['tensors']} tensors, {r['parameters']:,} parameters ({args.dtype}) "
                   f"in {len(r['files'])} file(s)")
-    except (FileNotFoundError, FileExistsError, OfficialFormatError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, OfficialFormatError, ValueError, CheckpointError) as e:
         print(f"convert {args.command}: {e}", file=sys.stderr)
         return 2
     return 0

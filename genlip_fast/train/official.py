@@ -282,11 +282,15 @@ def load_official(src: str | Path) -> tuple[GenLIP, InputSpec]:
 
 
 def import_official(src: str | Path, out: str | Path) -> dict:
-    """The authors' folder -> a genlip_fast checkpoint folder (DCP + meta.json, fp32): loadable by
-    ``--checkpoint.init_from``, ``python -m genlip_fast.speak`` and :func:`genlip_fast.load_encoder`."""
+    """The authors' folder -> a genlip_fast checkpoint folder (DCP + meta.json + manifest.json, fp32, model only:
+    written by no training rank, so ``world_size`` 0 and no rank files): loadable by ``--checkpoint.init_from``,
+    ``python -m genlip_fast.speak`` and :func:`genlip_fast.load_encoder`."""
+    import os
+
     import torch.distributed.checkpoint as dcp
 
     from .checkpoint import META
+    from .manifest import describe, write_manifest
 
     model, inputs = load_official(src)
     out = Path(out)
@@ -296,9 +300,11 @@ def import_official(src: str | Path, out: str | Path) -> dict:
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(out), no_dist=True)
-    meta = {"step": 0, "model_config": dict(model.cfg.__dict__, mrope_section=list(model.cfg.mrope_section)),
+    meta = {"step": 0, "world_size": 0,
+            "model_config": dict(model.cfg.__dict__, mrope_section=list(model.cfg.mrope_section)),
             "inputs": inputs.to_dict(), "source": {"official": str(Path(src).resolve())}}
     (out / META).write_text(json.dumps(meta, indent=2))
+    write_manifest(out, describe(out, sorted(os.listdir(out))))  # what every checkpoint read is checked against
     return {"checkpoint": str(out), "parameters": sum(p.numel() for p in model.parameters()), "config": model.cfg}
 
 
