@@ -85,12 +85,13 @@ def prefix_lm_attention_flex(
 ) -> torch.Tensor:
     """Same result as :func:`genlip_fast.ops.prefix_lm_attention` with a mask from :func:`prefix_lm_block_mask`.
 
-    q, k, v ``(T, H, D)``; returns ``(T, H, D)``."""
+    q ``(T, H, D)``, k, v ``(T, H_kv, D)`` with ``H % H_kv == 0`` (grouped-query attention); returns ``(T, H, D)``."""
     if position_ids is not None:
         cos, sin = mrope_cos_sin(position_ids, q.shape[-1], mrope_section, mrope_interleaved, rope_theta)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # (1, H, T, D)
-    out = _compiled_flex()(qh, kh, vh, block_mask=block_mask, scale=softmax_scale)
+    gqa = k.shape[1] != q.shape[1]
+    out = _compiled_flex()(qh, kh, vh, block_mask=block_mask, scale=softmax_scale, enable_gqa=gqa)
     out = out[0].transpose(0, 1)  # (T, H, D)
     if gate is not None:
         g = torch.sigmoid(gate.float())

@@ -54,18 +54,25 @@ def prefix_lm_attention_reference(
 ) -> torch.Tensor:
     """``sigmoid(gate) * softmax(mask(rope(q) rope(k)^T * scale)) v``, sample by sample.
 
-    Shapes: q, k, v ``(T, H, D)``; cu_seqlens ``(n + 1,)`` int32; prefix_lens ``(n,)`` int32; gate ``(T, H, D)``
-    or ``(T, H)``; position_ids ``(3, T)``. Tokens past ``cu_seqlens[-1]`` (padding) get zeros.
+    Shapes: q ``(T, H, D)``; k, v ``(T, H_kv, D)`` with ``H % H_kv == 0`` (grouped-query attention: query head
+    ``h`` reads key/value head ``h // (H // H_kv)``); cu_seqlens ``(n + 1,)`` int32; prefix_lens ``(n,)`` int32;
+    gate ``(T, H, D)`` or ``(T, H)``; position_ids ``(3, T)``. Tokens past ``cu_seqlens[-1]`` (padding) get zeros.
     Matmuls run in the input dtype, softmax in float32 (as PyTorch's own low-precision attention does), so calling it
     on bf16 inputs measures PyTorch's own rounding and on fp32 inputs gives the oracle.
     """
     T, H, D = q.shape
+    H_kv = k.shape[1] if k.dim() == 3 else 0
+    if k.shape != (T, H_kv, D) or v.shape != k.shape or not (H_kv == H or H_kv and H % H_kv == 0):
+        raise ValueError(f"k and v must be (T, H_kv, D) with H % H_kv == 0 for q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
     scale = D**-0.5 if softmax_scale is None else softmax_scale
     if position_ids is not None:
         if mrope_section is None:
             raise ValueError("position_ids given without mrope_section")
         q = apply_mrope_reference(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
         k = apply_mrope_reference(k, position_ids, mrope_section, mrope_interleaved, rope_theta)
+    if H_kv != H:  # each key/value head serves H // H_kv consecutive query heads; autograd sums their gradients
+        k, v = k.repeat_interleave(H // H_kv, dim=1), v.repeat_interleave(H // H_kv, dim=1)
     out = torch.zeros(T, H, D, dtype=torch.float32, device=q.device)
     cu = cu_seqlens.tolist()
     parts = []
