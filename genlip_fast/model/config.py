@@ -1,4 +1,5 @@
-"""Model configuration and the paper's presets (Table 1), plus tiny presets for tests and the demo."""
+"""Model configuration and the paper's presets (Table 1; Table 9's Qwen3-0.6B architecture), plus tiny presets for
+tests and the demo."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass
 
 CHOICES = {
     "gate": ("elementwise", "headwise", "none"),
+    "norm": ("layernorm", "rmsnorm"),
+    "attn_init": ("xavier", "normal"),
     "drop_path_mode": ("sample", "pack"),
     "drop_path_schedule": ("linear", "constant"),
 }
@@ -21,7 +24,11 @@ class ModelConfig:
     n_layers: int = 27
     """Number of transformer blocks."""
     n_heads: int = 16
-    """Attention heads; head_dim = dim // n_heads."""
+    """Query heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads, dividing n_heads (grouped-query attention); None = n_heads."""
+    attn_head_dim: int | None = None
+    """Channels per attention head; None = dim // n_heads."""
     ffn_dim: int = 3072
     """SwiGLU hidden width."""
     vocab_size: int = 151936
@@ -40,8 +47,17 @@ class ModelConfig:
     """RoPE base."""
     gate: str = "elementwise"
     """Attention output gate: 'elementwise' (one per head and channel), 'headwise' (one per head) or 'none'."""
-    layer_scale_init: float = 0.1
-    """Initial value of both layer scales in each block."""
+    qk_norm: bool = False
+    """RMS-normalise each head's q and k (learned scale per channel) before rotary, as Qwen3."""
+    attn_bias: bool = True
+    """Biases on the q/k/v/o projections (GenLIP has them; Qwen3 does not)."""
+    norm: str = "layernorm"
+    """Block and final norms: 'layernorm' (GenLIP) or 'rmsnorm' (Qwen3)."""
+    layer_scale_init: float | None = 0.1
+    """Initial value of both layer scales in each block; None = no layer scales (Qwen3)."""
+    attn_init: str = "xavier"
+    """Attention projections' init: 'xavier' uniform (the authors' GenLIP) or 'normal' N(0, 0.02) like every other
+    linear (Hugging Face's Qwen3)."""
     drop_path: float = 0.1
     """Stochastic depth rate (of the last block under the linear schedule)."""
     drop_path_mode: str = "sample"
@@ -53,15 +69,17 @@ class ModelConfig:
     mlp_bias: bool = False
     """Biases on the three SwiGLU linears (the authors' code has them; the paper presets leave them out)."""
     norm_eps: float = 1e-6
-    """LayerNorm epsilon."""
+    """Epsilon of every norm."""
     attn_backend: str = "auto"
     """Attention implementation: 'auto' | 'triton' | 'reference' | 'flex'."""
     ce_backend: str = "auto"
     """LM head + cross-entropy implementation: 'auto' | 'triton' | 'reference'."""
 
     def __post_init__(self):
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.attn_head_dim is None and self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads} (or set attn_head_dim)")
+        if self.num_kv_heads < 1 or self.n_heads % self.num_kv_heads:
+            raise ValueError(f"n_kv_heads {self.n_kv_heads} must divide n_heads {self.n_heads}")
         self.mrope_section = tuple(int(s) for s in self.mrope_section)
         from ..ops.mrope.positions import mrope_axis_map
 
@@ -72,7 +90,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.dim // self.n_heads if self.attn_head_dim is None else self.attn_head_dim
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def patch_dim(self) -> int:
@@ -85,10 +107,18 @@ class ModelConfig:
 # The authors' model code: MLP biases, one constant drop-path rate, whole packed rows dropped.
 AUTHORS_CODE = dict(mlp_bias=True, drop_path_mode="pack", drop_path_schedule="constant")
 
+# The Qwen3 block: RMSNorm, per-head q/k RMS norm, no attention biases, no layer scales, N(0, 0.02) init.
+QWEN3 = dict(norm="rmsnorm", qk_norm=True, attn_bias=False, layer_scale_init=None, attn_init="normal")
+
 PRESETS: dict[str, ModelConfig] = {
     # Table 1.
     "L/16": ModelConfig(dim=1024, n_layers=24, n_heads=16, ffn_dim=2816, mrope_section=(8, 12, 12), drop_path=0.1),
     "So/16": ModelConfig(dim=1152, n_layers=27, n_heads=16, ffn_dim=3072, mrope_section=(12, 12, 12), drop_path=0.1),
+    # Table 9's SAIL-style encoder on the Qwen3-0.6B architecture, gated and trained from scratch ("SAIL-g"):
+    # 16 query / 8 key-value heads of 128 (so q is 2048 wide on a 1024 model), untied head, GenLIP's MRoPE with
+    # sections (16, 24, 24) interleaved at theta 10,000, and So/16's training settings (drop path 0.1).
+    "qwen3_0.6b": ModelConfig(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, attn_head_dim=128, ffn_dim=3072,
+                              mrope_section=(16, 24, 24), drop_path=0.1, **QWEN3),
     "g/16": ModelConfig(dim=1536, n_layers=40, n_heads=24, ffn_dim=4096, mrope_section=(16, 16, 16), drop_path=0.2),
     # The authors' released model JSONs (configs/model_configs/genlip/*.json; DESIGN.md): So/16 is Table 1's shape,
     # L/16 and g/16 are not (L/16: 1152 wide, FFN 2752, text width 1024; g/16: 16 heads of 96, text width 1024).
@@ -105,10 +135,14 @@ PRESETS: dict[str, ModelConfig] = {
                              mrope_section=(12, 12, 12), drop_path=0.0),
     "tiny-textproj": ModelConfig(dim=96, n_layers=2, n_heads=2, ffn_dim=192, vocab_size=512, text_embed_dim=64,
                                  mrope_section=(8, 8, 8), gate="headwise", mrope_interleaved=False, drop_path=0.1),
+    # qwen3_0.6b's block in small: 4 query / 2 key-value heads of 32 on a 64-wide model.
+    "tiny-qwen3": ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, attn_head_dim=32, ffn_dim=160,
+                              vocab_size=512, mrope_section=(4, 6, 6), drop_path=0.0, **QWEN3),
 }
 
-# What Table 1 lists, for the parameter-count report.
-PAPER_PARAMS = {"L/16": 0.3e9, "So/16": 0.4e9, "g/16": 1.1e9}
+# Published sizes of the transformer blocks (without the gate, embeddings and head), for the parameter-count
+# report: Table 1 of the paper, and the Qwen3-0.6B model card's non-embedding count.
+PAPER_PARAMS = {"L/16": 0.3e9, "So/16": 0.4e9, "g/16": 1.1e9, "qwen3_0.6b": 0.44e9}
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:

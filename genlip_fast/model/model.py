@@ -5,21 +5,15 @@ Shapes: T tokens in a pack, d model width, H heads of D channels, P patches, N l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.batch import PackedBatch
-from ..ops import linear_cross_entropy, prefix_lm_attention
+from ..nn import AttendFn, GatedPrefixLMAttention, LinearCrossEntropy
 from .config import ModelConfig
-
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-"""``(q, k, v, gate) -> out``: one layer's attention on unrotated ``(T, H, D)`` q, k, v and the gate logits
-(``(T, H, D)``, ``(T, H)`` or None), returning ``(T, H, D)``. The default is the packed prefix-LM attention; the
-KV-cache captioner (``genlip_fast.speak``) passes its own to keep each layer's keys and values."""
-
 
 def drop_path_per_sample(x: torch.Tensor, p: float, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Stochastic depth per *packed sample*: every token of a dropped sample loses the branch, the rest are scaled
@@ -36,53 +30,18 @@ def drop_path_per_pack(x: torch.Tensor, p: float) -> torch.Tensor:
     return x * keep.to(x.dtype)
 
 
-class Attention(nn.Module):
-    """Gated prefix-LM attention. ``q_proj`` also yields the gate logits: per head ``[q_h | g_h]`` (elementwise,
-    as the authors' code; their checkpoints put all heads' q first, see ``train/official.py``) or one extra logit
-    per head (headwise)."""
+def attention(cfg: ModelConfig) -> GatedPrefixLMAttention:
+    """One block's gated prefix-LM attention as the config describes it."""
+    return GatedPrefixLMAttention(
+        cfg.dim, cfg.n_heads, n_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, gate=cfg.gate,
+        qk_norm=cfg.qk_norm, bias=cfg.attn_bias, mrope_section=cfg.mrope_section,
+        mrope_interleaved=cfg.mrope_interleaved, rope_theta=cfg.rope_theta, norm_eps=cfg.norm_eps,
+        impl=cfg.attn_backend,
+    )
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        H, D = cfg.n_heads, cfg.head_dim
-        gate_width = {"elementwise": H * D, "headwise": H, "none": 0}[cfg.gate]
-        self.q_proj = nn.Linear(cfg.dim, H * D + gate_width)
-        self.k_proj = nn.Linear(cfg.dim, H * D)
-        self.v_proj = nn.Linear(cfg.dim, H * D)
-        self.o_proj = nn.Linear(H * D, cfg.dim)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``x (T, d)`` -> unrotated ``q, k, v (T, H, D)`` and the gate logits (``(T, H, D)``, ``(T, H)`` or None)."""
-        cfg, T = self.cfg, x.shape[0]
-        H, D = cfg.n_heads, cfg.head_dim
-        qg = self.q_proj(x)  # (T, H*D + gate)
-        if cfg.gate == "elementwise":
-            qg = qg.view(T, H, 2 * D)
-            q, gate = qg[..., :D], qg[..., D:]  # strided views, no copies
-        else:
-            q = qg[:, : H * D].view(T, H, D)
-            gate = qg[:, H * D :] if cfg.gate == "headwise" else None  # (T, H)
-        return q, self.k_proj(x).view(T, H, D), self.v_proj(x).view(T, H, D), gate
-
-    def prefix_lm(self, q, k, v, gate, batch: PackedBatch, prefix_lens: torch.Tensor) -> torch.Tensor:
-        """The packed prefix-LM attention with this model's MRoPE and backend: ``(T, H, D)``."""
-        cfg = self.cfg
-        return prefix_lm_attention(
-            q, k, v, batch.cu_seqlens, prefix_lens,
-            gate=gate,
-            position_ids=batch.position_ids,
-            mrope_section=cfg.mrope_section,
-            mrope_interleaved=cfg.mrope_interleaved,
-            rope_theta=cfg.rope_theta,
-            max_seqlen=batch.max_seqlen,
-            impl=cfg.attn_backend,
-        )
-
-    def forward(self, x: torch.Tensor, batch: PackedBatch | None, prefix_lens: torch.Tensor | None,
-                attend: AttendFn | None = None) -> torch.Tensor:
-        q, k, v, gate = self.project(x)
-        o = self.prefix_lm(q, k, v, gate, batch, prefix_lens) if attend is None else attend(q, k, v, gate)
-        return self.o_proj(o.reshape(x.shape[0], -1))  # (T, d)
+def norm(cfg: ModelConfig) -> nn.Module:
+    return (nn.LayerNorm if cfg.norm == "layernorm" else nn.RMSNorm)(cfg.dim, eps=cfg.norm_eps)
 
 
 class SwiGLU(nn.Module):
@@ -97,16 +56,18 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm: ``x += ls1 * drop_path(o_proj(gate * Attn(norm1 x)))``; ``x += ls2 * drop_path(MLP(norm2 x))``."""
+    """Pre-norm: ``x += ls1 * drop_path(o_proj(gate * Attn(norm1 x)))``; ``x += ls2 * drop_path(MLP(norm2 x))``
+    (without layer scales when ``layer_scale_init`` is None)."""
 
     def __init__(self, cfg: ModelConfig, drop_path: float):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.ls1 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
-        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        ls = cfg.layer_scale_init
+        self.norm1 = norm(cfg)
+        self.attn = attention(cfg)
+        self.ls1 = nn.Parameter(torch.full((cfg.dim,), ls)) if ls is not None else None
+        self.norm2 = norm(cfg)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
-        self.ls2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+        self.ls2 = nn.Parameter(torch.full((cfg.dim,), ls)) if ls is not None else None
         self.drop_path, self.drop_path_mode = drop_path, cfg.drop_path_mode
 
     def _residual(self, y: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -119,8 +80,14 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, batch: PackedBatch | None, prefix_lens: torch.Tensor | None,
                 attend: AttendFn | None = None) -> torch.Tensor:
         """``attend`` replaces the packed prefix-LM attention (then ``batch`` is only read by drop path)."""
-        x = x + self._residual(self.ls1 * self.attn(self.norm1(x), batch, prefix_lens, attend), batch)
-        return x + self._residual(self.ls2 * self.mlp(self.norm2(x)), batch)
+        h = self.norm1(x)
+        if attend is None:
+            a = self.attn(h, batch.cu_seqlens, prefix_lens, batch.position_ids, batch.max_seqlen)
+        else:
+            a = self.attn(h, attend=attend)
+        x = x + self._residual(a if self.ls1 is None else self.ls1 * a, batch)
+        m = self.mlp(self.norm2(x))
+        return x + self._residual(m if self.ls2 is None else self.ls2 * m, batch)
 
 
 class GenLIP(nn.Module):
@@ -135,31 +102,32 @@ class GenLIP(nn.Module):
         linear = cfg.drop_path_schedule == "linear"
         rates = [cfg.drop_path * (i / max(1, cfg.n_layers - 1) if linear else 1.0) for i in range(cfg.n_layers)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
-        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = norm(cfg)
         self.text_out = nn.Linear(cfg.dim, text_dim) if text_dim != cfg.dim else nn.Identity()
-        self.lm_head = nn.Linear(text_dim, cfg.vocab_size, bias=False)  # untied from text_embed
+        # untied from text_embed; the loss is the sum over loss rows (forward divides)
+        self.lm_head = LinearCrossEntropy(text_dim, cfg.vocab_size, reduction="sum", impl=cfg.ce_backend)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The authors' init: xavier-uniform attention projections, zero biases, N(0, 0.02) elsewhere."""
+        """The authors' init: xavier-uniform attention projections (N(0, 0.02) with ``attn_init="normal"``), zero
+        biases, N(0, 0.02) elsewhere, norms at 1."""
+        xavier = self.cfg.attn_init == "xavier"
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                if ".attn." in f".{name}.":
+            if isinstance(m, (nn.Linear, LinearCrossEntropy, nn.Embedding, nn.Conv2d)):
+                if xavier and isinstance(m, nn.Linear) and ".attn." in f".{name}.":
                     nn.init.xavier_uniform_(m.weight)
                 else:
                     nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(m.weight, std=0.02)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
+            elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
         for b in self.blocks:
-            nn.init.constant_(b.ls1, self.cfg.layer_scale_init)
-            nn.init.constant_(b.ls2, self.cfg.layer_scale_init)
+            for ls in (b.ls1, b.ls2):
+                if ls is not None:
+                    nn.init.constant_(ls, self.cfg.layer_scale_init)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """``(T, d)``: patch embeddings at image positions, text embeddings at text positions, 0 on padding."""
@@ -185,17 +153,14 @@ class GenLIP(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """``(N, d)`` final-norm hidden states -> ``(N, V)`` float32 logits (text projection, then LM head)."""
-        return self.lm_head(self.text_out(h)).float()
+        return self.lm_head.logits(self.text_out(h)).float()
 
     def forward(self, batch: PackedBatch, loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
         """Next-token loss on caption tokens: sum of token losses / ``loss_denominator`` (default: this pack's loss
         token count; the trainer passes the global count across ranks and accumulation steps)."""
         h = self.hidden_states(batch)
         rows = self.text_out(h.index_select(0, batch.loss_index))  # (N, text_dim): only rows that carry loss
-        loss_sum = linear_cross_entropy(
-            rows, self.lm_head.weight, batch.targets.index_select(0, batch.loss_index),
-            reduction="sum", impl=self.cfg.ce_backend,
-        )
+        loss_sum = self.lm_head(rows, batch.targets.index_select(0, batch.loss_index))
         if loss_denominator is None:
             loss_denominator = max(1, batch.num_loss_tokens)
         return loss_sum / loss_denominator
@@ -255,7 +220,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         n = p.numel()
         if name.startswith("blocks."):
             if name.endswith("attn.q_proj.weight") or name.endswith("attn.q_proj.bias"):
-                gate_rows = {"elementwise": cfg.dim, "headwise": cfg.n_heads, "none": 0}[cfg.gate]
+                gate_rows = {"elementwise": cfg.n_heads * cfg.head_dim, "headwise": cfg.n_heads, "none": 0}[cfg.gate]
                 g = gate_rows * (p.shape[1] if p.dim() == 2 else 1)
                 parts["gate"] += g
                 n -= g

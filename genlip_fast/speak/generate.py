@@ -5,7 +5,7 @@ attention (whatever ``attn_backend`` it has) and keeps each layer's rotated keys
 step feeds one new token per unfinished sample, which attends to its own cache only; samples that stop leave the
 batch. ``GenLIP.generate`` (recompute everything per token, greedy) is the oracle this is tested against.
 
-Shapes: B live samples, H heads of D channels, L cached positions, V vocab.
+Shapes: B live samples, H query heads and H_kv key/value heads of D channels, L cached positions, V vocab.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..data.packing import pack_generation
 from ..model import GenLIP
-from ..model.model import AttendFn
+from ..nn import AttendFn
 from ..ops import apply_mrope
 
 
@@ -61,7 +61,7 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
 
 
 class KVCache:
-    """Each layer's rotated keys and values per sample, ``(B, H, L, D)``, positions ``[0, lens[b])`` in use.
+    """Each layer's rotated keys and values per sample, ``(B, H_kv, L, D)``, positions ``[0, lens[b])`` in use.
 
     ``lens`` lives on the host (a list) and on the device (a tensor): the host copy sizes each step's slice without
     reading anything back, the device copy indexes and masks.
@@ -70,7 +70,7 @@ class KVCache:
     def __init__(self, model: GenLIP, lens: Sequence[int], capacity: int, dtype: torch.dtype, device):
         cfg = model.cfg
         self.cfg, self.n_layers = cfg, len(model.blocks)
-        shape = (len(lens), cfg.n_heads, capacity, cfg.head_dim)
+        shape = (len(lens), cfg.num_kv_heads, capacity, cfg.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(self.n_layers)]
         self.lens = list(lens)
@@ -91,25 +91,29 @@ class KVCache:
             def attend(q, k, v, gate):
                 self.k[i][rows, :, cols] = self._rotate(k, batch.position_ids).to(self.k[i].dtype)
                 self.v[i][rows, :, cols] = v.to(self.v[i].dtype)
-                return attn.prefix_lm(q, k, v, gate, batch, batch.prefix_lens)
+                return attn.packed_attention(q, k, v, gate, batch.cu_seqlens, batch.prefix_lens, batch.position_ids,
+                                             batch.max_seqlen)
 
             return attend
 
         return [attend_fn(i) for i in range(self.n_layers)]
 
     def decode(self, position_ids: torch.Tensor) -> list[AttendFn]:
-        """One attend function per layer for a step of one token per sample (``q, k, v (B, H, D)``, positions
-        ``(3, B)``): store the token's rotated key and value at ``lens[b]``, attend to positions ``<= lens[b]``."""
+        """One attend function per layer for a step of one token per sample (``q (B, H, D)``, ``k, v (B, H_kv,
+        D)``, positions ``(3, B)``): store the token's rotated key and value at ``lens[b]``, attend to positions
+        ``<= lens[b]``."""
         L = max(self.lens) + 1
         mask = (torch.arange(L, device=self.lens_t.device) <= self.lens_t[:, None])[:, None, None, :]  # (B,1,1,L)
         batch_idx = torch.arange(len(self.lens), device=self.lens_t.device)
+        gqa = self.cfg.num_kv_heads != self.cfg.n_heads
 
         def attend_fn(i: int) -> AttendFn:
             def attend(q, k, v, gate):
                 self.k[i][batch_idx, :, self.lens_t] = self._rotate(k, position_ids).to(self.k[i].dtype)
                 self.v[i][batch_idx, :, self.lens_t] = v.to(self.v[i].dtype)
                 q = self._rotate(q, position_ids)[:, :, None, :]  # (B, H, 1, D)
-                o = F.scaled_dot_product_attention(q, self.k[i][:, :, :L], self.v[i][:, :, :L], attn_mask=mask)
+                o = F.scaled_dot_product_attention(q, self.k[i][:, :, :L], self.v[i][:, :, :L], attn_mask=mask,
+                                                   enable_gqa=gqa)
                 o = o[:, :, 0].float()  # (B, H, D)
                 if gate is not None:
                     g = gate.float()

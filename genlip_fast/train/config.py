@@ -22,7 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 @dataclass
 class ModelSection:
     preset: str = "tiny"
-    """Model preset: 'L/16', 'So/16', 'g/16', or a tiny one ('tiny', 'tiny-hd72', 'tiny-textproj')."""
+    """Model preset: 'L/16', 'So/16', 'g/16', 'qwen3_0.6b', their '-official' forms, or a tiny one ('tiny', ...)."""
     vocab_size: int | None = None
     """Embedding rows; None = the preset's (tiny presets take the tokenizer's size)."""
     attn_backend: str = "auto"

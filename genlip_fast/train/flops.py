@@ -57,9 +57,9 @@ def peak_flops(device_name: str | None) -> float | None:
 
 def block_linear_weights(cfg: ModelConfig) -> int:
     """Weights one token passes through in one block's linear layers (biases excluded)."""
-    d, hd = cfg.dim, cfg.n_heads * cfg.head_dim
+    d, hd, kv = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     gate = {"elementwise": hd, "headwise": cfg.n_heads, "none": 0}[cfg.gate]
-    attn = d * (hd + gate) + 2 * d * hd + hd * d
+    attn = d * (hd + gate) + 2 * d * kv + hd * d
     mlp = 3 * d * cfg.ffn_dim
     return attn + mlp
 

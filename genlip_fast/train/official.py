@@ -96,8 +96,14 @@ def config_to_official(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
     """:class:`ModelConfig` -> the authors' ``config.json`` (plus the genlip_fast config, which their code keeps
     as an unused attribute)."""
     _require(cfg.gate != "headwise", "the authors' code has no headwise gate; this model cannot be exported")
-    _require(cfg.layer_scale_init > 1e-6, f"layer_scale_init={cfg.layer_scale_init} would remove the authors' "
-                                          "layer scales (they exist only above 1e-6)")
+    theirs = dict(norm="layernorm", qk_norm=False, attn_bias=True, num_kv_heads=cfg.n_heads,
+                  head_dim=cfg.dim // cfg.n_heads)
+    other = [f"{k}={getattr(cfg, k)!r}" for k, v in theirs.items() if getattr(cfg, k) != v]
+    _require(not other, f"the authors' GenLIP block has LayerNorm, no q/k norm, attention biases and d // heads "
+                        f"channels in every key/value head; this model has {', '.join(other)} and cannot be exported")
+    _require(cfg.layer_scale_init is not None and cfg.layer_scale_init > 1e-6,
+             f"layer_scale_init={cfg.layer_scale_init} would remove the authors' layer scales (they exist only above "
+             "1e-6)")
     ours = dict(cfg.__dict__, mrope_section=list(cfg.mrope_section), attn_backend="auto", ce_backend="auto")
     return {
         "architectures": ["GenLIPModel"], "model_type": "genlip",
