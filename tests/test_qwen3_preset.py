@@ -91,3 +91,13 @@ def test_tiny_qwen3_trains_with_the_trainer_and_is_not_exported_as_the_authors_l
     assert model.cfg.num_kv_heads == 2 and model.cfg.qk_norm and meta["step"] == 3
     with pytest.raises(OfficialFormatError, match="norm='rmsnorm', qk_norm=True, attn_bias=False, num_kv_heads=2"):
         config_to_official(model.cfg)
+
+
+def test_stage1_job_config_builds_the_preset():
+    from genlip_fast.data.tokenizer import load_tokenizer
+    from genlip_fast.train.config import load_config
+    from genlip_fast.train.trainer import build_model_config
+
+    cfg = load_config("qwen3_0.6b_stage1")
+    assert build_model_config(cfg, load_tokenizer("demo")) == get_preset("qwen3_0.6b")  # 151,936 rows kept
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.train.steps, cfg.data.pack_tokens) == (1e-3, 0.01, 33000, 16384)

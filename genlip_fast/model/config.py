@@ -116,9 +116,9 @@ PRESETS: dict[str, ModelConfig] = {
     "So/16": ModelConfig(dim=1152, n_layers=27, n_heads=16, ffn_dim=3072, mrope_section=(12, 12, 12), drop_path=0.1),
     # Table 9's SAIL-style encoder on the Qwen3-0.6B architecture, gated and trained from scratch ("SAIL-g"):
     # 16 query / 8 key-value heads of 128 (so q is 2048 wide on a 1024 model), untied head, GenLIP's MRoPE with
-    # sections (16, 24, 24) interleaved at theta 10,000, and So/16's training settings (drop path 0.1).
+    # sections (16, 24, 24) interleaved at theta 10,000; no drop path (Qwen3 has none). README "Decisions".
     "qwen3_0.6b": ModelConfig(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, attn_head_dim=128, ffn_dim=3072,
-                              mrope_section=(16, 24, 24), drop_path=0.1, **QWEN3),
+                              mrope_section=(16, 24, 24), drop_path=0.0, **QWEN3),
     "g/16": ModelConfig(dim=1536, n_layers=40, n_heads=24, ffn_dim=4096, mrope_section=(16, 16, 16), drop_path=0.2),
     # The authors' released model JSONs (configs/model_configs/genlip/*.json; DESIGN.md): So/16 is Table 1's shape,
     # L/16 and g/16 are not (L/16: 1152 wide, FFN 2752, text width 1024; g/16: 16 heads of 96, text width 1024).
