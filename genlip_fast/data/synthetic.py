@@ -11,6 +11,7 @@ import io
 import random
 from pathlib import Path
 
+from .manifest import shard_entry, update_manifest
 from .webdataset import write_shard
 
 COLORS = {
@@ -100,7 +101,8 @@ def _refuse_existing(paths: list[Path]) -> None:
 
 def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int = 64, size: int = 64,
                     per_shard: int = 1000, seed: int = 0) -> dict[str, list[str]]:
-    """Write ``train-*.tar`` and ``val-*.tar`` (``key.jpg`` + ``key.txt``) into ``out_dir``; returns the paths.
+    """Write ``train-*.tar`` and ``val-*.tar`` (``key.jpg`` + ``key.txt``) and their manifest into ``out_dir``;
+    returns the paths.
 
     Deterministic for a seed. Raises ``FileExistsError`` before writing anything if any shard (or its index) it would
     write exists already.
@@ -110,6 +112,7 @@ def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int 
     splits = (("train", num_train), ("val", num_val))
     _refuse_existing([out_dir / f"{split}-{k:06d}.tar" for split, n in splits for k in range(-(-n // per_shard))])
     paths: dict[str, list[str]] = {"train": [], "val": []}
+    entries: dict[str, dict] = {}
     for split, n in splits:
         for start in range(0, n, per_shard):
             samples = []
@@ -119,8 +122,9 @@ def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int 
                 im.save(buf, format="JPEG", quality=92)
                 samples.append((f"{split}{i:07d}", {"jpg": buf.getvalue(), "txt": caption.encode()}))
             path = out_dir / f"{split}-{start // per_shard:06d}.tar"
-            write_shard(path, samples)
+            entries[path.name] = shard_entry(path, write_shard(path, samples))
             paths[split].append(str(path))
+    update_manifest(out_dir, entries)
     return paths
 
 
@@ -158,6 +162,7 @@ def generate_photo_shards(out_dir: str | Path, sizes: list[tuple[int, int]], *, 
     out_dir = Path(out_dir)
     _refuse_existing([out_dir / f"{prefix}-{k:06d}.tar" for k in range(-(-num // per_shard))])
     paths = []
+    entries: dict[str, dict] = {}
     rng = random.Random(seed)
     for start in range(0, num, per_shard):
         samples = []
@@ -167,8 +172,9 @@ def generate_photo_shards(out_dir: str | Path, sizes: list[tuple[int, int]], *, 
             samples.append((f"{prefix}{i:07d}", {"jpg": photo_jpeg(w, h, seed * 1_000_003 + i),
                                                   "txt": caption.encode()}))
         path = out_dir / f"{prefix}-{start // per_shard:06d}.tar"
-        write_shard(path, samples)
+        entries[path.name] = shard_entry(path, write_shard(path, samples))
         paths.append(str(path))
+    update_manifest(out_dir, entries)
     return paths
 
 
