@@ -87,8 +87,11 @@ class ParallelSection:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
     data_streams: int = 0
-    """Data loader streams the global batch is drawn from (0 = one per rank); a multiple of the world size. Runs
-    with the same streams see the same packs in each step, whatever the number of ranks."""
+    """Data loader streams the global batch is drawn from (0 = one per rank), at least the world size; rank r reads
+    the streams s with s % world_size == r. Runs with the same streams see the same packs, whatever the ranks."""
+    remap_streams: bool = False
+    """On resume with a different number of data streams (e.g. on other GPUs): map the saved stream positions onto
+    the new streams (nothing skipped or repeated; sample order and pack composition change) instead of refusing."""
     mixed_precision: str = "auto"
     """'auto' (bf16 params + fp32 gradient reduce on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
     activation_checkpoint: str = "none"
