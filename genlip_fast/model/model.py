@@ -17,9 +17,9 @@ from .config import ModelConfig
 def drop_path_per_sample(x: torch.Tensor, p: float, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Stochastic depth per *packed sample*: every token of a dropped sample loses the branch, the rest are scaled
     by ``1 / (1 - p)`` — the same as dropping per batch element when samples are not packed."""
-    keep = (torch.rand(num_samples + 1, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+    keep = (torch.rand(num_samples + 1, device=x.device) >= p).float() / (1.0 - p)  # fp32: 1/0.9 is not a bf16
     keep[-1] = 0.0  # padding tokens (seq_id -1) index the last slot
-    return x * keep[seq_ids.long()].unsqueeze(-1)
+    return (x * keep[seq_ids.long()].unsqueeze(-1)).to(x.dtype)
 
 
 class Attention(nn.Module):
