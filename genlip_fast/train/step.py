@@ -151,7 +151,7 @@ def describe_plan(plan: BatchPlan, cfg: JobConfig) -> str:
     asked = cfg.train.global_batch_samples
     samples = f"~{P * plan.samples_per_pack:,.0f} samples" if plan.samples_per_pack else "samples as packed"
     pad = plan.padding_share()
-    return (f"global batch: {P} packs of {cfg.data.pack_tokens} tokens per step ({samples}"
+    return (f"global batch: {P} pack{'s' * (P != 1)} of {cfg.data.pack_tokens} tokens per step ({samples}"
             + (f", {asked:,} asked" if asked and plan.samples_per_pack else "")
             + f"; at most {tokens:,} tokens) from {plan.data_streams} data stream(s); "
             f"{plan.micro_steps(0)} micro-step(s) per rank"
