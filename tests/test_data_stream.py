@@ -197,6 +197,15 @@ def test_a_bad_shard_is_skipped_counted_and_logged_with_its_path(tmp_path, caplo
     assert "s-000001.tar" in caplog.text and "s-000002.tar" in caplog.text
 
 
+def test_held_out_captions_skip_a_bad_shard_too(tmp_path):
+    from genlip_fast.data.loader import HostSampleStream
+
+    make_shards(tmp_path, 1, 3)
+    (tmp_path / "s-000001.tar").write_text("not a tar")
+    stream = HostSampleStream(str(tmp_path / "*.tar"), TOK, image_size=32, loop=False)
+    assert len(list(stream)) == 3 and stream.skipped.bad_shards == [str(tmp_path / "s-000001.tar")]
+
+
 def test_no_readable_shard_is_one_clear_error(tmp_path):
     for s in range(2):
         (tmp_path / f"s-{s:06d}.tar").write_text("not a tar")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import tarfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -97,7 +98,11 @@ class HostSampleStream:
             order = list(self.shards)
             random.Random(self.seed + epoch).shuffle(order)
             for shard in order[self.rank :: self.world_size]:
-                records = list(iter_shard(shard))
+                try:
+                    records = list(iter_shard(shard))
+                except (OSError, EOFError, tarfile.TarError) as e:
+                    self.skipped.bad_shard(shard, f"not a readable tar ({type(e).__name__}: {e})")
+                    continue
                 random.Random(zlib.crc32(f"{self.seed}:{epoch}:{shard}".encode())).shuffle(records)
                 for key, fields in records:
                     s = decode_sample(key, fields, shard, self.tokenizer, self.image_size, self.patch, self.skipped,

@@ -32,6 +32,7 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..data.batch import PackedBatch, Sample
 from ..data.packing import pack_samples
+from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from .config import ConfigError, JobConfig
@@ -88,8 +89,6 @@ class BatchPlan:
 
 
 def measure_samples_per_pack(cfg: JobConfig, tokenizer: Tokenizer, data_streams: int) -> float:
-    from ..data.pipeline import build_data_loader
-
     loader = build_data_loader(cfg.data, tokenizer, rank=0, world_size=data_streams)
     counts = [next(loader).num_samples for _ in range(PACKS_MEASURED)]
     loader.close()
