@@ -7,6 +7,7 @@ errors that name the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -238,11 +239,52 @@ CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
     "parallel.activation_checkpoint": ("none", "full", "ratio"),
+    "data.stage": (1, 2),
+    "data.backend": ("auto", "dali", "host"),
+}
+
+RANGES = {
+    # counts
+    ">= 1": ("train.steps", "train.log_every", "train.max_new_tokens", "train.max_bad_steps", "checkpoint.keep",
+             "model.vocab_size", "data.image_size", "data.patch_size", "data.min_patches", "data.max_patches",
+             "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.num_workers"),
+    ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
+             "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
+             "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
+             "optim.grad_clip"),
+    # rates
+    "> 0": ("optim.lr", "optim.eps"),
+    "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
+    "in (0, 1]": ("parallel.ac_ratio",),
+}
+"""The allowed range of every numeric option (``None``, where a field allows it, means "the default"). Every
+int or float field must be listed: ``validate`` refuses a config class with an unchecked numeric field."""
+
+_IN_RANGE = {
+    ">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1,
 }
 
 
+def _numeric_fields(obj, prefix: str = "") -> dict[str, object]:
+    """``{"section.key": value}`` for every int / float / tuple-of-numbers field (nested dataclasses walked)."""
+    out = {}
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_numeric_fields(value, f"{prefix}{f.name}."))
+            continue
+        tp = hints[f.name]
+        kinds = set(typing.get_args(tp)) | {tp}
+        if kinds & {int, float} or typing.get_origin(tp) is tuple and set(typing.get_args(tp)) <= {int, float}:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
 def validate(cfg: JobConfig) -> JobConfig:
-    """Check values that a type alone does not (choices, ranges); raise ConfigError naming the key."""
+    """Check values that a type alone does not (choices, ranges); raise ConfigError naming the key and what is
+    allowed."""
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -252,25 +294,24 @@ def validate(cfg: JobConfig) -> JobConfig:
 
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset = {cfg.model.preset!r}; choose one of {sorted(PRESETS)}")
-    positive = {"train.steps": cfg.train.steps, "data.pack_tokens": cfg.data.pack_tokens}
-    for dotted, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{dotted} must be > 0, got {value!r}")
-    non_negative = {
-        "train.global_batch_samples": cfg.train.global_batch_samples, "train.packs_per_step": cfg.train.packs_per_step,
-        "train.tokens_per_sample": cfg.train.tokens_per_sample, "parallel.data_streams": cfg.parallel.data_streams,
-        "checkpoint.every": cfg.checkpoint.every, "train.stop_at_step": cfg.train.stop_at_step,
-        "optim.grad_clip": cfg.optim.grad_clip,
-    }
-    for dotted, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{dotted} must be >= 0, got {value!r}")
-    if not 0.0 < cfg.parallel.ac_ratio <= 1.0:
-        raise ConfigError(f"parallel.ac_ratio must be in (0, 1], got {cfg.parallel.ac_ratio!r}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep!r}")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio!r}")
+    rule_of = {dotted: rule for rule, keys in RANGES.items() for dotted in keys}
+    for dotted, value in _numeric_fields(cfg).items():
+        if dotted in CHOICES:
+            continue
+        rule = rule_of.get(dotted)
+        if rule is None:
+            raise RuntimeError(f"config field {dotted} has no allowed range in genlip_fast/train/config.py RANGES")
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and not (math.isfinite(v) and _IN_RANGE[rule](v)):
+                raise ConfigError(f"{dotted} = {value!r}; allowed: a finite number {rule}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr = {cfg.optim.min_lr!r} is above optim.lr = {cfg.optim.lr!r}")
+    d = cfg.data
+    if d.min_patches > d.max_patches:
+        raise ConfigError(f"data.min_patches = {d.min_patches} is above data.max_patches = {d.max_patches}")
+    if d.stage == 1 and d.image_size % d.patch_size:
+        raise ConfigError(f"data.image_size = {d.image_size} is not a multiple of data.patch_size = {d.patch_size}; "
+                          f"try {max(1, round(d.image_size / d.patch_size)) * d.patch_size}")
     return cfg
 
 
