@@ -247,7 +247,7 @@ RANGES = {
     # counts
     ">= 1": ("train.steps", "train.log_every", "train.max_new_tokens", "train.max_bad_steps", "checkpoint.keep",
              "model.vocab_size", "data.image_size", "data.patch_size", "data.min_patches", "data.max_patches",
-             "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.num_workers"),
+             "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.shuffle_shards"),
     ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
              "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
              "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
