@@ -252,6 +252,8 @@ def test_loader_remap_continues_with_every_sample_once(tmp_path):
         carried += info["held"]
         seen.update(k for p in b for k in keys_of(p))
     assert carried == held and seen == everything
+    with pytest.raises(ValueError, match="version 1.*checkpoint.init_from"):  # a position from the old sampler
+        b.load_state_dict({"version": 1, "digest": b.digest, "rank": 0, "world_size": 3, "epoch": 0, "pos": 5})
 
 
 def test_loader_binds_its_thread_to_the_device_and_pins_packs(tmp_path, monkeypatch):
