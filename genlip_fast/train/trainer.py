@@ -29,8 +29,8 @@ from torch import nn
 from ..data.loader import HostSampleStream
 from ..data.manifest import describe_dataset
 from ..data.pipeline import build_data_loader
-from ..data.webdataset import expand_shards
 from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
 from .checkpoint import Checkpointer, latest_checkpoint, load_model_weights, set_rng_state
@@ -50,11 +50,13 @@ from .distributed import (
 from .flops import device_peak_flops
 from .metrics import MetricsLogger
 from .schedule import warmup_cosine
-from .step import BatchPlan, describe_plan, grad_norm_and_clip, padding_pack, plan_batch, train_step
+from .step import describe_plan, grad_norm_and_clip, padding_pack, plan_batch, train_step
 
-__all__ = ["BatchPlan", "NonFiniteLossError", "grad_norm_and_clip", "plan_batch", "train"]
+# plan_batch and grad_norm_and_clip live in .step; imported from here by older callers (benchmarks)
+__all__ = ["NonFiniteLossError", "grad_norm_and_clip", "plan_batch", "train"]
 
 log = logging.getLogger("genlip_fast.train")
+
 
 class NonFiniteLossError(RuntimeError):
     """Too many optimizer steps in a row had a NaN/inf loss or gradient norm."""
