@@ -171,11 +171,12 @@ class PackedLoader:
 
     def load_remapped(self, states: dict[int, dict]) -> dict:
         """Continue the saved positions of *every* stream of another layout (``{stream: state}``, any number of
-        streams) as this stream of this layout (:func:`~genlip_fast.data.sampler.remap_states`): the open shards of
-        old stream ``t`` go on in new stream ``t % streams``, and so do the samples its packer held, packed as they
-        were held (an old packer's open pack is closed when two meet). No sample is skipped or read twice; the order
-        of the draws and which samples share a pack differ from an uninterrupted run. Returns what was carried over:
-        ``{"from_streams", "lanes", "held"}``."""
+        streams) as this stream of this layout (:func:`~genlip_fast.data.sampler.remap_states`): the old streams'
+        open shards are dealt to the new streams in turn and go on from their exact positions, and the samples old
+        stream ``t``'s packer held go to new stream ``t % streams``, packed as they were held (an old packer's open
+        pack is closed when two meet). No sample is skipped or read twice; the order of the draws and which samples
+        share a pack differ from an uninterrupted run. Returns what was carried over: ``{"from_streams"`` (whose
+        held samples), ``"lanes"`` (old open shards taken over), ``"held"}``."""
         old = [states[t] for t in sorted(states)]
         for st in old:
             self._check_saved(st)
