@@ -7,8 +7,8 @@ backward is linear in its incoming gradient, so they differ only by fp32 roundin
 this file's packs, 1 and 2 ranks): loss and gradient norm within 1.4e-7 relative, every gradient tensor within
 9.6e-7 x its largest entry. Bounds: 1e-6 and 4e-6. A real error is far outside them (measured with the same packs:
 one pack left out or counted twice moves the loss by >= 3e-4 relative and every gradient tensor by >= 0.49 x its
-largest entry; a missed rescale multiplies by N ~ 10^2).
-""""""
+largest entry; a missed rescale multiplies the gradient norm by N ~ 10^2).
+"""
 
 import multiprocessing as mp
 
