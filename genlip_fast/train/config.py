@@ -87,6 +87,13 @@ class TrainSection:
 class ParallelSection:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    replicate: int = 0
+    """HSDP replicas (the mesh's outer dim, usually nodes); 0 = world size / shard. 1 = plain FSDP over all ranks."""
+    shard: int = 0
+    """Ranks each replica shards parameters, gradients and optimizer state over; 0 = the GPUs of one node
+    (LOCAL_WORLD_SIZE), or world size / replicate when that is given. replicate x shard = the world size."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait before it fails; at 90% of it a stalled rank logs which ranks are behind."""
     data_streams: int = 0
     """Data loader streams the global batch is drawn from (0 = one per rank), at least the world size; rank r reads
     the streams s with s % world_size == r. Runs with the same streams see the same packs, whatever the ranks."""
@@ -102,15 +109,16 @@ class ParallelSection:
     compile: bool = False
     """torch.compile each transformer block."""
     reshard_after_forward: bool = True
-    """Free each block's gathered parameters after its forward (ZeRO-3); False keeps them until backward."""
+    """Free each block's gathered parameters after its forward in a step's last micro-step (ZeRO-3; not the last
+    block or the root); False keeps them until backward. Earlier micro-steps never reshard (see prepare_micro_step)."""
 
 
 @dataclass
 class CheckpointSection:
     every: int = 0
-    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1)."""
+    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1/Ctrl-C)."""
     keep: int = 3
-    """Most recent complete checkpoints kept (older ones are deleted)."""
+    """Most recent complete checkpoints kept (older ones are deleted; ones that fail their check are moved aside)."""
     dir: str = ""
     """Checkpoint folder; '' = out_dir/checkpoints."""
     resume: bool = True
@@ -120,6 +128,9 @@ class CheckpointSection:
     schedule and data start anew. Ignored when resuming."""
     final: bool = True
     """Save a checkpoint when training ends."""
+    fallback: bool = True
+    """When the newest checkpoint fails its check (manifest sizes and checksums), move it aside and resume from the
+    newest one that passes, with a warning; false: stop with an error instead."""
 
 
 @dataclass
@@ -251,9 +262,9 @@ RANGES = {
     ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
              "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
              "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
-             "optim.grad_clip"),
+             "optim.grad_clip", "parallel.replicate", "parallel.shard"),
     # rates
-    "> 0": ("optim.lr", "optim.eps"),
+    "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s"),
     "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
     "in (0, 1]": ("parallel.ac_ratio",),
 }

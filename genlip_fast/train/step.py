@@ -36,7 +36,7 @@ from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
 from .config import ConfigError, JobConfig
-from .distributed import DistInfo, all_reduce_sum, broadcast_object
+from .distributed import DistInfo, all_reduce_sum, broadcast_object, prepare_micro_step
 from .flops import pack_flops
 
 PACKS_MEASURED = 16
@@ -214,8 +214,7 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
             batch, weight = batch.to(device, non_blocking=True), 1.0
         else:
             batch, weight = pad, 0.0
-        # Gradients accumulate unsharded across micro-steps and are reduce-scattered once, after the last.
-        model.set_requires_gradient_sync(i == micro_steps - 1)
+        prepare_micro_step(model, i, micro_steps)  # no reshard or reduce until the last micro-step
         loss = model(batch, loss_denominator=1.0) * weight  # the sum of the pack's token losses
         loss.backward()
         loss_sum += loss.detach()
