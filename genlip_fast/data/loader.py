@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import random
-import tarfile
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from .packing import Packer
 from .reader import IMAGE_EXTS, SkipCounter, check_fields
 from .tokenizer import Tokenizer
 from .transforms import BadImage, decode_native, decode_resize_crop
-from .webdataset import expand_shards, iter_shard
+from .webdataset import SHARD_ERRORS, expand_shards, iter_shard, shard_error
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +99,8 @@ class HostSampleStream:
             for shard in order[self.rank :: self.world_size]:
                 try:
                     records = list(iter_shard(shard))
-                except (OSError, EOFError, tarfile.TarError) as e:
-                    self.skipped.bad_shard(shard, f"not a readable tar ({type(e).__name__}: {e})")
+                except SHARD_ERRORS as e:
+                    self.skipped.bad_shard(shard, shard_error(e))
                     continue
                 random.Random(zlib.crc32(f"{self.seed}:{epoch}:{shard}".encode())).shuffle(records)
                 for key, fields in records:

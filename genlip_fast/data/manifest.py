@@ -21,11 +21,10 @@ import argparse
 import json
 import logging
 import os
-import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .webdataset import load_index
+from .webdataset import SHARD_ERRORS, load_index, shard_error
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,8 @@ def shard_entry(path: str | os.PathLike, samples: int | None = None) -> dict:
     path = Path(path)
     try:
         n = len(load_index(path)) if samples is None else int(samples)
-    except (OSError, EOFError, tarfile.TarError) as e:
-        return {"samples": 0, "bytes": path.stat().st_size if path.is_file() else 0,
-                "error": f"{type(e).__name__}: {e}"}
+    except SHARD_ERRORS as e:
+        return {"samples": 0, "bytes": path.stat().st_size if path.is_file() else 0, "error": shard_error(e)}
     return {"samples": n, "bytes": path.stat().st_size}
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from .transforms import BadImage, probe_image, too_small
-from .webdataset import load_index, read_members
+from .webdataset import SHARD_ERRORS, load_index, read_members, shard_error
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +162,8 @@ class ShardReader:
             return self._index[i]
         try:
             idx = load_index(self.shards[i])
-        except (OSError, EOFError, tarfile.TarError) as e:
-            self._bad[i] = f"not a readable tar ({type(e).__name__}: {e})"
+        except SHARD_ERRORS as e:
+            self._bad[i] = shard_error(e)
             return []
         self._index[i] = idx
         while len(self._index) > self.keep_open:
