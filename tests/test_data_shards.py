@@ -27,6 +27,7 @@ def image_bytes(w, h, fmt="JPEG", seed=0):
 @example(1, 2000, (16, 1024))
 @example(2000, 1, (16, 1024))
 @example(1, 1, (16, 1024))
+@example(99, 4962, (16, 1024))  # 5 rows; 226 columns would exceed 1024 patches, so the long side is clamped to 204
 def test_stage2_grid_is_valid_for_any_aspect_ratio(h, w, limits):
     lo, hi = limits
     check_grid_limits(lo, hi)
@@ -36,9 +37,10 @@ def test_stage2_grid_is_valid_for_any_aspect_ratio(h, w, limits):
         assert gh >= gw
     elif w > h:
         assert gw >= gh
-    # aspect kept as closely as whole patches allow: each side is off by at most half a patch, unless clamped
+    # aspect kept as closely as whole patches allow: each side is off by at most half a patch, unless the long side
+    # was clamped to keep the product in range (one patch more or less would leave it)
     gs, gl = min(gh, gw), max(gh, gw)
-    if gs > 1 and lo < gh * gw < hi:
+    if gs > 1 and lo <= gs * (gl - 1) and gs * (gl + 1) <= hi:
         err = abs(np.log(gh / gw) - np.log(h / w))
         assert err <= np.log((gs + 0.5) / (gs - 0.5)) + np.log((gl + 0.5) / (gl - 0.5)) + 1e-4
 
