@@ -29,7 +29,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
-from ..data.loader import HostSampleStream
 from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..model import GenLIP, get_preset
@@ -44,11 +43,11 @@ from .distributed import (
     apply_fsdp,
     barrier,
     broadcast_object,
-    gathered_root,
     init_distributed,
     mixed_precision_policy,
     shutdown,
 )
+from .evaluate import Evaluator, caption_heldout
 from .flops import device_peak_flops, pack_flops
 from .metrics import MetricsLogger
 from .schedule import warmup_cosine
@@ -100,7 +99,7 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     writes only into a new or empty folder and never over a file (``data.synthetic.demo_folder``), so a mistyped path
     is an error before anything is written, never a user's files replaced by demo data.
     """
-    from ..data.synthetic import demo_folder, generate_shards
+    from ..data.synthetic import demo_folder, generate_probe_set, generate_shards
     from ..data.webdataset import expand_shards
 
     try:
@@ -116,6 +115,7 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     if write:
         log.info("generating the shapes dataset in %s", out)
         generate_shards(out, size=cfg.data.image_size, seed=cfg.data.seed)
+        generate_probe_set(out / "probe", size=cfg.data.image_size, seed=cfg.data.seed)  # eval.probe_* = "demo"
 
 
 @dataclass
@@ -188,28 +188,6 @@ def plan_batch(cfg: JobConfig, info: DistInfo, tokenizer: Tokenizer, resumed: di
     return BatchPlan(packs, streams, list(range(info.rank, streams, W)), samples_per_pack)
 
 
-def caption_heldout(model: GenLIP, cfg: JobConfig, tokenizer: Tokenizer) -> list[dict]:
-    """Greedy captions for held-out images, beside the true ones (every rank runs it; the results agree)."""
-    if not cfg.data.val_shards or cfg.train.caption_samples <= 0:
-        return []
-    stream = HostSampleStream(cfg.data.val_shards, tokenizer, image_size=cfg.data.image_size, loop=False,
-                              seed=cfg.data.seed)
-    samples = []
-    for s in stream:
-        samples.append(s)
-        if len(samples) == cfg.train.caption_samples:
-            break
-    model.eval()
-    with gathered_root(model):
-        out = model.generate([s.patches for s in samples], [s.grid_hw for s in samples], eot_id=tokenizer.eot_id,
-                             max_new_tokens=cfg.train.max_new_tokens)
-    model.train()
-    return [
-        {"key": s.key, "true": tokenizer.decode(s.caption_ids.tolist()), "generated": tokenizer.decode(ids)}
-        for s, ids in zip(samples, out)
-    ]
-
-
 def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Global L2 norm of the (sharded) gradients; clipped to ``max_norm`` when it is finite and > 0."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -249,7 +227,7 @@ class _StopSignals:
 
 def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Train on this rank (every rank calls it). Returns ``{"losses", "captions", "model", "step", "stopped_by",
-    "checkpoint"}``; ``losses`` are this run's steps (a resumed run starts after its checkpoint)."""
+    "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its checkpoint)."""
     info = init_distributed(cfg.train.device, cfg.parallel.backend)
     try:
         with _StopSignals() as signals:
@@ -307,6 +285,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
         else:
             log.warning("world size changed since the checkpoint: random streams (drop path) are reseeded")
 
+    evaluator = Evaluator(cfg, tokenizer, info)  # reads and checks the held-out data and probe folders
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -381,6 +360,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
         losses.append(loss_value)
 
         dt = time.perf_counter() - t_step
+        evals = evaluator(step, model)  # {} unless due; outside the step's time
         metrics.log({
             "step": step, "loss": loss_value, "lr": lr, "grad_norm": gnorm_value, "skipped": not finite,
             "tokens": int(tokens), "samples": int(samples), "packs": plan.packs_per_step,
@@ -388,7 +368,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
             "mfu": flops / (dt * info.world_size * peak) if peak else None,
             "tflops_per_rank": flops / dt / info.world_size / 1e12,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "data_wait_s": data_wait, "step_time_s": dt,
+            "data_wait_s": data_wait, "step_time_s": dt, **evals,
         })
 
         if stop_votes > 0:
@@ -412,7 +392,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
         log.warning("skipped %d bad samples on rank %d: %s", sum(skipped.values()), info.rank, skipped)
     captions = caption_heldout(model, cfg, tokenizer) if stopped_by is None and step == cfg.train.steps else []
     return {"losses": losses, "captions": captions, "model": model, "step": step, "stopped_by": stopped_by,
-            "signal": signals.received, "checkpoint": last_ckpt}
+            "signal": signals.received, "checkpoint": last_ckpt, "evals": evaluator.history}
 
 
 def _model_config_dict(mcfg: ModelConfig) -> dict:
