@@ -65,17 +65,19 @@ def test_evaluation_does_not_change_training(runs):
     m_on, _ = load_checkpoint_model(on_dir)
     for (n, a), (_, b) in zip(m_off.state_dict().items(), m_on.state_dict().items()):
         assert torch.equal(a, b), n
-    assert [e["step"] for e in on["evals"]] == [2, 4]
+    assert [e["step"] for e in on["evals"]] == [0, 2, 4]  # the untrained model, every 2 steps
     for e in on["evals"]:
         assert set(e) == EVAL_KEYS | {"step"}
         assert math_ok(e["val_loss"]) and e["val_loss_tokens"] > 0 and 0 <= e["probe_top1"] <= 1
-    # the metrics rows carry the figures on evaluated steps only, and say nothing of evaluation with it off
+    # the metrics rows carry the figures on evaluated steps only (step 0: a row of its own), and say nothing of
+    # evaluation with it off
     got = rows(on_dir)
-    assert [sorted(EVAL_KEYS & set(r)) != [] for r in got] == [False, True, False, True]
+    assert [(r["step"], "loss" in r, "val_loss" in r) for r in got] == \
+        [(0, False, True), (1, True, False), (2, True, True), (3, True, False), (4, True, True)]
     assert without_time([{"step": r["step"], **{k: r[k] for k in EVAL_KEYS & set(r)}} for r in got if "val_loss" in r]) \
         == without_time(on["evals"])
     assert not any(EVAL_KEYS & set(r) for r in rows(off_dir))
-    assert on["evals"][1]["val_loss"] < on["evals"][0]["val_loss"]
+    assert on["evals"][2]["val_loss"] < on["evals"][1]["val_loss"] < on["evals"][0]["val_loss"]
 
 
 def math_ok(x: float) -> bool:
@@ -88,7 +90,7 @@ def test_resumed_run_evaluates_like_an_uninterrupted_one(data, runs, tmp_path):
     second = train(tiny_config(data, tmp_path, **with_eval(data)), progress=False)
     assert first["losses"] + second["losses"] == on["losses"]
     assert without_time(first["evals"] + second["evals"]) == without_time(on["evals"])
-    assert [r["step"] for r in rows(tmp_path) if "val_loss" in r] == [2, 4]  # the JSONL continues across the restart
+    assert [r["step"] for r in rows(tmp_path) if "val_loss" in r] == [0, 2, 4]  # the JSONL goes on after a restart
 
 
 def test_two_ranks_share_the_validation_loss(data, tmp_path):
@@ -104,7 +106,7 @@ def test_two_ranks_share_the_validation_loss(data, tmp_path):
            "genlip_fast.train", "--no-progress", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
-    (got,) = [r for r in rows(out) if "val_loss" in r]
+    (got,) = [r for r in rows(out) if r["step"] == 2 and "val_loss" in r]
     # the same weights evaluated by one process: every held-out pack counted once, the same token mean
     model, meta = load_checkpoint_model(out)
     assert meta["world_size"] == 2 and meta["step"] == 2
@@ -147,7 +149,10 @@ def test_progress_bar_and_tensorboard_show_the_evaluation(tmp_path):
     step_row = {"loss": 2.0, "lr": 1e-3, "tokens_per_s": 1e3, "samples_per_s": 10.0, "mfu": None,
                 "peak_mem_gib": None, "data_wait_s": 0.0}
     logger = MetricsLogger(tmp_path, enabled=True, total_steps=3, progress=True, tensorboard=True)
+    logger.log({"step": 0, "val_loss": 3.5})  # before the first step: a row, no bar tick
+    assert logger._bar.n == 0 and "val=3.5000" not in str(logger._bar.postfix)
     logger.log({"step": 1, **step_row})
+    assert "val=3.5000" in logger._bar.postfix
     logger.log({"step": 2, **step_row, "val_loss": 1.25, "probe_top1": 0.5, "eval_time_s": 0.1})
     logger.log({"step": 3, **step_row})
     assert "val=1.2500" in logger._bar.postfix and "probe=50.0%" in logger._bar.postfix  # kept after the eval

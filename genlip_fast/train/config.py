@@ -122,7 +122,7 @@ class CheckpointSection:
 @dataclass
 class EvalSection:
     every: int = 0
-    """Optimizer steps between evaluations on held-out data (0 = none); the last step is evaluated too."""
+    """Optimizer steps between evaluations on held-out data (0 = none); also before the first step and at the end."""
     packs: int = 4
     """Packs of data.val_shards whose caption loss is measured, the same ones every time (0, or no val_shards: none)."""
     captions: int = 0

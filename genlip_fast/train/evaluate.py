@@ -1,8 +1,8 @@
-"""Evaluation during training: held-out caption loss, captioning metrics and a linear probe, every ``eval.every``
-steps and at the last step.
+"""Evaluation during training: held-out caption loss, captioning metrics and a linear probe, before the first step
+of a fresh run, every ``eval.every`` steps and at the last step.
 
-The trainer calls ``evaluator(step, model)`` at the end of each step; on a due step it returns what that step's
-metrics row carries (below), otherwise ``{}``:
+The trainer calls ``evaluator(step, model)`` at the end of each step (and with step 0 before the first); on a due
+step it returns what that step's metrics row carries (below), otherwise ``{}``:
 
     val_loss, val_loss_tokens        caption-token mean loss over the eval.packs held-out packs (all ranks together)
     val_bleu4, val_cider,            greedy captions of the first eval.captions held-out images vs their true ones

@@ -79,6 +79,10 @@ class MetricsLogger:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._tb.add_scalar(f"{'eval' if k.startswith(EVAL_PREFIXES) else 'train'}/{k}", v, step)
+        if self._remember_eval(row):
+            self.message(f"eval at step {step}: {describe_eval(row)}")
+        if "loss" not in row:  # the evaluation before the first step: no step figures, no bar tick
+            return
         mfu = row.get("mfu")
         mem = row.get("peak_mem_gib")
         fields = {
@@ -90,8 +94,6 @@ class MetricsLogger:
             "mem": f"{mem:.1f}G" if mem is not None else "n/a",
             "data": f"{row['data_wait_s'] * 1e3:.0f}ms",
         }
-        if self._remember_eval(row):
-            self.message(f"eval at step {step}: {describe_eval(row)}")
         fields.update(self._last_eval)
         if self._bar is not None:
             self._bar.update(1)

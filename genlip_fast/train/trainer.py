@@ -313,6 +313,8 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
     stopped_by = None
     last_ckpt = latest
     step = start_step
+    if start_step == 0 and evaluator.due(0):
+        metrics.log({"step": 0, **evaluator(0, model)})  # the untrained model: where the eval curves start
     while step < cfg.train.steps:
         t_step = time.perf_counter()
         lr = warmup_cosine(step, total_steps=cfg.train.steps, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
