@@ -2,14 +2,15 @@
 # On a GPU machine: bf16 correctness of every fused op at full size, then every benchmark in one run.
 # Writes raw JSON and a markdown summary (device, commit, date, command) to $OUT (default benchmarks/results/raw).
 #   bash scripts/gpu_check.sh
-# Needs torch + triton with CUDA, and pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors.
+# Needs torch + triton with CUDA, and pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors,
+# xxhash (checkpoint checksums).
 # On an offline machine, download those wheels elsewhere into ./wheels (`pip download -d wheels ...`): they are
 # installed from there first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d wheels ]; then
   ${PYTHON:-python} -m pip install -q --no-index --find-links wheels \
-    pytest hypothesis pytest-benchmark tokenizers pillow tqdm safetensors || echo "some wheels missing; going on"
+    pytest hypothesis pytest-benchmark tokenizers pillow tqdm safetensors xxhash || echo "some wheels missing; going on"
 fi
 OUT=${OUT:-benchmarks/results/raw}
 mkdir -p "$OUT"

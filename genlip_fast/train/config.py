@@ -105,9 +105,9 @@ class ParallelSection:
 @dataclass
 class CheckpointSection:
     every: int = 0
-    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1)."""
+    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1/Ctrl-C)."""
     keep: int = 3
-    """Most recent complete checkpoints kept (older ones are deleted)."""
+    """Most recent complete checkpoints kept (older ones are deleted; ones that fail their check are moved aside)."""
     dir: str = ""
     """Checkpoint folder; '' = out_dir/checkpoints."""
     resume: bool = True
@@ -117,6 +117,9 @@ class CheckpointSection:
     schedule and data start anew. Ignored when resuming."""
     final: bool = True
     """Save a checkpoint when training ends."""
+    fallback: bool = True
+    """When the newest checkpoint fails its check (manifest sizes and checksums), move it aside and resume from the
+    newest one that passes, with a warning; false: stop with an error instead."""
 
 
 @dataclass

@@ -18,10 +18,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ..model import GenLIP, ModelConfig
-from .checkpoint import read_meta, resolve_checkpoint
+from .checkpoint import load_dcp, read_meta, require_passing, resolve_checkpoint
 
 TEXT_PREFIXES = ("text_embed.", "text_in.", "text_out.", "lm_head.")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,9 +41,10 @@ def load_checkpoint_model(path: str | Path) -> tuple[GenLIP, dict]:
         model = GenLIP(cfg)
     model = model.to_empty(device="cpu")
     sd = model.state_dict()
+    require_passing(ckpt, distributed=False)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)  # fills the module's tensors in place
+        load_dcp({"model": sd}, ckpt, no_dist=True)  # fills the module's tensors in place; refuses pickled code
     return model, {**meta, "checkpoint": str(ckpt)}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 log = logging.getLogger("genlip_fast.train")
@@ -34,6 +35,29 @@ def describe_eval(row: dict) -> str:
     return " · ".join(parts) + (f" ({row['eval_time_s']:.1f} s)" if "eval_time_s" in row else "")
 
 
+def _keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop the rows after ``step`` (a resumed run logs those steps again) and any unreadable line — a kill while
+    a row was written leaves a torn last line — with a warning; the file is replaced in one rename."""
+    kept, torn = [], []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            torn.append(i)
+        elif row.get("step", 0) <= step:
+            kept.append(line)
+    if torn:
+        log.warning("%s: dropped %d unreadable line(s) (line %s; a row cut short when the run was killed)", path,
+                    len(torn), ", ".join(map(str, torn[:5])) + (" ..." if len(torn) > 5 else ""))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
 class MetricsLogger:
     """One row per optimizer step to ``out_dir/metrics.jsonl`` (appended to when a run resumes), TensorBoard scalars
     under ``out_dir/tb`` (imported only when enabled), and a tqdm bar or periodic log lines. Ranks other than 0 get
@@ -50,11 +74,8 @@ class MetricsLogger:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "metrics.jsonl"
         if start_step > 0 and path.is_file():
-            # steps logged after the checkpoint we resume from are run again: drop their old rows
-            kept = [line for line in path.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
-            for line in kept:  # a resumed run shows the last evaluation until it makes a new one
+            _keep_rows_up_to(path, start_step)
+            for line in path.read_text().splitlines():  # a resumed run shows the last evaluation until it makes one
                 self._remember_eval(json.loads(line))
         self._jsonl = open(path, "a" if start_step > 0 else "w")
         if tensorboard:

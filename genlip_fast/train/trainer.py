@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import random
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,10 +29,11 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..data.pipeline import build_data_loader
-from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..data.tokenizer import Tokenizer
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
-from .checkpoint import Checkpointer, latest_checkpoint, load_model_weights, set_rng_state
+from . import preflight
+from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights, set_rng_state
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
     DistInfo,
@@ -51,6 +51,7 @@ from .evaluate import Evaluator, caption_heldout
 from .flops import device_peak_flops, pack_flops
 from .metrics import MetricsLogger
 from .schedule import warmup_cosine
+from .signals import StopSignals
 
 log = logging.getLogger("genlip_fast.train")
 
@@ -199,50 +200,34 @@ def grad_norm_and_clip(params: list[torch.Tensor], max_norm: float) -> torch.Ten
     return norm
 
 
-class _StopSignals:
-    """SIGTERM / SIGUSR1 (Slurm preemption, ``scancel``, torchrun shutting down) ask for a checkpoint and a clean
-    stop at the end of the current step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in self.SIGNALS:
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
 def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Train on this rank (every rank calls it). Returns ``{"losses", "captions", "model", "step", "stopped_by",
     "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its checkpoint)."""
+    preflight.check_device(cfg)
     info = init_distributed(cfg.train.device, cfg.parallel.backend)
     try:
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             return _train(cfg, info, signals, progress)
     finally:
         shutdown(info)
 
 
-def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool) -> dict:
+def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool) -> dict:
     device = info.device
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = preflight.tokenizer(cfg)
     ensure_demo_data(cfg, write=info.is_main)
     barrier()
+    out_dir = Path(cfg.train.out_dir)
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
+    preflight.check_inputs(cfg, out_dir, ckpt_root)
     mcfg = build_model_config(cfg, tokenizer)
+    ckpt = Checkpointer(ckpt_root, info.rank, info.world_size, keep=cfg.checkpoint.keep)
+    latest = ckpt.select_resume(fallback=cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
+    init_src = preflight.init_source(cfg) if latest is None and cfg.checkpoint.init_from else None
+    if latest or init_src:
+        preflight.check_compatible(latest or init_src, cfg, mcfg,
+                                   option="resume" if latest else "checkpoint.init_from")
     if device.type == "cuda":
         with torch.device(device):
             model = GenLIP(mcfg)
@@ -260,17 +245,14 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
     torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * (info.rank + 1))
     random.seed(cfg.train.seed + info.rank)
 
-    out_dir = Path(cfg.train.out_dir)
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
-    ckpt = Checkpointer(ckpt_root, info.rank, info.world_size, keep=cfg.checkpoint.keep)
-    latest = broadcast_object(latest_checkpoint(ckpt_root) if info.is_main and cfg.checkpoint.resume else None)
+    preflight.check_space(ckpt_root, estimate_checkpoint_bytes(model, opt), cfg.checkpoint.keep, rank=info.rank)
     resumed_meta, data_states, rng = None, {}, None
     if latest is not None:
-        resumed_meta, data_states, rng = ckpt.load(Path(latest), model, opt, device=device)
+        resumed_meta, data_states, rng = ckpt.load(latest, model, opt, device=device)
         log.info("resuming from %s (step %d)", latest, resumed_meta["step"])
-    elif cfg.checkpoint.init_from:
-        src = load_model_weights(cfg.checkpoint.init_from, model)
-        log.info("model weights from %s; optimizer, schedule and data start fresh", src)
+    elif init_src is not None:
+        load_model_weights(init_src, model)
+        log.info("model weights from %s; optimizer, schedule and data start fresh", init_src)
     start_step = resumed_meta["step"] if resumed_meta else 0
 
     plan = plan_batch(cfg, info, tokenizer, resumed_meta)
@@ -356,8 +338,8 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
         if bad_in_a_row >= cfg.train.max_bad_steps:
             raise NonFiniteLossError(
                 f"{bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
-                f"norm (loss {loss_value}, grad norm {gnorm_value}); stopping. The last good checkpoint is "
-                f"{last_ckpt or 'none'}. Check the data, lower optim.lr, or raise train.max_bad_steps.")
+                f"norm (loss {loss_value}, grad norm {gnorm_value}); stopping. The newest checkpoint that passed its "
+                f"check is {last_ckpt or 'none'}. Check the data, lower optim.lr, or raise train.max_bad_steps.")
         step += 1
         losses.append(loss_value)
 
@@ -394,7 +376,8 @@ def _train(cfg: JobConfig, info: DistInfo, signals: _StopSignals, progress: bool
         log.warning("skipped %d bad samples on rank %d: %s", sum(skipped.values()), info.rank, skipped)
     captions = caption_heldout(model, cfg, tokenizer) if stopped_by is None and step == cfg.train.steps else []
     return {"losses": losses, "captions": captions, "model": model, "step": step, "stopped_by": stopped_by,
-            "signal": signals.received, "checkpoint": last_ckpt, "evals": evaluator.history}
+            "signal": signals.agreed(device) if stopped_by == "signal" else None, "checkpoint": last_ckpt,
+            "evals": evaluator.history}
 
 
 def _model_config_dict(mcfg: ModelConfig) -> dict:
