@@ -4,6 +4,7 @@ progress bar and TensorBoard, and the probe command agrees with the trainer's pr
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_two_ranks_share_the_validation_loss(data, tmp_path):
     assert got["probe_top1"] == ref["probe_top1"]
 
 
-def test_probe_command_agrees_with_the_trainers_probe(data, runs, capsys):
+def test_probe_command_agrees_with_the_trainers_probe(data, runs, capsys, tmp_path):
     _, _, on_dir, on = runs
     probe = data / "probe"
     rc = eval_main(["probe", "--checkpoint", str(on_dir), "--train", str(probe / "train"), "--val",
@@ -129,6 +130,14 @@ def test_probe_command_agrees_with_the_trainers_probe(data, runs, capsys):
     rc = eval_main(["probe", "--checkpoint", str(on_dir), "--train", str(data / "nowhere"), "--val",
                     str(probe / "val")])
     assert rc == 2 and str(data / "nowhere") in capsys.readouterr().err
+    # a damaged checkpoint is one line naming it, not a traceback
+    bad = tmp_path / "damaged"
+    shutil.copytree(next((on_dir / "checkpoints").glob("step_*")), bad)
+    shard = next(bad.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    rc = eval_main(["probe", "--checkpoint", str(bad), "--train", str(probe / "train"), "--val", str(probe / "val")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("genlip-eval:") and "Traceback" not in err
 
 
 def test_eval_options_are_checked(data, tmp_path):

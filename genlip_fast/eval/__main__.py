@@ -35,13 +35,14 @@ def load_for_eval(checkpoint: str) -> tuple[object, dict, str]:
 def _probe(args) -> int:
     import torch
 
+    from ..train.checkpoint import CheckpointError
     from .probe import ImageFolder, probe_encoder
 
     try:
         train = ImageFolder.read(args.train)
         val = ImageFolder.read(args.val, classes=train.classes)
         model, data, what = load_for_eval(args.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         print(f"genlip-eval: {e}", file=sys.stderr)
         return 2
     kw = dict(stage=args.stage or data.get("stage", 1), image_size=args.image_size or data.get("image_size", 224),
