@@ -33,6 +33,12 @@ class ModelSection:
     """Stochastic depth of the last block; None = the preset's."""
     gate: str | None = None
     """Attention gate: 'elementwise' | 'headwise' | 'none'; None = the preset's."""
+    mlp_bias: bool | None = None
+    """Biases on the SwiGLU linears; None = the preset's (on for the '-official' presets)."""
+    drop_path_mode: str | None = None
+    """Drop path per 'sample' or per 'pack' (the authors'); None = the preset's."""
+    drop_path_schedule: str | None = None
+    """Drop-path rate over depth: 'linear' or 'constant' (the authors'); None = the preset's."""
 
 
 @dataclass
@@ -87,6 +93,13 @@ class TrainSection:
 class ParallelSection:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    replicate: int = 0
+    """HSDP replicas (the mesh's outer dim, usually nodes); 0 = world size / shard. 1 = plain FSDP over all ranks."""
+    shard: int = 0
+    """Ranks each replica shards parameters, gradients and optimizer state over; 0 = the GPUs of one node
+    (LOCAL_WORLD_SIZE), or world size / replicate when that is given. replicate x shard = the world size."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait before it fails; at 90% of it a stalled rank logs which ranks are behind."""
     data_streams: int = 0
     """Data loader streams the global batch is drawn from (0 = one per rank); a multiple of the world size. Runs
     with the same streams see the same packs in each step, whatever the number of ranks."""
@@ -99,7 +112,8 @@ class ParallelSection:
     compile: bool = False
     """torch.compile each transformer block."""
     reshard_after_forward: bool = True
-    """Free each block's gathered parameters after its forward (ZeRO-3); False keeps them until backward."""
+    """Free each block's gathered parameters after its forward in a step's last micro-step (ZeRO-3; not the last
+    block or the root); False keeps them until backward. Earlier micro-steps never reshard (see prepare_micro_step)."""
 
 
 @dataclass
@@ -254,6 +268,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
 CHOICES = {
     "model.attn_backend": ("auto", "triton", "reference", "flex"),
     "model.ce_backend": ("auto", "triton", "reference"),
+    "model.drop_path_mode": (None, "sample", "pack"),
+    "model.drop_path_schedule": (None, "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
@@ -270,9 +286,10 @@ RANGES = {
     ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
              "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
              "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
-             "optim.grad_clip", "eval.every", "eval.packs", "eval.captions", "eval.probe_l2"),
+             "optim.grad_clip", "parallel.replicate", "parallel.shard", "eval.every", "eval.packs", "eval.captions",
+             "eval.probe_l2"),
     # rates
-    "> 0": ("optim.lr", "optim.eps"),
+    "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s"),
     "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
     "in (0, 1]": ("parallel.ac_ratio",),
 }

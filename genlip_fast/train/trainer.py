@@ -45,6 +45,7 @@ from .distributed import (
     broadcast_object,
     init_distributed,
     mixed_precision_policy,
+    prepare_micro_step,
     shutdown,
 )
 from .evaluate import Evaluator, caption_heldout
@@ -74,8 +75,9 @@ def build_model_config(cfg: JobConfig, tokenizer: Tokenizer) -> ModelConfig:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} entries, more than the model's vocab")
     if m.drop_path is not None:
         over["drop_path"] = m.drop_path
-    if m.gate is not None:
-        over["gate"] = m.gate
+    for key in ("gate", "mlp_bias", "drop_path_mode", "drop_path_schedule"):
+        if getattr(m, key) is not None:
+            over[key] = getattr(m, key)
     return get_preset(m.preset, **over)
 
 
@@ -204,7 +206,9 @@ def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Train on this rank (every rank calls it). Returns ``{"losses", "captions", "model", "step", "stopped_by",
     "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its checkpoint)."""
     preflight.check_device(cfg)
-    info = init_distributed(cfg.train.device, cfg.parallel.backend)
+    par = cfg.parallel
+    info = init_distributed(cfg.train.device, par.backend, replicate=par.replicate, shard=par.shard,
+                            timeout_s=par.collective_timeout_s)
     try:
         with StopSignals() as signals:
             return _train(cfg, info, signals, progress)
@@ -274,7 +278,8 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
     metrics = MetricsLogger(out_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=start_step,
                             progress=progress, tensorboard=cfg.train.tensorboard, log_every=cfg.train.log_every)
     metrics.message(
-        f"{info.world_size} rank(s) on {device.type}; {plan.packs_per_step} packs of {cfg.data.pack_tokens} tokens "
+        f"{info.world_size} rank(s) on {device.type} ({info.mesh_desc}); "
+        f"{plan.packs_per_step} packs of {cfg.data.pack_tokens} tokens "
         f"per step from {plan.data_streams} data stream(s), {plan.micro_steps} per rank"
         + (f" (~{plan.samples_per_pack:g} samples/pack)" if plan.samples_per_pack else "")
         + f"; precision {mp.param_dtype}; activation checkpointing on {len(picked)}/{len(model.blocks)} blocks"
@@ -318,8 +323,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
 
         loss_sum = torch.zeros((), dtype=torch.float32, device=device)
         for i, b in enumerate(packs):
-            # Gradients accumulate unsharded across micro-steps and are reduce-scattered once, after the last.
-            model.set_requires_gradient_sync(i == len(packs) - 1)
+            prepare_micro_step(model, i, len(packs))  # no reshard or reduce until the last micro-step
             loss = model(b.to(device, non_blocking=True), loss_denominator=max(1.0, loss_tokens))
             loss.backward()
             loss_sum += loss.detach().float()
