@@ -23,12 +23,13 @@ BASELINES = {
     "bench_linear_cross_entropy": ({"impl"}, {"impl": "eager"}),
     "bench_train_step": ({"name", "attn", "ce"}, {"name": "reference"}),
     "bench_data": ({"backend"}, {"backend": "host"}),
+    "bench_speak": ({"path"}, {"path": "recompute"}),
 }
 """Per benchmark file: the parameters that name the implementation, and the values of its baseline. Rows whose other
 parameters agree (same shape, mode, stage) are compared with the baseline row among them."""
 
 RATES = (("images_per_s", "images/s"), ("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s"),
-         ("packs_per_s", "packs/s"))
+         ("packs_per_s", "packs/s"), ("captions_per_s", "captions/s"))
 """Throughput fields of ``extra_info``, the first one present is shown (and used for the speed-up)."""
 
 SHOWN = {"gpu", "device", "torch", "triton", "name", "median_ms", "tflops", "peak_mem_gib"}

@@ -30,9 +30,13 @@ def test_speed_up_over_the_baseline_of_the_same_shape_and_mode():
         bench("bench_data.py", "test_data_throughput", {"size": "500x375", "stage": 1, "backend": "host"}, 2.0,
               images_per_s=150.0, packs_per_s=2.0),
         bench("bench_other.py", "test_x", {"n": 1}, 0.001),
+        bench("bench_speak.py", "test_caption_throughput", {"preset": "tiny", "path": "kv"}, 0.5, captions_per_s=16.0),
+        bench("bench_speak.py", "test_caption_throughput", {"preset": "tiny", "path": "recompute"}, 2.0,
+              captions_per_s=4.0),
     ]
     rows = derived_rows(runs)
-    assert list(rows) == ["bench_attention", "bench_data", "bench_other"]
+    assert list(rows) == ["bench_attention", "bench_data", "bench_other", "bench_speak"]
+    assert [r["speedup"] for r in rows["bench_speak"]] == [4.0, 1.0]  # KV cache over recomputing, captions/s
     att = {r["label"]: r for r in rows["bench_attention"]}
     assert att["attention/stage1/fused/fwd"]["speedup"] == 5.0  # 10 ms / 2 ms, same stage and mode
     assert att["attention/stage1/reference/fwd"]["speedup"] == 1.0
