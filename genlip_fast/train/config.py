@@ -33,6 +33,12 @@ class ModelSection:
     """Stochastic depth of the last block; None = the preset's."""
     gate: str | None = None
     """Attention gate: 'elementwise' | 'headwise' | 'none'; None = the preset's."""
+    mlp_bias: bool | None = None
+    """Biases on the SwiGLU linears; None = the preset's (on for the '-official' presets)."""
+    drop_path_mode: str | None = None
+    """Drop path per 'sample' or per 'pack' (the authors'); None = the preset's."""
+    drop_path_schedule: str | None = None
+    """Drop-path rate over depth: 'linear' or 'constant' (the authors'); None = the preset's."""
 
 
 @dataclass
@@ -134,6 +140,23 @@ class CheckpointSection:
 
 
 @dataclass
+class EvalSection:
+    every: int = 0
+    """Optimizer steps between evaluations on held-out data (0 = none); also before the first step and at the end."""
+    packs: int = 4
+    """Packs of data.val_shards whose caption loss is measured, the same ones every time (0, or no val_shards: none)."""
+    captions: int = 0
+    """Held-out images captioned (greedy, up to train.max_new_tokens) for BLEU-4, CIDEr and exact match (0 = none)."""
+    probe_train: str = ""
+    """ImageFolder (DIR/<class>/<image>) a linear probe of the frozen encoder is fitted on ('' = no probe; 'demo' =
+    the probe set the demo generator writes beside data.train_shards, DIR/probe/train)."""
+    probe_val: str = ""
+    """ImageFolder the probe's top-1 accuracy is measured on (required with probe_train; 'demo' = DIR/probe/val)."""
+    probe_l2: float = 1e-3
+    """L2 penalty on the probe's logistic-regression weights (features standardised)."""
+
+
+@dataclass
 class JobConfig:
     model: ModelSection = field(default_factory=ModelSection)
     """The model."""
@@ -147,6 +170,8 @@ class JobConfig:
     """FSDP2, precision, activation checkpointing, compile."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Saving, resuming, initialising from another run."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Validation loss, captioning metrics and a linear probe during training."""
 
 
 class ConfigError(ValueError):
@@ -246,6 +271,8 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
 CHOICES = {
     "model.attn_backend": ("auto", "triton", "reference", "flex"),
     "model.ce_backend": ("auto", "triton", "reference"),
+    "model.drop_path_mode": (None, "sample", "pack"),
+    "model.drop_path_schedule": (None, "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
@@ -262,7 +289,8 @@ RANGES = {
     ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
              "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
              "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
-             "optim.grad_clip", "parallel.replicate", "parallel.shard"),
+             "optim.grad_clip", "parallel.replicate", "parallel.shard", "eval.every", "eval.packs", "eval.captions",
+             "eval.probe_l2"),
     # rates
     "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s"),
     "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
@@ -317,6 +345,10 @@ def validate(cfg: JobConfig) -> JobConfig:
                 raise ConfigError(f"{dotted} = {value!r}; allowed: a finite number {rule}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr = {cfg.optim.min_lr!r} is above optim.lr = {cfg.optim.lr!r}")
+    e = cfg.eval
+    if bool(e.probe_train) != bool(e.probe_val):
+        raise ConfigError(f"eval.probe_train = {e.probe_train!r} and eval.probe_val = {e.probe_val!r}: the probe "
+                          f"needs both folders (or neither)")
     d = cfg.data
     if d.min_patches > d.max_patches:
         raise ConfigError(f"data.min_patches = {d.min_patches} is above data.max_patches = {d.max_patches}")

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.loader import HostSampleStream
 from ..data.manifest import describe_dataset
 from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer
@@ -42,11 +41,11 @@ from .distributed import (
     apply_fsdp,
     barrier,
     broadcast_object,
-    gathered_root,
     init_distributed,
     mixed_precision_policy,
     shutdown,
 )
+from .evaluate import Evaluator, caption_heldout
 from .flops import device_peak_flops
 from .metrics import MetricsLogger
 from .schedule import warmup_cosine
@@ -74,8 +73,9 @@ def build_model_config(cfg: JobConfig, tokenizer: Tokenizer) -> ModelConfig:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} entries, more than the model's vocab")
     if m.drop_path is not None:
         over["drop_path"] = m.drop_path
-    if m.gate is not None:
-        over["gate"] = m.gate
+    for key in ("gate", "mlp_bias", "drop_path_mode", "drop_path_schedule"):
+        if getattr(m, key) is not None:
+            over[key] = getattr(m, key)
     return get_preset(m.preset, **over)
 
 
@@ -117,7 +117,7 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     writes only into a new or empty folder and never over a file (``data.synthetic.demo_folder``), so a mistyped path
     is an error before anything is written, never a user's files replaced by demo data.
     """
-    from ..data.synthetic import demo_folder, generate_shards
+    from ..data.synthetic import demo_folder, generate_probe_set, generate_shards
 
     try:
         expand_shards(cfg.data.train_shards)
@@ -132,35 +132,14 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     if write:
         log.info("generating the shapes dataset in %s", out)
         generate_shards(out, size=cfg.data.image_size, seed=cfg.data.seed)
-
-
-def caption_heldout(model: GenLIP, cfg: JobConfig, tokenizer: Tokenizer) -> list[dict]:
-    """Greedy captions for held-out images, beside the true ones (every rank runs it; the results agree)."""
-    if not cfg.data.val_shards or cfg.train.caption_samples <= 0:
-        return []
-    stream = HostSampleStream(cfg.data.val_shards, tokenizer, image_size=cfg.data.image_size, loop=False,
-                              seed=cfg.data.seed)
-    samples = []
-    for s in stream:
-        samples.append(s)
-        if len(samples) == cfg.train.caption_samples:
-            break
-    model.eval()
-    with gathered_root(model):
-        out = model.generate([s.patches for s in samples], [s.grid_hw for s in samples], eot_id=tokenizer.eot_id,
-                             max_new_tokens=cfg.train.max_new_tokens)
-    model.train()
-    return [
-        {"key": s.key, "true": tokenizer.decode(s.caption_ids.tolist()), "generated": tokenizer.decode(ids)}
-        for s, ids in zip(samples, out)
-    ]
+        generate_probe_set(out / "probe", size=cfg.data.image_size, seed=cfg.data.seed)  # eval.probe_* = "demo"
 
 
 
 
 def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Train on this rank (every rank calls it). Returns ``{"losses", "captions", "model", "step", "stopped_by",
-    "checkpoint"}``; ``losses`` are this run's steps (a resumed run starts after its checkpoint)."""
+    "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its checkpoint)."""
     preflight.check_device(cfg)
     par = cfg.parallel
     info = init_distributed(cfg.train.device, par.backend, replicate=par.replicate, shard=par.shard,
@@ -234,6 +213,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
         else:
             log.warning("world size changed since the checkpoint: random streams (drop path) are reseeded")
 
+    evaluator = Evaluator(cfg, tokenizer, info)  # reads and checks the held-out data and probe folders
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -269,6 +249,8 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
     stopped_by = None
     last_ckpt = latest
     step = start_step
+    if start_step == 0 and evaluator.due(0):
+        metrics.log({"step": 0, **evaluator(0, model)})  # the untrained model: where the eval curves start
     while step < cfg.train.steps:
         t_step = time.perf_counter()
         lr = warmup_cosine(step, total_steps=cfg.train.steps, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
@@ -297,6 +279,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
         losses.append(loss_value)
 
         dt = time.perf_counter() - t_step
+        evals = evaluator(step, model)  # {} unless due; outside the step's time
         metrics.log({
             "step": step, "loss": loss_value, "lr": lr, "grad_norm": gnorm_value, "skipped": not finite,
             "tokens": st.tokens, "samples": st.samples, "packs": plan.packs_per_step,
@@ -304,7 +287,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
             "mfu": st.flops / (dt * info.world_size * peak) if peak else None,
             "tflops_per_rank": st.flops / dt / info.world_size / 1e12,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "data_wait_s": st.data_wait_s, "step_time_s": dt,
+            "data_wait_s": st.data_wait_s, "step_time_s": dt, **evals,
         })
 
         if st.stop_votes > 0:
@@ -331,7 +314,8 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
                     bad_shards, info.rank, skipped)
     captions = caption_heldout(model, cfg, tokenizer) if stopped_by is None and step == cfg.train.steps else []
     return {"losses": losses, "captions": captions, "model": model, "step": step, "stopped_by": stopped_by,
-            "signal": signals.agreed(device) if stopped_by == "signal" else None, "checkpoint": last_ckpt}
+            "signal": signals.agreed(device) if stopped_by == "signal" else None, "checkpoint": last_ckpt,
+            "evals": evaluator.history}
 
 
 def _model_config_dict(mcfg: ModelConfig) -> dict:
