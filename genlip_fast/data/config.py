@@ -42,9 +42,10 @@ class DataConfig:
     """Images decoded per DALI (or host) batch; packs are cut from the stream of samples regardless."""
     num_threads: int = 4
     """CPU threads of the DALI pipeline (or of the host decoder)."""
-    num_workers: int = 1
-    """Shard readers per rank; each reads its own shards, and their samples interleave in a fixed order."""
+    shuffle_shards: int = 16
+    """Shards each data stream reads at once; every sample is drawn at random from one of them (a shuffle buffer
+    across open shards). More mixes batches better; each open shard holds its index in memory."""
     prefetch: int = 4
     """Packs prepared ahead of the training step by the background thread (0 = no thread, build on demand)."""
     seed: int = 0
-    """Shuffle seed of the sample stream (shard order and sample order inside each shard, per epoch)."""
+    """Shuffle seed of the sample stream (shard order and sample order inside each shard, per epoch; the draws)."""

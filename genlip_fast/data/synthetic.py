@@ -11,6 +11,7 @@ import io
 import random
 from pathlib import Path
 
+from .manifest import shard_entry, update_manifest
 from .webdataset import write_shard
 
 COLORS = {
@@ -35,6 +36,21 @@ WORDS = sorted(
 )
 
 
+def draw_shape(draw, shape: str, cx: float, cy: float, rad: float, fill: tuple[int, int, int]) -> None:
+    """One filled shape of half-width ``rad`` centred at (cx, cy) on a ``PIL.ImageDraw``."""
+    box = (cx - rad, cy - rad, cx + rad, cy + rad)
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - rad), (cx - rad, cy + rad), (cx + rad, cy + rad)], fill=fill)
+    else:
+        t = rad * 0.35
+        draw.rectangle((cx - rad, cy - t, cx + rad, cy + t), fill=fill)
+        draw.rectangle((cx - t, cy - rad, cx + t, cy + rad), fill=fill)
+
+
 def render(rng: random.Random, size: int = 64):
     """One image (PIL, RGB, ``size x size``) and its caption."""
     from PIL import Image, ImageDraw
@@ -51,18 +67,7 @@ def render(rng: random.Random, size: int = 64):
         rad = cell * rng.uniform(0.3, 0.45)
         cx = (c + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
         cy = (r + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
-        box = (cx - rad, cy - rad, cx + rad, cy + rad)
-        fill = COLORS[color]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        elif shape == "triangle":
-            draw.polygon([(cx, cy - rad), (cx - rad, cy + rad), (cx + rad, cy + rad)], fill=fill)
-        else:
-            t = rad * 0.35
-            draw.rectangle((cx - rad, cy - t, cx + rad, cy + t), fill=fill)
-            draw.rectangle((cx - t, cy - rad, cx + t, cy + rad), fill=fill)
+        draw_shape(draw, shape, cx, cy, rad, COLORS[color])
         parts.append(f"a {color} {shape} in {place_name(r, c)}")
     return im, " and ".join(parts) + " ."
 
@@ -100,7 +105,8 @@ def _refuse_existing(paths: list[Path]) -> None:
 
 def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int = 64, size: int = 64,
                     per_shard: int = 1000, seed: int = 0) -> dict[str, list[str]]:
-    """Write ``train-*.tar`` and ``val-*.tar`` (``key.jpg`` + ``key.txt``) into ``out_dir``; returns the paths.
+    """Write ``train-*.tar`` and ``val-*.tar`` (``key.jpg`` + ``key.txt``) and their manifest into ``out_dir``;
+    returns the paths.
 
     Deterministic for a seed. Raises ``FileExistsError`` before writing anything if any shard (or its index) it would
     write exists already.
@@ -110,6 +116,7 @@ def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int 
     splits = (("train", num_train), ("val", num_val))
     _refuse_existing([out_dir / f"{split}-{k:06d}.tar" for split, n in splits for k in range(-(-n // per_shard))])
     paths: dict[str, list[str]] = {"train": [], "val": []}
+    entries: dict[str, dict] = {}
     for split, n in splits:
         for start in range(0, n, per_shard):
             samples = []
@@ -119,9 +126,57 @@ def generate_shards(out_dir: str | Path, *, num_train: int = 4000, num_val: int 
                 im.save(buf, format="JPEG", quality=92)
                 samples.append((f"{split}{i:07d}", {"jpg": buf.getvalue(), "txt": caption.encode()}))
             path = out_dir / f"{split}-{start // per_shard:06d}.tar"
-            write_shard(path, samples)
+            entries[path.name] = shard_entry(path, write_shard(path, samples))
             paths[split].append(str(path))
+    update_manifest(out_dir, entries)
     return paths
+
+
+def render_probe(rng: random.Random, label: str, size: int = 64):
+    """One linear-probe image (PIL, RGB, ``size x size``) whose largest object is a ``label`` shape.
+
+    Drawn like :func:`render`'s images (same colours, shapes and 3x3 layout). Half of them hold a second, smaller
+    object (at most 60% of the largest one's size) of another shape, so the label, the shape of the largest object,
+    is never ambiguous and a feature that only says "a circle is somewhere" is not enough.
+    """
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), tuple(rng.randint(10, 60) for _ in range(3)))
+    draw = ImageDraw.Draw(im)
+    cells = rng.sample([(r, c) for r in range(3) for c in range(3)], rng.choice((1, 2)))
+    cell = size / 3
+    big = rng.uniform(0.38, 0.48)
+    objects = [(label, big)] + [(rng.choice([s for s in SHAPES if s != label]), big * rng.uniform(0.4, 0.6))
+                                for _ in cells[1:]]
+    for (r, c), (shape, scale) in zip(cells, objects):
+        cx = (c + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
+        cy = (r + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
+        draw_shape(draw, shape, cx, cy, cell * scale, COLORS[rng.choice(list(COLORS))])
+    return im
+
+
+def generate_probe_set(out_dir: str | Path, *, num_train: int = 200, num_val: int = 100, size: int = 64,
+                       seed: int = 0) -> dict[str, Path]:
+    """A labelled image set for the linear probe, in ImageFolder layout: ``out_dir/{train,val}/<shape>/<n>.jpg``,
+    one class per shape (4 classes, balanced; chance is 25%), labelled by the shape of the largest object
+    (:func:`render_probe`). Returns ``{"train": path, "val": path}``.
+
+    Deterministic for a seed, and drawn from a random stream of its own (the shard generator's images are not
+    repeated here). Raises ``FileExistsError`` before writing anything if either split's folder exists.
+    """
+    out_dir = Path(out_dir)
+    splits = {"train": out_dir / "train", "val": out_dir / "val"}
+    for p in splits.values():
+        if p.exists():
+            raise FileExistsError(f"{str(p)!r} exists: the generator never writes over files (nothing was written)")
+    rng = random.Random(seed * 1_000_003 + 0x9E37)
+    for split, n in (("train", num_train), ("val", num_val)):
+        for i in range(n):
+            label = SHAPES[i % len(SHAPES)]
+            folder = splits[split] / label
+            folder.mkdir(parents=True, exist_ok=True)
+            render_probe(rng, label, size).save(folder / f"{i:05d}.jpg", format="JPEG", quality=92)
+    return splits
 
 
 def write_demo_tokenizer(path: str | Path) -> None:
@@ -158,6 +213,7 @@ def generate_photo_shards(out_dir: str | Path, sizes: list[tuple[int, int]], *, 
     out_dir = Path(out_dir)
     _refuse_existing([out_dir / f"{prefix}-{k:06d}.tar" for k in range(-(-num // per_shard))])
     paths = []
+    entries: dict[str, dict] = {}
     rng = random.Random(seed)
     for start in range(0, num, per_shard):
         samples = []
@@ -167,8 +223,9 @@ def generate_photo_shards(out_dir: str | Path, sizes: list[tuple[int, int]], *, 
             samples.append((f"{prefix}{i:07d}", {"jpg": photo_jpeg(w, h, seed * 1_000_003 + i),
                                                   "txt": caption.encode()}))
         path = out_dir / f"{prefix}-{start // per_shard:06d}.tar"
-        write_shard(path, samples)
+        entries[path.name] = shard_entry(path, write_shard(path, samples))
         paths.append(str(path))
+    update_manifest(out_dir, entries)
     return paths
 
 

@@ -18,16 +18,16 @@ from .config import ModelConfig
 def drop_path_per_sample(x: torch.Tensor, p: float, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Stochastic depth per *packed sample*: every token of a dropped sample loses the branch, the rest are scaled
     by ``1 / (1 - p)`` — the same as dropping per batch element when samples are not packed."""
-    keep = (torch.rand(num_samples + 1, device=x.device) >= p).float() / (1.0 - p)  # the scale in fp32
+    keep = (torch.rand(num_samples + 1, device=x.device) >= p).float() / (1.0 - p)  # fp32: 1/0.9 is not a bf16
     keep[-1] = 0.0  # padding tokens (seq_id -1) index the last slot
-    return x * keep[seq_ids.long()].to(x.dtype).unsqueeze(-1)
+    return (x * keep[seq_ids.long()].unsqueeze(-1)).to(x.dtype)
 
 
 def drop_path_per_pack(x: torch.Tensor, p: float) -> torch.Tensor:
     """Stochastic depth per *pack*: one draw for all of ``x`` (the authors' timm ``DropPath`` on ``(rows, L, d)``
     with one 16K pack per row), kept branches scaled by ``1 / (1 - p)``."""
     keep = (torch.rand((), device=x.device) >= p).float() / (1.0 - p)
-    return x * keep.to(x.dtype)
+    return (x * keep.reshape(1)).to(x.dtype)  # in fp32: 1 / (1 - p) rounded to bf16 biases every kept branch
 
 
 def attention(cfg: ModelConfig) -> GatedPrefixLMAttention:

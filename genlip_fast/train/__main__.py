@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import preflight
     from .checkpoint import CheckpointError
+    from .metrics import describe_eval
     from .trainer import NonFiniteLossError, train
 
     def fail(kind: str, e: object, code: int, everywhere: bool = False) -> int:
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         k = max(1, min(20, len(losses) // 10))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         print(f"\nloss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    if result["evals"]:
+        print(f"\nheld-out evaluation (every {cfg.eval.every} steps and at the end):")
+        for e in result["evals"]:
+            print(f"  step {e['step']:>5}: {describe_eval(e)}")
     if result["captions"]:
         print("\nLet ViT Speak — held-out images:")
         for c in result["captions"]:

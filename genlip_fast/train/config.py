@@ -101,8 +101,11 @@ class ParallelSection:
     collective_timeout_s: float = 600.0
     """Seconds a collective may wait before it fails; at 90% of it a stalled rank logs which ranks are behind."""
     data_streams: int = 0
-    """Data loader streams the global batch is drawn from (0 = one per rank); a multiple of the world size. Runs
-    with the same streams see the same packs in each step, whatever the number of ranks."""
+    """Data loader streams the global batch is drawn from (0 = one per rank), at least the world size; rank r reads
+    the streams s with s % world_size == r. Runs with the same streams see the same packs, whatever the ranks."""
+    remap_streams: bool = False
+    """On resume with a different number of data streams (e.g. on other GPUs): map the saved stream positions onto
+    the new streams (nothing skipped or repeated; sample order and pack composition change) instead of refusing."""
     mixed_precision: str = "auto"
     """'auto' (bf16 params + fp32 gradient reduce on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
     activation_checkpoint: str = "none"
@@ -137,6 +140,23 @@ class CheckpointSection:
 
 
 @dataclass
+class EvalSection:
+    every: int = 0
+    """Optimizer steps between evaluations on held-out data (0 = none); also before the first step and at the end."""
+    packs: int = 4
+    """Packs of data.val_shards whose caption loss is measured, the same ones every time (0, or no val_shards: none)."""
+    captions: int = 0
+    """Held-out images captioned (greedy, up to train.max_new_tokens) for BLEU-4, CIDEr and exact match (0 = none)."""
+    probe_train: str = ""
+    """ImageFolder (DIR/<class>/<image>) a linear probe of the frozen encoder is fitted on ('' = no probe; 'demo' =
+    the probe set the demo generator writes beside data.train_shards, DIR/probe/train)."""
+    probe_val: str = ""
+    """ImageFolder the probe's top-1 accuracy is measured on (required with probe_train; 'demo' = DIR/probe/val)."""
+    probe_l2: float = 1e-3
+    """L2 penalty on the probe's logistic-regression weights (features standardised)."""
+
+
+@dataclass
 class JobConfig:
     model: ModelSection = field(default_factory=ModelSection)
     """The model."""
@@ -150,6 +170,8 @@ class JobConfig:
     """FSDP2, precision, activation checkpointing, compile."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Saving, resuming, initialising from another run."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Validation loss, captioning metrics and a linear probe during training."""
 
 
 class ConfigError(ValueError):
@@ -263,11 +285,12 @@ RANGES = {
     # counts
     ">= 1": ("train.steps", "train.log_every", "train.max_new_tokens", "train.max_bad_steps", "checkpoint.keep",
              "model.vocab_size", "data.image_size", "data.patch_size", "data.min_patches", "data.max_patches",
-             "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.num_workers"),
+             "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.shuffle_shards"),
     ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
              "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
              "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
-             "optim.grad_clip", "parallel.replicate", "parallel.shard"),
+             "optim.grad_clip", "parallel.replicate", "parallel.shard", "eval.every", "eval.packs", "eval.captions",
+             "eval.probe_l2"),
     # rates
     "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s"),
     "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
@@ -322,6 +345,10 @@ def validate(cfg: JobConfig) -> JobConfig:
                 raise ConfigError(f"{dotted} = {value!r}; allowed: a finite number {rule}")
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr = {cfg.optim.min_lr!r} is above optim.lr = {cfg.optim.lr!r}")
+    e = cfg.eval
+    if bool(e.probe_train) != bool(e.probe_val):
+        raise ConfigError(f"eval.probe_train = {e.probe_train!r} and eval.probe_val = {e.probe_val!r}: the probe "
+                          f"needs both folders (or neither)")
     d = cfg.data
     if d.min_patches > d.max_patches:
         raise ConfigError(f"data.min_patches = {d.min_patches} is above data.max_patches = {d.max_patches}")

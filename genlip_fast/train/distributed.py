@@ -188,7 +188,11 @@ class ProgressWatch:
         self._state = (self._state[0] + 1, label, time.monotonic(), time.time())
 
     def stop(self) -> None:
+        """Stop and join the thread, so it is never inside a store call while the process group and store are torn
+        down (a daemon thread in a C++ call at interpreter exit can abort the process)."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.poll_s + 5)
 
     def _publish(self, state) -> None:
         count, label, _, wall = state

@@ -272,7 +272,7 @@ def predict(units: Sequence[Unit], *, nodes: int, net: Network, hsdp: bool, pack
 
 
 def packs_per_step(cfg) -> int:
-    """The trainer's rule (``trainer.plan_batch``) before rounding to the data streams."""
+    """The trainer's rule (``step.plan_batch``: exactly this many, not rounded to the GPUs)."""
     t = cfg.train
     if t.packs_per_step > 0:
         return t.packs_per_step
