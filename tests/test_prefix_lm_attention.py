@@ -236,7 +236,7 @@ def test_opcheck():
 
     pack = make_pack([5], [6], pad=2, head_dim=64, dtype=torch.float32, gate="headwise")
     args = (pack["q"].requires_grad_(), pack["k"], pack["v"], pack["cu"], pack["pl"], pack["gate"], pack["pos"],
-            pack["section"], True, 10000.0, 0.125, pack["max_seqlen"])
+            pack["section"], True, 10000.0, 0.125, pack["max_seqlen"], "default")
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
