@@ -40,22 +40,68 @@ INTERPRETER_CONFIGS = {
     "rope": dict(BLOCK_T=32),
 }
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU machine; every one compiles for sm_90 without register
-# spills and within 227 KiB of shared memory (tests/test_attention_compile_sm90.py, for every variant). The
-# autotune key is the head dim, gate kind, rope flag and variant constexprs (plus the tensor dtypes, which Triton
-# adds itself) — never the pack length or max_seqlen, so a new pack layout reuses the tuned config.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU machine, by head layout (``layout_class``): registers
+# go to the fp32 accumulators (head width x tile rows / threads), so what fits depends on the padded width. Every
+# entry compiles for sm_90 without register spills, within 227 KiB of shared memory
+# (tests/test_attention_compile_sm90.py, for every variant). The autotune key is the head dim, gate kind, rope flag
+# and variant constexprs (plus the tensor dtypes, which Triton adds itself) — never the pack length or max_seqlen,
+# so a new pack layout reuses the tuned config.
 GPU_CONFIGS = {
-    "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
-    "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-    "onepass": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
+    # two halves padded to <= 32 each, v/dO <= 64 wide (L/16: D = 64)
+    "w64": {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+        "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
+        "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        "onepass": [(16, 64, 4, 2)],
+    },
+    # two halves padded to 64 each, v/dO to 128 (So/16's D = 72 today: 1.78x the tensor work of 72; D = 96, 128)
+    "w128": {
+        "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        "dkdv": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 3)],
+        "dq": [(64, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 32, 8, 2)],
+        "onepass": [(16, 32, 4, 2)],
+    },
+    # variant hd80: a power-of-two block + a small one (72 -> 64 + 16, 96 -> 64 + 32); q/k plain (rope_once)
+    "split": {
+        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
+        "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
+        "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        "onepass": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
+    },
+    # ... with in-tile rope: q/k as joined half pieces (32 + 32 and 8 + 8), rotated per tile
+    "split_rope": {
+        "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2)],
+        "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        "onepass": [(16, 64, 4, 2)],
+    },
 }
 # Variant fit_tiles: tiles that fit ~270-token stage-1 samples, and more stages / warps, on top of the above.
 GPU_CONFIGS_FIT = {
-    "fwd": [(64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (64, 128, 4, 3)],
-    "dkdv": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
-    "dq": [(64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
-    "onepass": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
+    "w64": {
+        "fwd": [(64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3)],
+        "dkdv": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
+        "dq": [(64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
+        "onepass": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
+    },
+    "w128": {
+        "fwd": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
+        "dkdv": [(16, 64, 8, 3), (32, 32, 8, 2)],
+        "dq": [(64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
+        "onepass": [(16, 64, 8, 3), (32, 32, 8, 2)],
+    },
+    "split": {
+        "fwd": [(64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        "dkdv": [(64, 64, 8, 2), (32, 64, 8, 2)],
+        "dq": [(64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        "onepass": [(64, 64, 4, 2)],
+    },
+    "split_rope": {
+        "fwd": [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2)],
+        "dkdv": [(32, 64, 8, 2)],
+        "dq": [(64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
+        "onepass": [(16, 32, 4, 2)],
+    },
 }
 # fp32 tiles take twice the shared memory: the 16-bit configs above overflow an H100's 227 KiB.
 GPU_CONFIGS_FP32 = {
@@ -126,27 +172,46 @@ def _run(launch: Launch) -> None:
         _autotuner(launch.name, tuple(launch.configs), launch.reset)[launch.grid](*launch.args, **launch.consts)
 
 
-def gpu_table(name: str, fp32: bool, variant: Variant) -> list:
+def layout_class(consts: dict) -> str:
+    """Which GPU config table fits a kernel's head layout (``_layout`` plus ``ROPE``): halves of width ``w64`` /
+    ``w128`` (wider heads use ``w128`` too: they are outside what the tables are checked for), ``split`` (plain
+    64 + 16 blocks) or ``split_rope`` (in-tile rope: joined half pieces, which cost the backward registers)."""
+    if consts["SPLIT"]:
+        return "split_rope" if consts["ROPE"] else "split"
+    return "w64" if max(consts["QK_A"] + consts["QK_B"], consts["V_A"]) <= 64 else "w128"
+
+
+def gpu_table(name: str, fp32: bool, variant: Variant, layout_cls: str) -> list:
     """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of attention kernel ``name`` on a GPU."""
     if fp32:
         return list(GPU_CONFIGS_FP32[name])
-    table = list(GPU_CONFIGS[name])
+    table = list(GPU_CONFIGS[layout_cls][name])
     if variant.fit_tiles:
-        table += [c for c in GPU_CONFIGS_FIT[name] if c not in table]
+        table += [c for c in GPU_CONFIGS_FIT[layout_cls][name] if c not in table]
     return table
 
 
-def _configs(name: str, fp32: bool, variant: Variant) -> tuple[list, tuple]:
+def _configs(name: str, fp32: bool, variant: Variant, layout_cls: str) -> tuple[tuple, tuple]:
     """``(configs, tile blocks)``: triton.Configs for kernel ``name`` (each with the row of its block size in the
     tile list), and the distinct grid-axis block sizes a tile list must cover."""
+    if interpreting():  # built per call: tests patch INTERPRETER_CONFIGS
+        return _make_configs(name, [dict(INTERPRETER_CONFIGS[name], num_warps=4, num_stages=1)])
+    return _gpu_configs(name, fp32, variant, layout_cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_configs(name: str, fp32: bool, variant: Variant, layout_cls: str) -> tuple[tuple, tuple]:
+    # Cached: the autotuner is cached per config tuple, and a triton.Config compares by identity.
+    table = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+             for m, n, w, s in gpu_table(name, fp32, variant, layout_cls)]
+    return _make_configs(name, table)
+
+
+def _make_configs(name: str, table: list) -> tuple[tuple, tuple]:
     axis, _ = _TILE_AXIS[name]
-    if interpreting():
-        table = [dict(INTERPRETER_CONFIGS[name], num_warps=4, num_stages=1)]
-    else:
-        table = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in gpu_table(name, fp32, variant)]
     blocks = tuple(sorted({c[axis] for c in table}))
-    configs = [triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], TILE_ROW=blocks.index(c[axis])),
-                             num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in table]
+    configs = tuple(triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], TILE_ROW=blocks.index(c[axis])),
+                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in table)
     return configs, blocks
 
 
@@ -331,7 +396,7 @@ def _attention_launch(name: str, variant: Variant, q, cu_seqlens, max_seqlen: in
     a tile list. ``make_args(tiles, tile_cap)`` gives the positional arguments."""
     T, H, _ = q.shape
     num_samples = cu_seqlens.numel() - 1
-    configs, blocks = _configs(name, q.dtype == torch.float32, variant)
+    configs, blocks = _configs(name, q.dtype == torch.float32, variant, layout_class(consts))
     axis, descending = _TILE_AXIS[name]
     if variant.tile_list:
         tiles, cap = _tile_list(cu_seqlens, T, blocks, descending)
@@ -344,7 +409,7 @@ def _attention_launch(name: str, variant: Variant, q, cu_seqlens, max_seqlen: in
         def grid(meta):
             return (max(1, triton.cdiv(max_seqlen, meta[axis])), num_samples + 1, H)
 
-    _run(Launch(name, _KERNELS[name], grid, make_args(tiles, cap), consts, configs,
+    _run(Launch(name, _KERNELS[name], grid, make_args(tiles, cap), consts, list(configs),
                 reset=("DQ",) if name == "onepass" else ()))
 
 

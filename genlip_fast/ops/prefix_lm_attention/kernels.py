@@ -38,6 +38,10 @@ import triton.language as tl
 
 from ..mrope.kernels import _rope_cos_sin
 
+# Integers that change from pack to pack: not specialised (a pack of one sample, or a count divisible by 16, would
+# otherwise compile the kernels again).
+_RUNTIME_INTS = ["total_tokens", "num_samples", "tile_cap"]
+
 # --------------------------------------------------------------------------------------------- where a tile is
 
 
@@ -286,7 +290,7 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, qa, qb, K, V, Pos, InvFreq, Axis,
     return acc_a, acc_b, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _prefix_lm_attn_fwd_kernel(
     Q, K, V, G, Out, OutU, Lse, CuSeqlens, PrefixLens, Pos, InvFreq, Axis, Tiles,
     stride_qt, stride_qh, stride_qd,

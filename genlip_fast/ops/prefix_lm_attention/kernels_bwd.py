@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .kernels import (
+    _RUNTIME_INTS,
     _head_ptr,
     _kv_head,
     _load_qk,
@@ -27,7 +28,7 @@ from .kernels import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["total_tokens"])
 def _prefix_lm_attn_bwd_preprocess_kernel(
     DO, OutU, G, DOU, Delta, DG,
     stride_dot, stride_doh, stride_dod,
@@ -204,7 +205,7 @@ def _bwd_kv_block(
     _write_v(DV, _row_offsets(tok_n, stride_dvt, ALIGN), n_ok, stride_dvd, dva, dvb, HEAD_DIM, V_A, V_B, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _prefix_lm_attn_bwd_dkdv_kernel(
     Q, K, V, DOU, Lse, Delta, DK, DV, CuSeqlens, PrefixLens, Pos, InvFreq, Axis, Tiles,
     stride_qt, stride_qh, stride_qd,
@@ -231,7 +232,7 @@ def _prefix_lm_attn_bwd_dkdv_kernel(
                   SPLIT, ROW_BOUND, TILE_LIST, TILE_ROW, ALIGN, False)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _prefix_lm_attn_bwd_onepass_kernel(
     Q, K, V, DOU, Lse, Delta, DK, DV, DQ, CuSeqlens, PrefixLens, Pos, InvFreq, Axis, Tiles,
     stride_qt, stride_qh, stride_qd,
@@ -293,7 +294,7 @@ def _bwd_dq_inner(dqa, dqb, qa, qb, doa, dob, lse, delta, K, V, Pos, InvFreq, Ax
     return dqa, dqb
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _prefix_lm_attn_bwd_dq_kernel(
     Q, K, V, DOU, Lse, Delta, DQ, CuSeqlens, PrefixLens, Pos, InvFreq, Axis, Tiles,
     stride_qt, stride_qh, stride_qd,

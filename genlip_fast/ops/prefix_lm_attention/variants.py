@@ -5,7 +5,7 @@ rounding; the sweep in ``benchmarks/sweep_attention.py`` measures them). Names c
 (``"hd80+rope_once"``); ``"default"`` is today's kernel and stays the default until a GPU run picks another.
 
 Choosing, innermost wins: :func:`use_variant` (a context manager) over the ``GENLIP_ATTN_VARIANT`` environment
-variable over ``"default"``. The choice is read when the op is called (when it is traced, under ``torch.compile``)
+variable over ``DEFAULT_VARIANT``. The choice is read when the op is called (when it is traced, under ``torch.compile``)
 and travels with the op to its backward.
 """
 
@@ -18,6 +18,8 @@ import os
 import torch
 
 ENV_VAR = "GENLIP_ATTN_VARIANT"
+# What runs when nothing is chosen: today's kernels until a GPU sweep (benchmarks/sweep_attention.py) names a winner.
+DEFAULT_VARIANT = "default"
 
 VARIANTS: dict[str, str] = {
     "default": "today's kernels: q/k as two rotate-half halves padded to a power of two each, v/dO padded to one "
@@ -82,10 +84,11 @@ def use_variant(name: str):
 
 @torch.compiler.assume_constant_result  # torch.compile reads it once, when it traces the call
 def current_variant() -> str:
-    """The canonical variant name in force now: :func:`use_variant`, else ``GENLIP_ATTN_VARIANT``, else default."""
+    """The canonical variant name in force now: :func:`use_variant`, else ``GENLIP_ATTN_VARIANT``, else
+    :data:`DEFAULT_VARIANT`."""
     if _OVERRIDE:
         return _OVERRIDE[-1]
-    return parse_variant(os.environ.get(ENV_VAR, "") or "default").name
+    return parse_variant(os.environ.get(ENV_VAR, "") or DEFAULT_VARIANT).name
 
 
-__all__ = ["ENV_VAR", "VARIANTS", "Variant", "current_variant", "parse_variant", "use_variant"]
+__all__ = ["DEFAULT_VARIANT", "ENV_VAR", "VARIANTS", "Variant", "current_variant", "parse_variant", "use_variant"]
