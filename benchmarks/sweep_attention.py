@@ -39,9 +39,9 @@ SHAPES = {
 }
 # Each variant alone, then the combinations a winner would be made of. The default first: the others are
 # compared with it.
-VARIANTS = ["default", "hd80", "rope_once", "fit_tiles", "tile_list", "onepass", "hd80+rope_once",
-            "hd80+fit_tiles+tile_list", "hd80+rope_once+fit_tiles+tile_list",
-            "hd80+rope_once+fit_tiles+tile_list+onepass", "hd80+fit_tiles+tile_list+onepass"]
+VARIANTS = ["default", "hd80", "rope_once", "fit_tiles", "tile_list", "rope_once+onepass", "hd80+rope_once",
+            "hd80+rope_once+onepass", "hd80+fit_tiles+tile_list", "hd80+rope_once+fit_tiles+tile_list",
+            "hd80+rope_once+fit_tiles+tile_list+onepass"]
 BASELINES = ["flex", "fa4"]
 MODES = ["fwd", "fwd_bwd"]
 TINY = dict(total=64, heads=1)  # --dry-run packs
@@ -342,9 +342,7 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run on the GPU machine, or use --dry-run", file=sys.stderr)
         return 2
-    variants = [parse_variant(v).name for v in args.variants.split(",")]
-    if "default" not in variants:
-        variants.insert(0, "default")
+    variants = list(dict.fromkeys(["default"] + [parse_variant(v).name for v in args.variants.split(",")]))
     shapes = args.shapes.split(",")
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:

@@ -52,28 +52,29 @@ GPU_CONFIGS = {
         "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
         "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
         "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-        "onepass": [(16, 64, 4, 2)],
+        "onepass": [(32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
     },
-    # two halves padded to 64 each, v/dO to 128 (So/16's D = 72 today: 1.78x the tensor work of 72; D = 96, 128)
+    # two halves padded to 64 each, v/dO to 128 (So/16's D = 72 by default: 1.78x the tensor work of 72; D = 96,
+    # 128): 8 warps for dK/dV, or the accumulators spill
     "w128": {
         "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
         "dkdv": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 3)],
         "dq": [(64, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 32, 8, 2)],
-        "onepass": [(16, 32, 4, 2)],
+        "onepass": [(32, 64, 8, 2), (16, 64, 8, 2)],
     },
-    # variant hd80: a power-of-two block + a small one (72 -> 64 + 16, 96 -> 64 + 32); q/k plain (rope_once)
+    # variant hd80: a power-of-two block + a small one (72 -> 64 + 16, 96 -> 64 + 32), q/k plain (rope_once)
     "split": {
         "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
         "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
         "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
         "onepass": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
     },
-    # ... with in-tile rope: q/k as joined half pieces (32 + 32 and 8 + 8), rotated per tile
+    # ... with in-tile rope: q/k as joined half pieces (32 + 32 and 8 + 8), rotated per tile. No 64 x 128 forward
+    # tile: Triton 3.9 fails to lower it ("Illegal shared layout"). No onepass: it implies rope_once.
     "split_rope": {
         "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-        "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2)],
+        "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2)],
         "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-        "onepass": [(16, 64, 4, 2)],
     },
 }
 # Variant fit_tiles: tiles that fit ~270-token stage-1 samples, and more stages / warps, on top of the above.
@@ -82,25 +83,24 @@ GPU_CONFIGS_FIT = {
         "fwd": [(64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3)],
         "dkdv": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
         "dq": [(64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
-        "onepass": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
+        "onepass": [(64, 64, 4, 3), (32, 64, 8, 2)],
     },
     "w128": {
         "fwd": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
         "dkdv": [(16, 64, 8, 3), (32, 32, 8, 2)],
         "dq": [(64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
-        "onepass": [(16, 64, 8, 3), (32, 32, 8, 2)],
+        "onepass": [(16, 64, 8, 3), (16, 32, 8, 2)],
     },
     "split": {
         "fwd": [(64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
         "dkdv": [(64, 64, 8, 2), (32, 64, 8, 2)],
         "dq": [(64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        "onepass": [(64, 64, 4, 2)],
+        "onepass": [(16, 64, 8, 2)],
     },
     "split_rope": {
         "fwd": [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2)],
-        "dkdv": [(32, 64, 8, 2)],
-        "dq": [(64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        "onepass": [(16, 32, 4, 2)],
+        "dkdv": [(32, 64, 8, 3), (16, 64, 4, 2)],
+        "dq": [(64, 64, 8, 2), (64, 64, 4, 3)],
     },
 }
 # fp32 tiles take twice the shared memory: the 16-bit configs above overflow an H100's 227 KiB.
@@ -380,9 +380,9 @@ def _rotate_into(x: torch.Tensor, y: torch.Tensor, rope: tuple, inverse: bool) -
         return (triton.cdiv(T, meta["BLOCK_T"]), H)
 
     half = triton.next_power_of_2(D // 2)
-    _run(Launch("rope", _KERNELS["rope"], grid,
-                (x, y, pos, inv, axis, *x.stride(), *y.stride(), spa, spt, T),
-                dict(HEAD_DIM=D, BLOCK_HALF=half, INVERSE=inverse), _fixed("rope", BLOCK_T=max(1, min(128, 4096 // half)))))
+    _run(Launch("rope", _KERNELS["rope"], grid, (x, y, pos, inv, axis, *x.stride(), *y.stride(), spa, spt, T),
+                dict(HEAD_DIM=D, BLOCK_HALF=half, INVERSE=inverse),
+                _fixed("rope", BLOCK_T=max(1, min(128, 4096 // half)))))
     return y
 
 

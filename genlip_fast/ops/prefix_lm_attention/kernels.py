@@ -192,27 +192,27 @@ def _load_qk(X, rows, tok, tok_mask, stride_d, Pos, stride_pa, stride_pt, InvFre
 def _write_qk(X, rows, tok, tok_mask, stride_d, da, db, Pos, stride_pa, stride_pt, InvFreq, Axis,
               HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, SPLIT: tl.constexpr,
               ROPE: tl.constexpr, ATOMIC: tl.constexpr):
-    """The inverse of :func:`_load_qk` for fp32 gradients ``(da, db)``: back to channel order, un-rotated when ROPE
-    and stored; with ``ATOMIC`` added still rotated (the sum is un-rotated once, after every block has added)."""
+    """The inverse of :func:`_load_qk` for fp32 gradients ``(da, db)``: back to channel order, un-rotated when ROPE,
+    and stored; with ``ATOMIC`` added instead (the one-pass backward's dQ, which runs on pre-rotated q/k)."""
+    tl.static_assert(not (ATOMIC and ROPE), "atomic dQ is summed in the rotated frame and un-rotated once, after")
     HALF: tl.constexpr = HEAD_DIM // 2
     if SPLIT and ROPE:
         HA: tl.constexpr = QK_A // 2
         a1, a2 = _deinterleave(da)
         b1, b2 = _deinterleave(db)
-        if not ATOMIC:
-            # cos/sin recomputed rather than kept live through the loop: registers are the scarce resource there.
-            a1, a2 = _rope_pair(a1, a2, Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis, 0, HA, HA, True)
-            b1, b2 = _rope_pair(b1, b2, Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis,
-                                HA, HALF - HA, QK_B // 2, True)
-        _write_cols(X, rows, tok_mask, stride_d, a1, 0, HA, HA, ATOMIC)
-        _write_cols(X, rows, tok_mask, stride_d, a2, HALF, HA, HA, ATOMIC)
-        _write_cols(X, rows, tok_mask, stride_d, b1, HA, HALF - HA, QK_B // 2, ATOMIC)
-        _write_cols(X, rows, tok_mask, stride_d, b2, HALF + HA, HALF - HA, QK_B // 2, ATOMIC)
+        # cos/sin recomputed rather than kept live through the loop: registers are the scarce resource there.
+        a1, a2 = _rope_pair(a1, a2, Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis, 0, HA, HA, True)
+        b1, b2 = _rope_pair(b1, b2, Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis,
+                            HA, HALF - HA, QK_B // 2, True)
+        _write_cols(X, rows, tok_mask, stride_d, a1, 0, HA, HA, False)
+        _write_cols(X, rows, tok_mask, stride_d, a2, HALF, HA, HA, False)
+        _write_cols(X, rows, tok_mask, stride_d, b1, HA, HALF - HA, QK_B // 2, False)
+        _write_cols(X, rows, tok_mask, stride_d, b2, HALF + HA, HALF - HA, QK_B // 2, False)
     elif SPLIT:
         _write_cols(X, rows, tok_mask, stride_d, da, 0, QK_A, QK_A, ATOMIC)
         _write_cols(X, rows, tok_mask, stride_d, db, QK_A, HEAD_DIM - QK_A, QK_B, ATOMIC)
     else:
-        if ROPE and not ATOMIC:
+        if ROPE:
             da, db = _rope_pair(da, db, Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis, 0, HALF, QK_A, True)
         _write_cols(X, rows, tok_mask, stride_d, da, 0, HALF, QK_A, ATOMIC)
         _write_cols(X, rows, tok_mask, stride_d, db, HALF, HALF, QK_B, ATOMIC)

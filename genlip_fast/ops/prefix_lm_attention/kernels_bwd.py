@@ -28,6 +28,12 @@ from .kernels import (
 )
 
 
+@triton.jit
+def _rows_ptr(X, head, tok, d, stride_t, stride_h, stride_d, ALIGN: tl.constexpr):
+    """Pointers to columns ``d`` of rows ``tok`` of head ``head`` of a ``(T, H, D)`` tensor."""
+    return _head_ptr(X, head, stride_h, ALIGN) + _row_offsets(tok, stride_t, ALIGN) + d[None, :] * stride_d
+
+
 @triton.jit(do_not_specialize=["total_tokens"])
 def _prefix_lm_attn_bwd_preprocess_kernel(
     DO, OutU, G, DOU, Delta, DG,
@@ -50,20 +56,19 @@ def _prefix_lm_attn_bwd_preprocess_kernel(
     tok = offs.to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     mask = ok[:, None] & (d[None, :] < HEAD_DIM)
-    do = tl.load(_head_ptr(DO, head, stride_doh, ALIGN) + _row_offsets(tok, stride_dot, ALIGN) + d[None, :] * stride_dod,
-                 mask=mask, other=0.0)
-    o = tl.load(_head_ptr(OutU, head, stride_oh, ALIGN) + _row_offsets(tok, stride_ot, ALIGN) + d[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(_rows_ptr(DO, head, tok, d, stride_dot, stride_doh, stride_dod, ALIGN), mask=mask, other=0.0)
+    o = tl.load(_rows_ptr(OutU, head, tok, d, stride_ot, stride_oh, stride_od, ALIGN), mask=mask,
+                other=0.0).to(tl.float32)
     if GATE_MODE == 0:
         dou = do
     else:
         if GATE_MODE == 1:
-            g = tl.load(_head_ptr(G, head, stride_gh, ALIGN) + _row_offsets(tok, stride_gt, ALIGN)
-                        + d[None, :] * stride_gd, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(_rows_ptr(G, head, tok, d, stride_gt, stride_gh, stride_gd, ALIGN), mask=mask,
+                        other=0.0).to(tl.float32)
             sg = tl.sigmoid(g)
             dg = do.to(tl.float32) * o * sg * (1.0 - sg)
-            tl.store(_head_ptr(DG, head, stride_dgh, ALIGN) + _row_offsets(tok, stride_dgt, ALIGN)
-                     + d[None, :] * stride_dgd, dg.to(DG.dtype.element_ty), mask=mask)
+            tl.store(_rows_ptr(DG, head, tok, d, stride_dgt, stride_dgh, stride_dgd, ALIGN),
+                     dg.to(DG.dtype.element_ty), mask=mask)
             # Rounded to dO's dtype: the attention backward's dots take it as a low-precision operand.
             dou = (do.to(tl.float32) * sg).to(DOU.dtype.element_ty)
         else:
@@ -72,8 +77,7 @@ def _prefix_lm_attn_bwd_preprocess_kernel(
             dg = tl.sum(do.to(tl.float32) * o, 1) * sg * (1.0 - sg)
             tl.store(DG + head * stride_dgh + tok * stride_dgt, dg.to(DG.dtype.element_ty), mask=ok)
             dou = (do.to(tl.float32) * sg[:, None]).to(DOU.dtype.element_ty)
-        tl.store(_head_ptr(DOU, head, stride_uh, ALIGN) + _row_offsets(tok, stride_ut, ALIGN) + d[None, :] * stride_ud,
-                 dou, mask=mask)
+        tl.store(_rows_ptr(DOU, head, tok, d, stride_ut, stride_uh, stride_ud, ALIGN), dou, mask=mask)
     delta = tl.sum(dou.to(tl.float32) * o, 1)
     tl.store(Delta + head * stride_lh + tok, delta, mask=ok)
 
@@ -137,6 +141,7 @@ def _bwd_kv_block(
     ALIGN: tl.constexpr, ONEPASS: tl.constexpr,
 ):
     """The body of both key-block kernels: one (key block, sample, head) program."""
+    tl.static_assert(not (ONEPASS and ROPE), "the one-pass backward runs on pre-rotated q and k (variant rope_once)")
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "tl.dot needs tile sides that are multiples of 16")
     tl.static_assert(HEAD_DIM % 2 == 0, "rotate-half splits the head in two equal halves")
     tl.static_assert(QK_A >= 16 and QK_B >= 16 and QK_A + QK_B >= HEAD_DIM, "q/k blocks cover the head")
@@ -252,7 +257,8 @@ def _prefix_lm_attn_bwd_onepass_kernel(
     """One-pass backward (variant ``onepass``): the dK/dV program of one key block also adds its dQ share to the
     zero-initialised fp32 ``DQ`` ``(T, H, D)`` with atomics — 5 dots per tile pair instead of the two-kernel
     backward's 7, at the price of run-to-run bit differences in dQ. DQ stays in the rotated frame; the launcher
-    un-rotates (and casts) it once."""
+    un-rotates (and casts) it once. Runs on pre-rotated q and k: with rotation in the tile it spills registers in every
+    config tried for sm_90."""
     _bwd_kv_block(Q, K, V, DOU, Lse, Delta, DK, DV, DQ, CuSeqlens, PrefixLens, Pos, InvFreq, Axis, Tiles,
                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                   stride_ut, stride_uh, stride_ud, stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh,

@@ -33,7 +33,8 @@ VARIANTS: dict[str, str] = {
     "tile_list": "a flat list of the real (sample, block) tiles, longest sample first, built on the device from "
                  "cu_seqlens (no host sync): no program starts only to exit",
     "onepass": "one-pass backward (FlashAttention-2 style): one kernel over key blocks writes dK and dV and adds dQ "
-               "with fp32 atomics (not bitwise reproducible run to run; the two-kernel default is)",
+               "with fp32 atomics (not bitwise reproducible run to run; the two-kernel default is). Implies "
+               "rope_once: with rotation in the tile it spills registers in every config tried for sm_90",
 }
 
 
@@ -65,7 +66,10 @@ def parse_variant(name: str) -> Variant:
         if unknown:
             raise ValueError(f"unknown attention variant {unknown} in {name!r}: combine names from "
                              f"{sorted(VARIANTS)} with '+' (set by use_variant() or {ENV_VAR})")
-        _PARSED[name] = Variant(**{p: True for p in parts if p != "default"})
+        on = {p: True for p in parts if p != "default"}
+        if on.get("onepass"):
+            on["rope_once"] = True  # see VARIANTS["onepass"]
+        _PARSED[name] = Variant(**on)
     return _PARSED[name]
 
 
