@@ -14,7 +14,7 @@ time (compile + autotune) per variant and head dim, the largest difference to th
 gradients, and for forward + backward whether two runs agree bitwise (the ``onepass`` atomics need not).
 
 Before timing, every variant's kernels are compiled in ``--jobs`` worker processes into Triton's disk cache (the
-same launches the op makes, captured with ``function.capture_launches``), so the timed process only loads them.
+same launches the op makes, captured with ``launch.capture_launches``), so the timed process only loads them.
 Rows go to ``DIR/sweep.json`` and ``DIR/sweep.md`` as they are measured: a time-out loses the row in flight, not
 the table. ``--time-limit`` stops starting new rows after that many seconds; the winner per shape is printed and
 written at the end.
@@ -151,10 +151,10 @@ def _chosen_configs(d, variant: str) -> str:
     """The autotuner's pick per kernel, found by capturing the launches one call would make."""
     import torch
 
-    from genlip_fast.ops.prefix_lm_attention import function as F
+    from genlip_fast.ops.prefix_lm_attention import function as F, launch as L
 
     q, k, v = d["q"], d["k"], d["v"]
-    with F.capture_launches() as launches:
+    with L.capture_launches() as launches:
         out, out_u, lse, q_rot, k_rot = F.prefix_lm_attention_forward(
             q, k, v, d["cu"], d["pl"], d["gate"], d["pos"], list(d["section"]), True, 10000.0, q.shape[-1] ** -0.5,
             d["max_seqlen"], variant)
@@ -165,41 +165,46 @@ def _chosen_configs(d, variant: str) -> str:
     picks = []
     for launch in launches:
         if len(launch.configs) > 1:
-            best = getattr(F._autotuner(launch.name, tuple(launch.configs), launch.reset), "best_config", None)
+            best = getattr(L._autotuner(launch.name, tuple(launch.configs), launch.reset), "best_config", None)
             if best is not None:
                 kw = best.kwargs
-                picks.append(f"{launch.name} {kw['BLOCK_M']}x{kw['BLOCK_N']} w{best.num_warps} s{best.num_stages}")
+                picks.append(f"{launch.name} {kw['BLOCK_M']}x{kw['BLOCK_N']} w{best.num_warps} s{best.num_stages}"
+                             + (f" r{best.maxnreg}" if best.maxnreg else ""))
     return "; ".join(picks)
 
 
 # ------------------------------------------------------------------------------------------------ precompile
 
 
+_MAX_LAUNCHES = 8  # launches of one forward + backward (rope_once+onepass: 2 rotations, fwd, pre, onepass, 2 more)
+
+
 def _precompile_job(job) -> tuple[str, int, float]:
-    """Worker: compile (into Triton's disk cache) every autotune candidate of one variant on one shape."""
-    shape, variant = job
+    """Worker: compile (into Triton's disk cache) every autotune candidate of launch ``index`` of one forward +
+    backward of ``variant`` on ``shape`` (one job per launch: the work spreads evenly over the processes)."""
+    shape, variant, index = job
     import torch
 
-    from genlip_fast.ops.prefix_lm_attention import function as F
+    from genlip_fast.ops.prefix_lm_attention import function as F, launch as L
 
     sys.path.insert(0, str(HERE))
     t0 = time.perf_counter()
     d = _pack(shape, dry_run=False)
     q, k, v = d["q"], d["k"], d["v"]
     scale = q.shape[-1] ** -0.5
-    with F.capture_launches() as launches:
+    with L.capture_launches() as launches:
         out, out_u, lse, q_rot, k_rot = F.prefix_lm_attention_forward(
             q, k, v, d["cu"], d["pl"], d["gate"], d["pos"], list(d["section"]), True, 10000.0, scale,
             d["max_seqlen"], variant)
         F.prefix_lm_attention_backward(torch.empty_like(q), q_rot if q_rot.numel() else q,
                                        k_rot if k_rot.numel() else k, v, out_u, lse, d["cu"], d["pl"], d["gate"],
                                        d["pos"], list(d["section"]), True, 10000.0, scale, d["max_seqlen"], variant)
-    n = 0
-    for launch in launches:
-        for cfg in launch.configs:
-            launch.kernel.warmup(*launch.args, grid=(1,), **launch.consts, **cfg.all_kwargs())
-            n += 1
-    return f"{shape}/{variant}", n, time.perf_counter() - t0
+    if index >= len(launches):
+        return f"{shape}/{variant}/{index}", 0, time.perf_counter() - t0
+    launch = launches[index]
+    for cfg in launch.configs:
+        launch.kernel.warmup(*launch.args, grid=(1,), **launch.consts, **cfg.all_kwargs())
+    return f"{shape}/{variant}/{index}", len(launch.configs), time.perf_counter() - t0
 
 
 def precompile(variants: list[str], shapes: list[str], jobs: int, budget_s: float) -> dict:
@@ -213,7 +218,7 @@ def precompile(variants: list[str], shapes: list[str], jobs: int, budget_s: floa
             key = (SHAPES[s]["head_dim"], v)  # same head dim, same strides: the same kernels
             if key not in seen:
                 seen.add(key)
-                work.append((s, v))
+                work += [(s, v, i) for i in range(_MAX_LAUNCHES)]
     t0 = time.perf_counter()
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
     futures = [pool.submit(_precompile_job, w) for w in work]

@@ -8,15 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_sweep_dry_run_measures_every_variant_and_shape(tmp_path):
+@pytest.fixture(scope="module")
+def sweep():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import sweep_attention as sweep
+        import sweep_attention
     finally:
         sys.path.pop(0)
+    return sweep_attention
+
+
+def test_sweep_dry_run_measures_every_variant_and_shape(tmp_path, sweep):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_attention.py"), "--dry-run",
                            "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
@@ -44,3 +51,14 @@ def test_sweep_refuses_without_a_gpu_unless_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_attention.py"), "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2 and "--dry-run" in proc.stderr
+
+
+def test_precompile_job_warms_every_candidate_of_its_launch(monkeypatch, sweep):
+    # On the GPU each job compiles one captured launch's autotune candidates; here (interpreter) warmup compiles
+    # nothing, but the capture, the launch index and the arguments handed to warmup are the real ones.
+    real_pack = sweep._pack
+    monkeypatch.setattr(sweep, "_pack", lambda shape, dry_run: real_pack(shape, True))
+    counts = [sweep._precompile_job(("so16_stage1", "hd80+rope_once+onepass", i))[1]
+              for i in range(sweep._MAX_LAUNCHES)]
+    # q and k rotated, fwd, pre, onepass, dq and dk un-rotated: one interpreter config each, nothing past them
+    assert counts == [1] * 7 + [0] * (sweep._MAX_LAUNCHES - 7)

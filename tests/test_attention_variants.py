@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from genlip_fast.ops.prefix_lm_attention import function as F
+from genlip_fast.ops.prefix_lm_attention import launch as L
 from genlip_fast.ops.prefix_lm_attention import prefix_lm_attention
 from genlip_fast.ops.prefix_lm_attention.variants import (
     ENV_VAR,
@@ -83,7 +84,7 @@ def test_variant_read_at_call_and_kept_by_its_backward(monkeypatch):
 def _tiles(lens, block, descending, T=None):
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     T = int(cu[-1]) + 3 if T is None else T
-    tiles, cap = F._tile_list(cu, T, (block,), descending)
+    tiles, cap = L._tile_list(cu, T, (block,), descending)
     row = tiles[0].tolist()
     total, samples, blocks = row[0], row[1:1 + cap], row[1 + cap:]
     return total, samples, blocks, cap
@@ -114,10 +115,10 @@ def test_tile_list_of_empty_packs_and_the_cache():
     total, samples, _, cap = _tiles([0, 0], 32, False, T=5)
     assert total == 0 and samples == [2] * cap
     cu = torch.tensor([0, 9], dtype=torch.int32)
-    a, _ = F._tile_list(cu, 9, (16, 32), True)
-    assert F._tile_list(cu, 9, (16, 32), True)[0] is a  # same pack: built once
+    a, _ = L._tile_list(cu, 9, (16, 32), True)
+    assert L._tile_list(cu, 9, (16, 32), True)[0] is a  # same pack: built once
     cu[1] = 8  # an in-place change bumps the version: rebuilt
-    assert F._tile_list(cu, 9, (16, 32), True)[0] is not a
+    assert L._tile_list(cu, 9, (16, 32), True)[0] is not a
     assert a.shape == (2, 1 + 2 * (1 + 1 + 1))
 
 
@@ -126,9 +127,10 @@ def test_head_layouts():
     # 72 = 64 + 8: v/dO as 64 + 16; q/k with in-tile rope as (32 + 32) + (4 + 4 padded to 8 + 8), without as v
     assert F._layout(72, True, True) == dict(SPLIT=True, QK_A=64, QK_B=16, V_A=64, V_B=16)
     assert F._layout(72, True, False) == dict(SPLIT=True, QK_A=64, QK_B=16, V_A=64, V_B=16)
-    assert F._layout(96, True, True) == dict(SPLIT=True, QK_A=64, QK_B=32, V_A=64, V_B=32)
     assert F._layout(40, True, True) == dict(SPLIT=True, QK_A=32, QK_B=16, V_A=32, V_B=16)
-    for d in (64, 128):  # powers of two are unpadded already: hd80 leaves them alone
+    assert F._layout(48, True, False) == dict(SPLIT=True, QK_A=32, QK_B=16, V_A=32, V_B=16)
+    # powers of two are unpadded already, and a rest wider than 16 (96 = 64 + 32) is left alone too
+    for d in (64, 128, 96):
         assert F._layout(d, True, True) == F._layout(d, False, True)
 
 
@@ -143,22 +145,22 @@ def test_alignment_hint_is_what_every_stride_allows():
 def test_gpu_configs_are_built_once_so_the_autotuner_is_reused(monkeypatch):
     # The autotuner is cached per config tuple and triton.Config compares by identity: a fresh tuple per call
     # would re-tune every call on the GPU.
-    monkeypatch.setattr(F, "interpreting", lambda: False)
+    monkeypatch.setattr(L, "interpreting", lambda: False)
     for variant in (Variant(), Variant(fit_tiles=True, tile_list=True)):
-        for cls in F.GPU_CONFIGS:
-            a, blocks = F._configs("fwd", False, variant, cls)
-            assert F._configs("fwd", False, variant, cls)[0] is a
+        for cls in L.GPU_CONFIGS:
+            a, blocks = L._configs("fwd", False, variant, cls)
+            assert L._configs("fwd", False, variant, cls)[0] is a
             assert [c.kwargs["TILE_ROW"] for c in a] == [blocks.index(c.kwargs["BLOCK_M"]) for c in a]
-    assert (len(F._configs("dkdv", False, Variant(fit_tiles=True), "w128")[0])
-            > len(F._configs("dkdv", False, Variant(), "w128")[0]))
+    assert (len(L._configs("dkdv", False, Variant(fit_tiles=True), "w128")[0])
+            > len(L._configs("dkdv", False, Variant(), "w128")[0]))
 
 
 def test_config_table_follows_the_head_layout():
     def cls(d, split, rope):
-        return F.layout_class(dict(F._layout(d, split, rope), ROPE=rope))
+        return L.layout_class(dict(F._layout(d, split, rope), ROPE=rope))
 
     assert cls(64, False, True) == cls(64, True, True) == "w64"  # powers of two: hd80 changes nothing
     assert cls(72, False, True) == cls(128, False, False) == "w128"
-    assert cls(72, True, True) == cls(96, True, True) == "split_rope"
+    assert cls(72, True, True) == cls(80, True, True) == "split_rope"
     assert cls(72, True, False) == "split"
-    assert set(F.GPU_CONFIGS) == set(F.GPU_CONFIGS_FIT) == {"w64", "w128", "split", "split_rope"}
+    assert set(L.GPU_CONFIGS) == set(L.GPU_CONFIGS_FIT) == {"w64", "w128", "split", "split_rope"}

@@ -12,264 +12,21 @@ This module deliberately avoids ``from __future__ import annotations``: ``custom
 annotation objects.
 """
 
-import contextlib
-import dataclasses
 import functools
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 
-from .._dispatch import interpreting
-from ..mrope.kernels import _apply_mrope_kernel
 from ..mrope.positions import mrope_freq_table
-from . import kernels, kernels_bwd
+from .launch import _KERNELS, _TILE_AXIS, Launch, _configs, _fixed, _run, _tile_list, layout_class
 from .variants import Variant, current_variant, parse_variant
 
 _LOG2E = 1.4426950408889634
+# Rows x padded half-width per program of the rotation pass: 4096 (the MRoPE op's own choice) spills at D = 72 when
+# un-rotating (sm_90, 56-116 B); 2048 does not.
+ROPE_PASS_ELEMENTS = 2048
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-# Block sizes under the CPU interpreter: one config (autotuning with several fails there). Small enough that the
-# masked / unmasked / tail stages all occur on test-sized samples. Tests may patch this dict.
-INTERPRETER_CONFIGS = {
-    "fwd": dict(BLOCK_M=32, BLOCK_N=32),
-    "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
-    "dq": dict(BLOCK_M=32, BLOCK_N=16),
-    "onepass": dict(BLOCK_M=16, BLOCK_N=32),
-    "pre": dict(BLOCK_M=64),
-    "rope": dict(BLOCK_T=32),
-}
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU machine, by head layout (``layout_class``): registers
-# go to the fp32 accumulators (head width x tile rows / threads), so what fits depends on the padded width. Every
-# entry compiles for sm_90 without register spills, within 227 KiB of shared memory
-# (tests/test_attention_compile_sm90.py, for every variant). The autotune key is the head dim, gate kind, rope flag
-# and variant constexprs (plus the tensor dtypes, which Triton adds itself) — never the pack length or max_seqlen,
-# so a new pack layout reuses the tuned config.
-GPU_CONFIGS = {
-    # two halves padded to <= 32 each, v/dO <= 64 wide (L/16: D = 64)
-    "w64": {
-        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-        "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-        "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-        "onepass": [(32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-    },
-    # two halves padded to 64 each, v/dO to 128 (So/16's D = 72 by default: 1.78x the tensor work of 72; D = 96,
-    # 128): 8 warps for dK/dV, or the accumulators spill
-    "w128": {
-        "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-        "dkdv": [(32, 64, 8, 2), (16, 64, 8, 2), (32, 64, 8, 3)],
-        "dq": [(64, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2), (128, 32, 8, 2)],
-        "onepass": [(32, 64, 8, 2), (16, 64, 8, 2)],
-    },
-    # variant hd80: a power-of-two block + a small one (72 -> 64 + 16, 96 -> 64 + 32), q/k plain (rope_once)
-    "split": {
-        "fwd": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
-        "dkdv": [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-        "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-        "onepass": [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
-    },
-    # ... with in-tile rope: q/k as joined half pieces (32 + 32 and 8 + 8), rotated per tile. No 64 x 128 forward
-    # tile: Triton 3.9 fails to lower it ("Illegal shared layout"). No onepass: it implies rope_once.
-    "split_rope": {
-        "fwd": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-        "dkdv": [(32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 8, 2), (16, 64, 8, 2)],
-        "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
-    },
-}
-# Variant fit_tiles: tiles that fit ~270-token stage-1 samples, and more stages / warps, on top of the above.
-GPU_CONFIGS_FIT = {
-    "w64": {
-        "fwd": [(64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (64, 64, 8, 3)],
-        "dkdv": [(64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)],
-        "dq": [(64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
-        "onepass": [(64, 64, 4, 3), (32, 64, 8, 2)],
-    },
-    "w128": {
-        "fwd": [(64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)],
-        "dkdv": [(16, 64, 8, 3), (32, 32, 8, 2)],
-        "dq": [(64, 64, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
-        "onepass": [(16, 64, 8, 3), (16, 32, 8, 2)],
-    },
-    "split": {
-        "fwd": [(64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
-        "dkdv": [(64, 64, 8, 2), (32, 64, 8, 2)],
-        "dq": [(64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 2)],
-        "onepass": [(16, 64, 8, 2)],
-    },
-    "split_rope": {
-        "fwd": [(64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2)],
-        "dkdv": [(32, 64, 8, 3), (16, 64, 4, 2)],
-        "dq": [(64, 64, 8, 2), (64, 64, 4, 3)],
-    },
-}
-# fp32 tiles take twice the shared memory: the 16-bit configs above overflow an H100's 227 KiB.
-GPU_CONFIGS_FP32 = {
-    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2)],
-    "dkdv": [(32, 64, 4, 1), (32, 32, 4, 2)],
-    "dq": [(64, 32, 4, 1), (32, 32, 4, 2)],
-    "onepass": [(32, 64, 4, 1), (32, 32, 4, 2)],
-}
-_TUNE_KEYS = ["HEAD_DIM", "ROPE", "SPLIT", "ROW_BOUND", "TILE_LIST", "ALIGN"]
-_KERNELS = {
-    "fwd": kernels._prefix_lm_attn_fwd_kernel,
-    "dkdv": kernels_bwd._prefix_lm_attn_bwd_dkdv_kernel,
-    "dq": kernels_bwd._prefix_lm_attn_bwd_dq_kernel,
-    "onepass": kernels_bwd._prefix_lm_attn_bwd_onepass_kernel,
-    "pre": kernels_bwd._prefix_lm_attn_bwd_preprocess_kernel,
-    "rope": _apply_mrope_kernel,
-}
-# The block size along each kernel's grid axis 0 (the tiles a tile list enumerates), and whether the list runs
-# blocks last-to-first: a query block late in a sample sees the most keys, a key block early in it the most queries.
-_TILE_AXIS = {"fwd": ("BLOCK_M", True), "dq": ("BLOCK_M", True), "dkdv": ("BLOCK_N", False),
-              "onepass": ("BLOCK_N", False)}
-
-
-# ------------------------------------------------------------------------------------------------- launching
-
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch as the op would make it: what :func:`capture_launches` records."""
-
-    name: str
-    kernel: object  # the @triton.jit function
-    grid: Callable[[dict], tuple]
-    args: tuple
-    consts: dict
-    configs: list  # triton.Config candidates (the autotuner's choice on a GPU; one entry = fixed)
-    reset: tuple = ()  # outputs an autotuner must zero between trials (atomics)
-
-
-_CAPTURE: Optional[list] = None
-
-
-@contextlib.contextmanager
-def capture_launches():
-    """Record every kernel launch in a list instead of running it (outputs are left unwritten). Used to compile
-    exactly what the op launches, without a GPU (``inspect_sm90``) or ahead of timing (the sweep's precompile)."""
-    global _CAPTURE
-    saved, _CAPTURE = _CAPTURE, []
-    try:
-        yield _CAPTURE
-    finally:
-        _CAPTURE = saved
-
-
-@functools.lru_cache(maxsize=None)
-def _autotuner(name: str, configs: tuple, reset: tuple):
-    key = _TUNE_KEYS + (["GATE_MODE"] if name == "fwd" else [])
-    return triton.autotune(list(configs), key=key, reset_to_zero=list(reset) or None)(_KERNELS[name])
-
-
-def _run(launch: Launch) -> None:
-    if _CAPTURE is not None:
-        _CAPTURE.append(launch)
-    elif interpreting() or len(launch.configs) == 1:
-        cfg = launch.configs[0]
-        launch.kernel[launch.grid(cfg.kwargs)](*launch.args, **launch.consts, **cfg.all_kwargs())
-    else:
-        _autotuner(launch.name, tuple(launch.configs), launch.reset)[launch.grid](*launch.args, **launch.consts)
-
-
-def layout_class(consts: dict) -> str:
-    """Which GPU config table fits a kernel's head layout (``_layout`` plus ``ROPE``): halves of width ``w64`` /
-    ``w128`` (wider heads use ``w128`` too: they are outside what the tables are checked for), ``split`` (plain
-    64 + 16 blocks) or ``split_rope`` (in-tile rope: joined half pieces, which cost the backward registers)."""
-    if consts["SPLIT"]:
-        return "split_rope" if consts["ROPE"] else "split"
-    return "w64" if max(consts["QK_A"] + consts["QK_B"], consts["V_A"]) <= 64 else "w128"
-
-
-def gpu_table(name: str, fp32: bool, variant: Variant, layout_cls: str) -> list:
-    """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` candidates of attention kernel ``name`` on a GPU."""
-    if fp32:
-        return list(GPU_CONFIGS_FP32[name])
-    table = list(GPU_CONFIGS[layout_cls][name])
-    if variant.fit_tiles:
-        table += [c for c in GPU_CONFIGS_FIT[layout_cls][name] if c not in table]
-    return table
-
-
-def _configs(name: str, fp32: bool, variant: Variant, layout_cls: str) -> tuple[tuple, tuple]:
-    """``(configs, tile blocks)``: triton.Configs for kernel ``name`` (each with the row of its block size in the
-    tile list), and the distinct grid-axis block sizes a tile list must cover."""
-    if interpreting():  # built per call: tests patch INTERPRETER_CONFIGS
-        return _make_configs(name, [dict(INTERPRETER_CONFIGS[name], num_warps=4, num_stages=1)])
-    return _gpu_configs(name, fp32, variant, layout_cls)
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_configs(name: str, fp32: bool, variant: Variant, layout_cls: str) -> tuple[tuple, tuple]:
-    # Cached: the autotuner is cached per config tuple, and a triton.Config compares by identity.
-    table = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-             for m, n, w, s in gpu_table(name, fp32, variant, layout_cls)]
-    return _make_configs(name, table)
-
-
-def _make_configs(name: str, table: list) -> tuple[tuple, tuple]:
-    axis, _ = _TILE_AXIS[name]
-    blocks = tuple(sorted({c[axis] for c in table}))
-    configs = tuple(triton.Config(dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], TILE_ROW=blocks.index(c[axis])),
-                                  num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in table)
-    return configs, blocks
-
-
-def _fixed(name: str, **gpu) -> list:
-    """The one config of a non-tuned kernel (preprocess, rotation pass)."""
-    kw = INTERPRETER_CONFIGS[name] if interpreting() else gpu
-    return [triton.Config(dict(kw), num_warps=4, num_stages=2)]
-
-
-# ------------------------------------------------------------------------------------------------ tile lists
-
-_TILE_CACHE: dict = {}  # (id(cu_seqlens), version, T, blocks, descending) -> (cu_seqlens, tiles, cap)
-
-
-def _build_tiles(cu_seqlens: torch.Tensor, total_tokens: int, blocks: tuple, descending: bool, cap: int):
-    """Rows ``[total, samples[cap], blocks[cap]]`` (int32, one per block size) of the real (sample, block) tiles:
-    samples longest first. Entries past ``total`` are padding programs: sample = num_samples, block = their index
-    among them. Device ops with fixed shapes only (no host sync)."""
-    n = cu_seqlens.numel() - 1
-    dev = cu_seqlens.device
-    t = torch.arange(cap, device=dev)
-    rows = []
-    for b in blocks:
-        if n == 0:
-            rows.append(torch.cat([t.new_zeros(1), t.new_zeros(cap), t]))
-            continue
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        order = torch.sort(lens, descending=True, stable=True).indices
-        count = (lens[order] + b - 1) // b
-        cum = torch.cumsum(count, 0)
-        total = cum[-1:]
-        j = torch.searchsorted(cum, t, right=True).clamp(max=n - 1)  # position in the longest-first order
-        blk = t - (cum[j] - count[j])
-        if descending:
-            blk = count[j] - 1 - blk
-        real = t < total
-        sample = torch.where(real, order[j], n)
-        blk = torch.where(real, blk, t - total)
-        rows.append(torch.cat([total, sample, blk]))
-    return torch.stack(rows).to(torch.int32).contiguous()
-
-
-def _tile_list(cu_seqlens: torch.Tensor, total_tokens: int, blocks: tuple, descending: bool):
-    """``(tiles, cap)`` for a pack, cached while the same ``cu_seqlens`` tensor comes back (every layer of one
-    step passes the same one). ``cap`` bounds the tiles of any layout: ``cdiv(T, block) + samples``, plus one
-    program that zeroes the padding."""
-    n = cu_seqlens.numel() - 1
-    cap = triton.cdiv(total_tokens, min(blocks)) + n + 1
-    key = (id(cu_seqlens), cu_seqlens._version, total_tokens, blocks, descending)
-    hit = _TILE_CACHE.get(key)
-    if hit is not None and hit[0] is cu_seqlens:
-        return hit[1], cap
-    tiles = _build_tiles(cu_seqlens, total_tokens, blocks, descending, cap)
-    while len(_TILE_CACHE) >= 16:
-        _TILE_CACHE.pop(next(iter(_TILE_CACHE)))
-    _TILE_CACHE[key] = (cu_seqlens, tiles)  # holding the tensor keeps its id from being reused
-    return tiles, cap
-
 
 # ---------------------------------------------------------------------------------------------- shared pieces
 
@@ -285,20 +42,18 @@ def _pow2_floor(x: int) -> int:
 
 
 def _layout(head_dim: int, split: bool, rope: bool) -> dict:
-    """Column-block constexprs of the head layout (``kernels.py`` docstring). ``split`` only changes
-    non-power-of-two head dims: a power of two is already unpadded as two halves."""
+    """Column-block constexprs of the head layout (``kernels.py`` docstring). ``split`` (variant hd80) changes head
+    dims that are a power of two plus at most 16 (72 = 64 + 8, 80, 40, 48): a power of two is unpadded as two halves
+    already, and a wider rest (96 = 64 + 32) spills registers on sm_90 in too many configs to be worth a table."""
     D, half = head_dim, head_dim // 2
-    if not split or D == triton.next_power_of_2(D):
+    va = _pow2_floor(D)
+    if not split or D == va or D - va > 16:
         bh = max(16, triton.next_power_of_2(half))
         return dict(SPLIT=False, QK_A=bh, QK_B=bh, V_A=max(16, triton.next_power_of_2(D)), V_B=16)
-    va = _pow2_floor(D)
-    vb = max(16, triton.next_power_of_2(D - va))
     if rope:  # each half as a power of two + the rest, joined pairwise: 72 -> (32 + 32) + (4 + 4 -> 8 + 8)
         ha = _pow2_floor(half)
-        qa, qb = 2 * ha, 2 * max(8, triton.next_power_of_2(half - ha))
-    else:
-        qa, qb = va, vb
-    return dict(SPLIT=True, QK_A=qa, QK_B=qb, V_A=va, V_B=vb)
+        return dict(SPLIT=True, QK_A=2 * ha, QK_B=2 * max(8, triton.next_power_of_2(half - ha)), V_A=va, V_B=16)
+    return dict(SPLIT=True, QK_A=va, QK_B=16, V_A=va, V_B=16)
 
 
 def _align(*tensors) -> int:
@@ -381,8 +136,7 @@ def _rotate_into(x: torch.Tensor, y: torch.Tensor, rope: tuple, inverse: bool) -
 
     half = triton.next_power_of_2(D // 2)
     _run(Launch("rope", _KERNELS["rope"], grid, (x, y, pos, inv, axis, *x.stride(), *y.stride(), spa, spt, T),
-                dict(HEAD_DIM=D, BLOCK_HALF=half, INVERSE=inverse),
-                _fixed("rope", BLOCK_T=max(1, min(128, 4096 // half)))))
+                dict(HEAD_DIM=D, BLOCK_HALF=half, INVERSE=inverse), _fixed("rope", BLOCK_T=ROPE_PASS_ELEMENTS // half)))
     return y
 
 
@@ -657,8 +411,6 @@ def prefix_lm_attention_triton(
 
 
 __all__ = [
-    "capture_launches",
-    "gpu_table",
     "prefix_lm_attention_backward",
     "prefix_lm_attention_forward",
     "prefix_lm_attention_triton",

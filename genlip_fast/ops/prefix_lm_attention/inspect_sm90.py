@@ -35,10 +35,11 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def capture(variant: str, head_dim: int, dtype: str, gate: str = "elementwise", rope: bool = True,
             total: int = 16384, heads: int = 16, sample_len: int = 270, prefix: int = 196):
-    """Every launch of one forward + backward on a stage-1-like pack, as :class:`function.Launch` records."""
+    """Every launch of one forward + backward on a stage-1-like pack, as :class:`launch.Launch` records."""
     import torch
 
     from . import function as F
+    from .launch import capture_launches
 
     dt = getattr(torch, _DTYPES[dtype])
     T, H, D = total, heads, head_dim
@@ -53,7 +54,7 @@ def capture(variant: str, head_dim: int, dtype: str, gate: str = "elementwise", 
     pos = torch.zeros(3, T, dtype=torch.int64) if rope else None
     section = [D // 2 - 2 * (D // 6), D // 6, D // 6]
     scale = D**-0.5
-    with F.capture_launches() as launches:
+    with capture_launches() as launches:
         out, out_u, lse, q_rot, k_rot = F.prefix_lm_attention_forward(
             q, k, v, cu, pl, g, pos, section, True, 10000.0, scale, sample_len, variant)
         if q_rot.numel():
@@ -145,7 +146,7 @@ def inspect_job(job: tuple) -> list[dict]:
             rows.append(dict(
                 variant=variant, kernel=launch.name, head_dim=head_dim, dtype=dtype,
                 config=f"{cfg.kwargs.get('BLOCK_M', cfg.kwargs.get('BLOCK_T', '-'))}x{cfg.kwargs.get('BLOCK_N', '-')}"
-                       f" w{cfg.num_warps} s{cfg.num_stages}",
+                       f" w{cfg.num_warps} s{cfg.num_stages}" + (f" r{cfg.maxnreg}" if cfg.maxnreg else ""),
                 constexprs=_constexpr_summary(launch.consts),
                 shared=compiled.metadata.shared, wgmma="wgmma.mma_async" in ptx, loads=load_widths(ptx),
                 compile_s=round(seconds, 2), compile_cpu_s=round(cpu, 2), **ptxas_report(ptx, compiled.asm["cubin"]),
@@ -154,14 +155,24 @@ def inspect_job(job: tuple) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| variant | kernel | D | dtype | config | constexprs | regs | spill st/ld B | smem KiB | wgmma | "
-            "global loads | compile CPU s |")
-    lines = [head, "|" + "---|" * 12]
+    """One row per distinct compiled kernel (kernel, head dim, dtype, constexprs, config), with the variants that
+    launch it."""
+    merged: dict[tuple, dict] = {}
     for r in rows:
+        key = (r["kernel"], r["head_dim"], r["dtype"], r["constexprs"], r["config"])
+        if key not in merged:
+            merged[key] = dict(r, variants=[])
+        if r["variant"] not in merged[key]["variants"]:
+            merged[key]["variants"].append(r["variant"])
+    head = ("| kernel | D | dtype | config | constexprs | regs | spill st/ld B | smem KiB | wgmma | global loads "
+            "| compile CPU s | variants |")
+    lines = [head, "|" + "---|" * 12]
+    for r in merged.values():
         loads = " ".join(f"{k}:{v}" for k, v in r["loads"].items())
-        lines.append(f"| {r['variant']} | {r['kernel']} | {r['head_dim']} | {r['dtype']} | {r['config']} | "
-                     f"{r['constexprs']} | {r['registers']} | {r['spill_stores']}/{r['spill_loads']} | "
-                     f"{r['shared'] / 1024:.1f} | {'yes' if r['wgmma'] else 'no'} | {loads} | {r['compile_cpu_s']} |")
+        lines.append(f"| {r['kernel']} | {r['head_dim']} | {r['dtype']} | {r['config']} | {r['constexprs']} | "
+                     f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['shared'] / 1024:.1f} | "
+                     f"{'yes' if r['wgmma'] else 'no'} | {loads} | {r['compile_cpu_s']} | "
+                     f"{', '.join(r['variants'])} |")
     return "\n".join(lines)
 
 
@@ -188,8 +199,10 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     rows = run(jobs, a.jobs)
     print(markdown(rows))
-    print(f"\n{len(rows)} kernels compiled in {time.perf_counter() - t0:.0f} s wall on {a.jobs} processes; "
-          f"{sum(r['compile_cpu_s'] for r in rows):.0f} CPU s of compiling in all")
+    spills = sum(1 for r in rows if r["spill_stores"] or r["spill_loads"])
+    print(f"\n{len(rows)} launches x candidates inspected, {spills} with spills; {time.perf_counter() - t0:.0f} s wall "
+          f"on {a.jobs} processes, {sum(r['compile_cpu_s'] for r in rows):.0f} CPU s of compiling (a kernel already in "
+          f"Triton's cache counts ~0)")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
 

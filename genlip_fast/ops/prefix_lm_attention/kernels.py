@@ -67,20 +67,16 @@ def _sample_span(CuSeqlens, PrefixLens, sample):
 
 
 @triton.jit
+def _rows(start, bos, seqlen, BLOCK: tl.constexpr):
+    """``(local index, inside the sample, global token as int64)`` of the ``BLOCK`` rows from ``start``."""
+    offs = start + tl.arange(0, BLOCK)
+    return offs, offs < seqlen, (bos + offs).to(tl.int64)
+
+
+@triton.jit
 def _kv_head(head):
     """The k/v head that query head ``head`` reads: the same one (grouped-query attention maps it here)."""
     return head
-
-
-@triton.jit
-def _head_ptr(X, head, stride_h, ALIGN: tl.constexpr):
-    return X + tl.multiple_of(head * stride_h, ALIGN)
-
-
-@triton.jit
-def _row_offsets(tok, stride_t, ALIGN: tl.constexpr):
-    """``tok[:, None] * stride_t`` (int64 tokens), marked a multiple of ``ALIGN`` so rows load as 16-byte vectors."""
-    return tl.multiple_of(tok[:, None] * stride_t, [ALIGN, 1])
 
 
 @triton.jit
@@ -162,11 +158,13 @@ def _deinterleave(x):
 
 
 @triton.jit
-def _load_qk(X, rows, tok, tok_mask, stride_d, Pos, stride_pa, stride_pt, InvFreq, Axis,
+def _load_qk(X, tok, tok_mask, stride_t, stride_d, Pos, stride_pa, stride_pt, InvFreq, Axis,
              HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, SPLIT: tl.constexpr,
-             ROPE: tl.constexpr):
-    """q or k rows as the two column blocks ``(a, b)`` of the head layout (module docstring), rotated when ROPE."""
+             ROPE: tl.constexpr, ALIGN: tl.constexpr):
+    """q or k rows ``tok`` as the two column blocks ``(a, b)`` of the head layout (module docstring), rotated when
+    ROPE."""
     HALF: tl.constexpr = HEAD_DIM // 2
+    rows = tl.multiple_of(tok[:, None] * stride_t, [ALIGN, 1])
     if SPLIT and ROPE:
         HA: tl.constexpr = QK_A // 2
         a1 = _load_cols(X, rows, tok_mask, stride_d, 0, HA, HA)
@@ -181,21 +179,25 @@ def _load_qk(X, rows, tok, tok_mask, stride_d, Pos, stride_pa, stride_pt, InvFre
         return (_load_cols(X, rows, tok_mask, stride_d, 0, QK_A, QK_A),
                 _load_cols(X, rows, tok_mask, stride_d, QK_A, HEAD_DIM - QK_A, QK_B))
     else:
-        x1 = _load_cols(X, rows, tok_mask, stride_d, 0, HALF, QK_A)
-        x2 = _load_cols(X, rows, tok_mask, stride_d, HALF, HALF, QK_B)
+        d = tl.arange(0, QK_A)
+        mask = tok_mask[:, None] & (d[None, :] < HALF)
+        ptr = X + rows + d[None, :] * stride_d
+        x1 = tl.load(ptr, mask=mask, other=0.0)
+        x2 = tl.load(ptr + HALF * stride_d, mask=mask, other=0.0)
         if ROPE:
             x1, x2 = _rope_pair(x1, x2, Pos, stride_pa, stride_pt, tok, tok_mask, InvFreq, Axis, 0, HALF, QK_A, False)
         return x1, x2
 
 
 @triton.jit
-def _write_qk(X, rows, tok, tok_mask, stride_d, da, db, Pos, stride_pa, stride_pt, InvFreq, Axis,
+def _write_qk(X, tok, tok_mask, stride_t, stride_d, da, db, Pos, stride_pa, stride_pt, InvFreq, Axis,
               HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, SPLIT: tl.constexpr,
-              ROPE: tl.constexpr, ATOMIC: tl.constexpr):
+              ROPE: tl.constexpr, ATOMIC: tl.constexpr, ALIGN: tl.constexpr):
     """The inverse of :func:`_load_qk` for fp32 gradients ``(da, db)``: back to channel order, un-rotated when ROPE,
     and stored; with ``ATOMIC`` added instead (the one-pass backward's dQ, which runs on pre-rotated q/k)."""
     tl.static_assert(not (ATOMIC and ROPE), "atomic dQ is summed in the rotated frame and un-rotated once, after")
     HALF: tl.constexpr = HEAD_DIM // 2
+    rows = tl.multiple_of(tok[:, None] * stride_t, [ALIGN, 1])
     if SPLIT and ROPE:
         HA: tl.constexpr = QK_A // 2
         a1, a2 = _deinterleave(da)
@@ -219,10 +221,11 @@ def _write_qk(X, rows, tok, tok_mask, stride_d, da, db, Pos, stride_pa, stride_p
 
 
 @triton.jit
-def _load_v(X, rows, tok_mask, stride_d, HEAD_DIM: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
-            SPLIT: tl.constexpr):
-    """v / dO / gate rows as ``(a, b)``: with SPLIT ``[0, V_A)`` and ``[V_A, D)`` padded to V_B; otherwise the
-    whole head padded to V_A, returned twice (b is then never used)."""
+def _load_v(X, tok, tok_mask, stride_t, stride_d, HEAD_DIM: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
+            SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+    """v / dO / gate rows ``tok`` as ``(a, b)``: with SPLIT ``[0, V_A)`` and ``[V_A, D)`` padded to V_B; otherwise
+    the whole head padded to V_A, returned twice (b is then never used)."""
+    rows = tl.multiple_of(tok[:, None] * stride_t, [ALIGN, 1])
     if SPLIT:
         return (_load_cols(X, rows, tok_mask, stride_d, 0, V_A, V_A),
                 _load_cols(X, rows, tok_mask, stride_d, V_A, HEAD_DIM - V_A, V_B))
@@ -232,13 +235,25 @@ def _load_v(X, rows, tok_mask, stride_d, HEAD_DIM: tl.constexpr, V_A: tl.constex
 
 
 @triton.jit
-def _write_v(X, rows, tok_mask, stride_d, xa, xb, HEAD_DIM: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
-             SPLIT: tl.constexpr):
+def _write_v(X, tok, tok_mask, stride_t, stride_d, xa, xb, HEAD_DIM: tl.constexpr, V_A: tl.constexpr,
+             V_B: tl.constexpr, SPLIT: tl.constexpr, ALIGN: tl.constexpr):
+    rows = tl.multiple_of(tok[:, None] * stride_t, [ALIGN, 1])
     if SPLIT:
         _write_cols(X, rows, tok_mask, stride_d, xa, 0, V_A, V_A, False)
         _write_cols(X, rows, tok_mask, stride_d, xb, V_A, HEAD_DIM - V_A, V_B, False)
     else:
         _write_cols(X, rows, tok_mask, stride_d, xa, 0, HEAD_DIM, V_A, False)
+
+
+@triton.jit
+def _scores(qa, qb, K, tok, tok_mask, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+            HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, SPLIT: tl.constexpr, ROPE: tl.constexpr,
+            DOT_PREC: tl.constexpr, ALIGN: tl.constexpr):
+    """Load the key rows ``tok`` and return ``(q k^T, ka, kb)``, the scores summed over both column blocks."""
+    ka, kb = _load_qk(K, tok, tok_mask, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
+    s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
+    return tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PREC), ka, kb
 
 
 @triton.jit
@@ -251,7 +266,7 @@ def _zero_rows(X, stride_t, stride_d, start, total, pid, num_pid,
     zb = tl.zeros([BLOCK, V_B], dtype=tl.float32)
     for m0 in range(start + pid * BLOCK, total, num_pid * BLOCK):
         tok = (m0 + offs).to(tl.int64)
-        _write_v(X, _row_offsets(tok, stride_t, ALIGN), tok < total, stride_d, za, zb, HEAD_DIM, V_A, V_B, SPLIT)
+        _write_v(X, tok, tok < total, stride_t, stride_d, za, zb, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
 
 
 # ----------------------------------------------------------------------------------------------------- forward
@@ -266,15 +281,10 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, qa, qb, K, V, Pos, InvFreq, Axis,
                DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, ALIGN: tl.constexpr):
     """Online softmax over key blocks ``[lo, hi)`` (local). ``MASK=False`` only for tiles that are fully visible
     and inside the sample, so the common case pays no mask arithmetic."""
-    offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        n_idx = n0 + offs_n
-        n_ok = n_idx < seqlen
-        tok = (bos + n_idx).to(tl.int64)
-        ka, kb = _load_qk(K, _row_offsets(tok, stride_kt, ALIGN), tok, n_ok, stride_kd, Pos, stride_pa, stride_pt,
-                          InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE)
-        s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
-        s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PREC)
+        n_idx, n_ok, tok = _rows(n0, bos, seqlen, BLOCK_N)
+        s, ka, kb = _scores(qa, qb, K, tok, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                            HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, DOT_PREC, ALIGN)
         s = s * QK_SCALE
         if MASK:
             s = tl.where(_visible(offs_m, n_idx, prefix, seqlen, row_end, ROW_BOUND), s, float("-inf"))
@@ -282,7 +292,7 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, qa, qb, K, V, Pos, InvFreq, Axis,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        va, vb = _load_v(V, _row_offsets(tok, stride_vt, ALIGN), n_ok, stride_vd, HEAD_DIM, V_A, V_B, SPLIT)
+        va, vb = _load_v(V, tok, n_ok, stride_vt, stride_vd, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=DOT_PREC)
         if SPLIT:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=DOT_PREC)
@@ -317,8 +327,8 @@ def _prefix_lm_attn_fwd_kernel(
     tl.static_assert(QK_A >= 16 and QK_B >= 16 and QK_A + QK_B >= HEAD_DIM, "q/k blocks cover the head")
     sample, blk, num_pad = _tile_coords(Tiles, tile_cap, TILE_LIST, TILE_ROW)
     head = tl.program_id(2).to(tl.int64)
-    Out = _head_ptr(Out, head, stride_oh, ALIGN)
-    OutU = _head_ptr(OutU, head, stride_oh, ALIGN)
+    Out += tl.multiple_of(head * stride_oh, ALIGN)
+    OutU += tl.multiple_of(head * stride_oh, ALIGN)
     if sample == num_samples:
         pad_start = tl.load(CuSeqlens + num_samples)
         _zero_rows(Out, stride_ot, stride_od, pad_start, total_tokens, blk, num_pad,
@@ -332,15 +342,13 @@ def _prefix_lm_attn_fwd_kernel(
     if m0 >= seqlen:  # the (block, sample) grid is sized for the longest sample
         return
     kv_head = _kv_head(head)
-    Q = _head_ptr(Q, head, stride_qh, ALIGN)
-    K = _head_ptr(K, kv_head, stride_kh, ALIGN)
-    V = _head_ptr(V, kv_head, stride_vh, ALIGN)
+    Q += tl.multiple_of(head * stride_qh, ALIGN)
+    K += tl.multiple_of(kv_head * stride_kh, ALIGN)
+    V += tl.multiple_of(kv_head * stride_vh, ALIGN)
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    tok_m = (bos + offs_m).to(tl.int64)
-    qa, qb = _load_qk(Q, _row_offsets(tok_m, stride_qt, ALIGN), tok_m, m_ok, stride_qd, Pos, stride_pa, stride_pt,
-                      InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE)
+    offs_m, m_ok, tok_m = _rows(m0, bos, seqlen, BLOCK_M)
+    qa, qb = _load_qk(Q, tok_m, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
 
     # A finite floor instead of -inf: a row whose first tile is fully masked then gives exp2(-inf - floor) = 0
     # rather than exp2(-inf + inf) = NaN.
@@ -369,17 +377,16 @@ def _prefix_lm_attn_fwd_kernel(
     o_b = acc_b / l_safe[:, None]
     tl.store(Lse + head * stride_lh + bos + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
-    rows_o = _row_offsets(tok_m, stride_ot, ALIGN)
     if GATE_MODE == 1:
-        G = _head_ptr(G, head, stride_gh, ALIGN)
-        ga, gb = _load_v(G, _row_offsets(tok_m, stride_gt, ALIGN), m_ok, stride_gd, HEAD_DIM, V_A, V_B, SPLIT)
-        _write_v(OutU, rows_o, m_ok, stride_od, o_a, o_b, HEAD_DIM, V_A, V_B, SPLIT)
+        G += tl.multiple_of(head * stride_gh, ALIGN)
+        ga, gb = _load_v(G, tok_m, m_ok, stride_gt, stride_gd, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
+        _write_v(OutU, tok_m, m_ok, stride_ot, stride_od, o_a, o_b, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
         o_a = o_a * tl.sigmoid(ga.to(tl.float32))
         if SPLIT:
             o_b = o_b * tl.sigmoid(gb.to(tl.float32))
     elif GATE_MODE == 2:
         g = tl.load(G + head * stride_gh + tok_m * stride_gt, mask=m_ok, other=0.0).to(tl.float32)
-        _write_v(OutU, rows_o, m_ok, stride_od, o_a, o_b, HEAD_DIM, V_A, V_B, SPLIT)
+        _write_v(OutU, tok_m, m_ok, stride_ot, stride_od, o_a, o_b, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
         o_a = o_a * tl.sigmoid(g)[:, None]
         o_b = o_b * tl.sigmoid(g)[:, None]
-    _write_v(Out, rows_o, m_ok, stride_od, o_a, o_b, HEAD_DIM, V_A, V_B, SPLIT)
+    _write_v(Out, tok_m, m_ok, stride_ot, stride_od, o_a, o_b, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)

@@ -13,12 +13,12 @@ import triton.language as tl
 
 from .kernels import (
     _RUNTIME_INTS,
-    _head_ptr,
     _kv_head,
     _load_qk,
     _load_v,
-    _row_offsets,
+    _rows,
     _sample_span,
+    _scores,
     _tile_coords,
     _visible,
     _visible_t,
@@ -31,7 +31,8 @@ from .kernels import (
 @triton.jit
 def _rows_ptr(X, head, tok, d, stride_t, stride_h, stride_d, ALIGN: tl.constexpr):
     """Pointers to columns ``d`` of rows ``tok`` of head ``head`` of a ``(T, H, D)`` tensor."""
-    return _head_ptr(X, head, stride_h, ALIGN) + _row_offsets(tok, stride_t, ALIGN) + d[None, :] * stride_d
+    rows = tl.multiple_of(tok[:, None] * stride_t, [ALIGN, 1])
+    return X + tl.multiple_of(head * stride_h, ALIGN) + rows + d[None, :] * stride_d
 
 
 @triton.jit(do_not_specialize=["total_tokens"])
@@ -97,12 +98,10 @@ def _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Po
     transposed tile ``S^T = k q^T`` so the accumulators stay row-major in keys. ``ONEPASS``: also add this key
     block's share of dQ, ``dS k * scale``, to the fp32 buffer DQ (atomics; rotated frame)."""
     for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < seqlen
-        tok = (bos + offs_m).to(tl.int64)
-        qa, qb = _load_qk(Q, _row_offsets(tok, stride_qt, ALIGN), tok, m_ok, stride_qd, Pos, stride_pa, stride_pt,
-                          InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE)
-        doa, dob = _load_v(DOU, _row_offsets(tok, stride_ut, ALIGN), m_ok, stride_ud, HEAD_DIM, V_A, V_B, SPLIT)
+        offs_m, m_ok, tok = _rows(m0, bos, seqlen, BLOCK_M)
+        qa, qb = _load_qk(Q, tok, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                          HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
+        doa, dob = _load_v(DOU, tok, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
         lse = tl.load(Lse + tok, mask=m_ok, other=0.0)
         delta = tl.load(Delta + tok, mask=m_ok, other=0.0)
         st = tl.dot(ka, tl.trans(qa), input_precision=DOT_PREC)
@@ -123,8 +122,8 @@ def _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Po
             ds = tl.trans(dst)
             dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * SM_SCALE
             dqb = tl.dot(ds, kb, input_precision=DOT_PREC) * SM_SCALE
-            _write_qk(DQ, _row_offsets(tok, stride_dqt, ALIGN), tok, m_ok, stride_dqd, dqa, dqb,
-                      Pos, stride_pa, stride_pt, InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, True)
+            _write_qk(DQ, tok, m_ok, stride_dqt, stride_dqd, dqa, dqb, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, True, ALIGN)
     return dka, dkb, dva, dvb
 
 
@@ -148,8 +147,8 @@ def _bwd_kv_block(
     sample, blk, num_pad = _tile_coords(Tiles, tile_cap, TILE_LIST, TILE_ROW)
     head = tl.program_id(2).to(tl.int64)
     kv_head = _kv_head(head)
-    DK = _head_ptr(DK, kv_head, stride_dkh, ALIGN)
-    DV = _head_ptr(DV, kv_head, stride_dvh, ALIGN)
+    DK += tl.multiple_of(kv_head * stride_dkh, ALIGN)
+    DV += tl.multiple_of(kv_head * stride_dvh, ALIGN)
     if sample == num_samples:
         pad_start = tl.load(CuSeqlens + num_samples)
         _zero_rows(DK, stride_dkt, stride_dkd, pad_start, total_tokens, blk, num_pad,
@@ -161,20 +160,18 @@ def _bwd_kv_block(
     n0 = blk * BLOCK_N
     if n0 >= seqlen:
         return
-    Q = _head_ptr(Q, head, stride_qh, ALIGN)
-    K = _head_ptr(K, kv_head, stride_kh, ALIGN)
-    V = _head_ptr(V, kv_head, stride_vh, ALIGN)
-    DOU = _head_ptr(DOU, head, stride_uh, ALIGN)
-    DQ = _head_ptr(DQ, head, stride_dqh, ALIGN)
+    Q += tl.multiple_of(head * stride_qh, ALIGN)
+    K += tl.multiple_of(kv_head * stride_kh, ALIGN)
+    V += tl.multiple_of(kv_head * stride_vh, ALIGN)
+    DOU += tl.multiple_of(head * stride_uh, ALIGN)
+    DQ += tl.multiple_of(head * stride_dqh, ALIGN)
     Lse += head * stride_lh
     Delta += head * stride_lh
 
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < seqlen
-    tok_n = (bos + offs_n).to(tl.int64)
-    ka, kb = _load_qk(K, _row_offsets(tok_n, stride_kt, ALIGN), tok_n, n_ok, stride_kd, Pos, stride_pa, stride_pt,
-                      InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE)
-    va, vb = _load_v(V, _row_offsets(tok_n, stride_vt, ALIGN), n_ok, stride_vd, HEAD_DIM, V_A, V_B, SPLIT)
+    offs_n, n_ok, tok_n = _rows(n0, bos, seqlen, BLOCK_N)
+    ka, kb = _load_qk(K, tok_n, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
+    va, vb = _load_v(V, tok_n, n_ok, stride_vt, stride_vd, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
     dka = tl.zeros([BLOCK_N, QK_A], dtype=tl.float32)
     dkb = tl.zeros([BLOCK_N, QK_B], dtype=tl.float32)
     dva = tl.zeros([BLOCK_N, V_A], dtype=tl.float32)
@@ -205,9 +202,9 @@ def _bwd_kv_block(
                                        stride_pa, stride_pt, bos, seqlen, prefix, offs_n, first_row,
                                        full_hi, m_ceil, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M,
                                        ROPE, True, DOT_PREC, SPLIT, ROW_BOUND, ALIGN, ONEPASS)
-    _write_qk(DK, _row_offsets(tok_n, stride_dkt, ALIGN), tok_n, n_ok, stride_dkd, dka * SM_SCALE, dkb * SM_SCALE,
-              Pos, stride_pa, stride_pt, InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, False)
-    _write_v(DV, _row_offsets(tok_n, stride_dvt, ALIGN), n_ok, stride_dvd, dva, dvb, HEAD_DIM, V_A, V_B, SPLIT)
+    _write_qk(DK, tok_n, n_ok, stride_dkt, stride_dkd, dka * SM_SCALE, dkb * SM_SCALE, Pos, stride_pa, stride_pt,
+              InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, False, ALIGN)
+    _write_v(DV, tok_n, n_ok, stride_dvt, stride_dvd, dva, dvb, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -278,16 +275,11 @@ def _bwd_dq_inner(dqa, dqb, qa, qb, doa, dob, lse, delta, K, V, Pos, InvFreq, Ax
                   HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr,
                   V_B: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr,
                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, ALIGN: tl.constexpr):
-    offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        n_idx = n0 + offs_n
-        n_ok = n_idx < seqlen
-        tok = (bos + n_idx).to(tl.int64)
-        ka, kb = _load_qk(K, _row_offsets(tok, stride_kt, ALIGN), tok, n_ok, stride_kd, Pos, stride_pa, stride_pt,
-                          InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE)
-        va, vb = _load_v(V, _row_offsets(tok, stride_vt, ALIGN), n_ok, stride_vd, HEAD_DIM, V_A, V_B, SPLIT)
-        s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PREC)
-        s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PREC)
+        n_idx, n_ok, tok = _rows(n0, bos, seqlen, BLOCK_N)
+        s, ka, kb = _scores(qa, qb, K, tok, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                            HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, DOT_PREC, ALIGN)
+        va, vb = _load_v(V, tok, n_ok, stride_vt, stride_vd, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
         p = tl.exp2(s * QK_SCALE - lse[:, None])
         if MASK:
             p = tl.where(_visible(offs_m, n_idx, prefix, seqlen, row_end, ROW_BOUND), p, 0.0)
@@ -322,7 +314,7 @@ def _prefix_lm_attn_bwd_dq_kernel(
     tl.static_assert(QK_A >= 16 and QK_B >= 16 and QK_A + QK_B >= HEAD_DIM, "q/k blocks cover the head")
     sample, blk, num_pad = _tile_coords(Tiles, tile_cap, TILE_LIST, TILE_ROW)
     head = tl.program_id(2).to(tl.int64)
-    DQ = _head_ptr(DQ, head, stride_dqh, ALIGN)
+    DQ += tl.multiple_of(head * stride_dqh, ALIGN)
     if sample == num_samples:
         pad_start = tl.load(CuSeqlens + num_samples)
         _zero_rows(DQ, stride_dqt, stride_dqd, pad_start, total_tokens, blk, num_pad,
@@ -333,19 +325,17 @@ def _prefix_lm_attn_bwd_dq_kernel(
     if m0 >= seqlen:
         return
     kv_head = _kv_head(head)
-    Q = _head_ptr(Q, head, stride_qh, ALIGN)
-    K = _head_ptr(K, kv_head, stride_kh, ALIGN)
-    V = _head_ptr(V, kv_head, stride_vh, ALIGN)
-    DOU = _head_ptr(DOU, head, stride_uh, ALIGN)
+    Q += tl.multiple_of(head * stride_qh, ALIGN)
+    K += tl.multiple_of(kv_head * stride_kh, ALIGN)
+    V += tl.multiple_of(kv_head * stride_vh, ALIGN)
+    DOU += tl.multiple_of(head * stride_uh, ALIGN)
     Lse += head * stride_lh
     Delta += head * stride_lh
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen
-    tok_m = (bos + offs_m).to(tl.int64)
-    qa, qb = _load_qk(Q, _row_offsets(tok_m, stride_qt, ALIGN), tok_m, m_ok, stride_qd, Pos, stride_pa, stride_pt,
-                      InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE)
-    doa, dob = _load_v(DOU, _row_offsets(tok_m, stride_ut, ALIGN), m_ok, stride_ud, HEAD_DIM, V_A, V_B, SPLIT)
+    offs_m, m_ok, tok_m = _rows(m0, bos, seqlen, BLOCK_M)
+    qa, qb = _load_qk(Q, tok_m, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
+    doa, dob = _load_v(DOU, tok_m, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
     lse = tl.load(Lse + tok_m, mask=m_ok, other=0.0)
     delta = tl.load(Delta + tok_m, mask=m_ok, other=0.0)
     dqa = tl.zeros([BLOCK_M, QK_A], dtype=tl.float32)
@@ -361,5 +351,5 @@ def _prefix_lm_attn_bwd_dq_kernel(
                              stride_kt, stride_kd, stride_vt, stride_vd, stride_pa, stride_pt,
                              bos, seqlen, prefix, offs_m, row_end, full_end, kv_end, QK_SCALE,
                              HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_N, ROPE, True, DOT_PREC, SPLIT, ROW_BOUND, ALIGN)
-    _write_qk(DQ, _row_offsets(tok_m, stride_dqt, ALIGN), tok_m, m_ok, stride_dqd, dqa * SM_SCALE, dqb * SM_SCALE,
-              Pos, stride_pa, stride_pt, InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, False)
+    _write_qk(DQ, tok_m, m_ok, stride_dqt, stride_dqd, dqa * SM_SCALE, dqb * SM_SCALE, Pos, stride_pa, stride_pt,
+              InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, False, ALIGN)

@@ -24,8 +24,9 @@ DEFAULT_VARIANT = "default"
 VARIANTS: dict[str, str] = {
     "default": "today's kernels: q/k as two rotate-half halves padded to a power of two each, v/dO padded to one "
                "power of two; MRoPE in every tile; a (query block, sample, head) grid; two-kernel backward",
-    "hd80": "non-power-of-two head dims as a power-of-two block + a small one (72 = 64 + 16 -> 80 wide, not 128); "
-            "with in-tile rope each rotate-half half is split the same way, so the rotation stays elementwise",
+    "hd80": "head dims of a power of two plus at most 16 as a power-of-two block + a 16-wide one (72 = 64 + 8 -> 80 "
+            "wide, not 128); with in-tile rope each rotate-half half is split the same way, so the rotation stays "
+            "elementwise",
     "rope_once": "rotate q and k once per call in one elementwise pass, run the attention on rotated tiles, "
                  "un-rotate dq and dk once in the backward",
     "fit_tiles": "64-row and 64x64 tiles and more num_stages/num_warps in the autotune tables, and one key bound per "
