@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ pytestmark = pytest.mark.cpu_ok
 def shards(name: str) -> str:
     root = CACHE / f"{name}-{NUM}"
     if not (root / "done").is_file():
+        shutil.rmtree(root, ignore_errors=True)  # an interrupted earlier run's partial cache (generators never overwrite)
         generate_photo_shards(root, SIZES[name], num=NUM, per_shard=64, prefix="photo")
         (root / "done").write_text("ok")
     return str(root / "photo-*.tar")
@@ -79,3 +81,47 @@ def test_data_throughput(benchmark, size, stage, backend):
     print(f"\n{size} stage {stage} {stats['backend']}: {ips:.0f} images/s, {per_round / dt:.2f} packs/s, "
           f"fill {stats['fill_ratio']:.3f}, producer {stats['images_per_s']:.0f} images/s, "
           f"skipped {stats['skipped_total']} (model needs ~{MODEL_IMAGES_PER_S}/s)")
+
+
+STARTUP_SHARDS = int(os.environ.get("BENCH_STARTUP_SHARDS", "100000"))
+
+
+def many_shards(n: int) -> Path:
+    """``n`` shard files listed in a manifest (empty files: start-up must not open them, so their content is moot)."""
+    from genlip_fast.data.manifest import update_manifest
+
+    root = CACHE / f"startup-{n}"
+    if not (root / "done").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        for s in range(n):
+            (root / f"s-{s:06d}.tar").touch()
+        update_manifest(root, {f"s-{s:06d}.tar": {"samples": 10_000, "bytes": 0} for s in range(n)})
+        (root / "done").write_text("ok")
+    return root
+
+
+def test_loader_startup(benchmark):
+    """What a run does at start for its data with STARTUP_SHARDS shards of 10K samples in one folder: list them,
+    read the folder's manifest for the dataset size, build one stream's loader (no shard or index is opened)."""
+    from genlip_fast.data.manifest import describe_dataset
+    from genlip_fast.data.webdataset import expand_shards
+
+    pattern = str(many_shards(STARTUP_SHARDS) / "*.tar")
+    tok = load_tokenizer("demo")
+    times = {}
+
+    def start():
+        import time
+
+        t0 = time.perf_counter()
+        describe_dataset(expand_shards(pattern))
+        t1 = time.perf_counter()
+        build_data_loader(DataConfig(train_shards=pattern, backend="host"), tok, rank=3, world_size=8).close()
+        times.update(manifest_s=t1 - t0, loader_s=time.perf_counter() - t1)
+
+    benchmark.pedantic(start, rounds=3, iterations=1, warmup_rounds=0)
+    benchmark.extra_info.update(shards=STARTUP_SHARDS, samples=STARTUP_SHARDS * 10_000, **times,
+                                device=f"CPU ({os.cpu_count()} cores)")
+    print(f"\n{STARTUP_SHARDS} shards: start-up {benchmark.stats.stats.median:.2f} s (last round: manifest "
+          f"{times['manifest_s']:.2f} s, loader {times['loader_s']:.2f} s)")

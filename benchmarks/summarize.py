@@ -1,6 +1,12 @@
-"""Turn a pytest-benchmark JSON file into the markdown table recorded in benchmarks/results/.
+"""The derived figures of a benchmark run, one table per benchmark file: median time, useful TFLOP/s, throughput
+(images/s, tokens/s, ...), peak memory and speed-up over the file's baseline measured in the same run.
+
+They are printed at the end of ``pytest benchmarks/ --benchmark-only`` (``benchmarks/conftest.py``), and from a
+pytest-benchmark JSON file as the markdown recorded in ``benchmarks/results/``::
 
     python benchmarks/summarize.py bench.json --command "bash scripts/gpu_check.sh"
+
+Everything is read from the ``extra_info`` the benchmarks record (``_utils.run_benchmark``) and their parameters.
 """
 
 from __future__ import annotations
@@ -8,7 +14,124 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import subprocess
+from pathlib import Path
+
+BASELINES = {
+    "bench_attention": ({"impl"}, {"impl": "reference"}),
+    "bench_linear_cross_entropy": ({"impl"}, {"impl": "eager"}),
+    "bench_train_step": ({"name", "attn", "ce"}, {"name": "reference"}),
+    "bench_data": ({"backend"}, {"backend": "host"}),
+    "bench_speak": ({"path"}, {"path": "recompute"}),
+}
+"""Per benchmark file: the parameters that name the implementation, and the values of its baseline. Rows whose other
+parameters agree (same shape, mode, stage) are compared with the baseline row among them."""
+
+RATES = (("images_per_s", "images/s"), ("tokens_per_s", "tokens/s"), ("samples_per_s", "samples/s"),
+         ("packs_per_s", "packs/s"), ("captions_per_s", "captions/s"))
+"""Throughput fields of ``extra_info``, the first one present is shown (and used for the speed-up)."""
+
+SHOWN = {"gpu", "device", "torch", "triton", "name", "median_ms", "tflops", "peak_mem_gib"}
+"""``extra_info`` fields that have a column or the header line (with the throughput shown); the markdown lists the
+others per row."""
+
+
+def bench_file(bench: dict) -> str:
+    """``bench_attention`` for ``benchmarks/bench_attention.py::test_attention[...]``."""
+    return Path(bench.get("fullname", bench["name"]).split("::")[0]).stem
+
+
+def _rate(bench: dict) -> tuple[str, float | None, str]:
+    """``(extra_info key, value, unit)`` of the throughput shown, or ``("", None, "")``."""
+    e = bench.get("extra_info", {})
+    for key, unit in RATES:
+        if isinstance(e.get(key), (int, float)):
+            return key, float(e[key]), unit
+    return "", None, ""
+
+
+def _median_s(bench: dict) -> float:
+    e = bench.get("extra_info", {})
+    return e["median_ms"] / 1e3 if isinstance(e.get("median_ms"), (int, float)) else bench["stats"]["median"]
+
+
+def derived_rows(benches: list[dict]) -> dict[str, list[dict]]:
+    """``{file: [row, ...]}`` in run order; a row holds ``label``, ``ms``, ``tflops``, ``rate``, ``rate_unit``,
+    ``mem_gib`` (None where not measured), ``speedup`` over the baseline of its group (None without one) and
+    ``extra`` (the other ``extra_info`` fields, as text).
+    The speed-up compares throughput where the benchmark records one, else the inverse median time."""
+    out: dict[str, list[dict]] = {}
+    for b in benches:
+        e = b.get("extra_info", {})
+        rate_key, rate, unit = _rate(b)
+        out.setdefault(bench_file(b), []).append({
+            "label": e.get("name") or b["name"], "params": b.get("params") or {}, "ms": _median_s(b) * 1e3,
+            "tflops": e.get("tflops"), "rate": rate, "rate_unit": unit, "mem_gib": e.get("peak_mem_gib"),
+            "speedup": None, "extra": ", ".join(f"{k}={v}" for k, v in e.items() if k not in SHOWN and k != rate_key),
+        })
+    for name, rows in out.items():
+        impl_keys, base = BASELINES.get(name, (set(), None))
+        if base is None:
+            continue
+
+        def group(r, impl_keys=impl_keys):
+            return tuple(sorted((k, str(v)) for k, v in r["params"].items() if k not in impl_keys))
+
+        def speed(r):
+            return r["rate"] if r["rate"] else 1e3 / r["ms"]
+
+        baselines = {group(r): r for r in rows if all(r["params"].get(k) == v for k, v in base.items())}
+        for r in rows:
+            ref = baselines.get(group(r))
+            if ref is not None and speed(ref) > 0:
+                r["speedup"] = speed(r) / speed(ref)
+    return out
+
+
+def _num(x, fmt: str) -> str:
+    return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, fmt)
+
+
+def _cells(r: dict) -> list[str]:
+    rate = f"{_num(r['rate'], ',.0f')} {r['rate_unit']}" if r["rate"] is not None else "—"
+    return [r["label"], _num(r["ms"], ".3f"), _num(r["tflops"], ".1f"), rate, _num(r["mem_gib"], ".2f"),
+            f"{r['speedup']:.2f}x" if r["speedup"] is not None else "—"]
+
+
+HEADER = ["benchmark", "median ms", "TFLOP/s", "throughput", "peak mem GiB", "speed-up"]
+
+
+def terminal_tables(benches: list[dict]) -> list[str]:
+    """Lines of one aligned table per benchmark file (what the terminal shows after the run)."""
+    lines = []
+    for name, rows in derived_rows(benches).items():
+        base = BASELINES.get(name, (None, None))[1]
+        title = f"{name}: speed-up over {', '.join(f'{k}={v}' for k, v in base.items())}" if base else name
+        table = [HEADER] + [_cells(r) for r in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(len(HEADER))]
+        lines += ["", title]
+        for i, row in enumerate(table):
+            lines.append("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def markdown(benches: list[dict], command: str) -> list[str]:
+    """The markdown block recorded in ``benchmarks/results/``: where and how it was measured, then one table per
+    file with the remaining ``extra_info`` fields in the last column."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    info = benches[0]["extra_info"] if benches else {}
+    lines = [f"- device: {info.get('gpu', info.get('device', '?'))}; torch {info.get('torch', '?')}; "
+             f"triton {info.get('triton', '?')}",
+             f"- commit: {commit or '?'}; date: {datetime.date.today().isoformat()}",
+             f"- command: `{command}`"]
+    for name, rows in derived_rows(benches).items():
+        lines += ["", f"### {name}", "", "| " + " | ".join(HEADER + ["extra"]) + " |",
+                  "|" + "---|" * (len(HEADER) + 1)]
+        lines += ["| " + " | ".join(_cells(r) + [r["extra"]]) + " |" for r in rows]
+    return lines
 
 
 def main() -> None:
@@ -17,22 +140,7 @@ def main() -> None:
     ap.add_argument("--command", default="pytest benchmarks/ --benchmark-only")
     a = ap.parse_args()
     data = json.load(open(a.json_file))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    benches = data.get("benchmarks", [])
-    info = benches[0]["extra_info"] if benches else {}
-    print(f"- device: {info.get('gpu', '?')}; torch {info.get('torch', '?')}; triton {info.get('triton', '?')}")
-    print(f"- commit: {commit or '?'}; date: {datetime.date.today().isoformat()}")
-    print(f"- command: `{a.command}`\n")
-    print("| benchmark | median ms | TFLOP/s | peak mem GiB | extra |")
-    print("|---|---|---|---|---|")
-    skip = {"gpu", "torch", "triton", "median_ms", "tflops", "peak_mem_gib", "name"}
-    for b in benches:
-        e = b.get("extra_info", {})
-        extra = ", ".join(f"{k}={v}" for k, v in e.items() if k not in skip)
-        ms = e.get("median_ms", b["stats"]["median"] * 1e3)
-        tf, mem = e.get("tflops"), e.get("peak_mem_gib")
-        print(f"| {b['name']} | {ms:.3f} | {tf if tf is None else f'{tf:.1f}'} | "
-              f"{mem if mem is None else f'{mem:.2f}'} | {extra} |")
+    print("\n".join(markdown(data.get("benchmarks", []), a.command)))
 
 
 if __name__ == "__main__":

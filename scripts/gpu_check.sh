@@ -4,14 +4,15 @@
 # benchmarks/results/raw); the sweep writes its own $OUT/sweep/sweep.{json,md} and stops itself after
 # SWEEP_LIMIT seconds (default 330; killed at SWEEP_LIMIT + 90).
 #   bash scripts/gpu_check.sh
-# Needs torch + triton with CUDA, and pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors.
+# Needs torch + triton with CUDA, and pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors,
+# xxhash (checkpoint checksums).
 # On an offline machine, download those wheels elsewhere into ./wheels (`pip download -d wheels ...`): they are
 # installed from there first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d wheels ]; then
   ${PYTHON:-python} -m pip install -q --no-index --find-links wheels \
-    pytest hypothesis pytest-benchmark tokenizers pillow tqdm safetensors || echo "some wheels missing; going on"
+    pytest hypothesis pytest-benchmark tokenizers pillow tqdm safetensors xxhash || echo "some wheels missing; going on"
 fi
 OUT=${OUT:-benchmarks/results/raw}
 mkdir -p "$OUT"

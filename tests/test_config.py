@@ -80,3 +80,63 @@ def test_unknown_key_or_wrong_type_in_toml(tmp_path):
         load_config(str(bad_type))
     with pytest.raises(ConfigError, match="bundled presets"):
         load_config("no_such_preset")
+
+
+def _numeric_options():
+    from genlip_fast.train.config import JobConfig, _numeric_fields
+
+    return sorted(_numeric_fields(JobConfig()))
+
+
+def _bad_values(dotted: str) -> list[str]:
+    import typing
+
+    from genlip_fast.train.config import RANGES, JobConfig
+
+    if dotted == "optim.betas":
+        return ["0.9,1.0", "-0.1,0.95", "nan,0.9"]
+    rule = next((r for r, keys in RANGES.items() if dotted in keys), None)
+    bad = {">= 1": ["0", "-1"], ">= 0": ["-1"], "> 0": ["0", "-1e-3"], "in [0, 1)": ["1", "-0.1"],
+           "in (0, 1]": ["0", "1.5"], None: ["3"]}[rule]  # None: a numeric choice (data.stage)
+    section, key = dotted.split(".")
+    tp = typing.get_type_hints(type(getattr(JobConfig(), section)))[key]
+    return bad + (["nan", "inf"] if float in (tp, *typing.get_args(tp)) else [])
+
+
+@pytest.mark.parametrize("dotted", _numeric_options())
+def test_every_numeric_option_is_range_checked(dotted):
+    # issue 15 item 2: --data.batch_size=0 was accepted and then read records forever (+34 MB/s, no output);
+    # lookahead, prefetch and num_threads of 0 / -1 passed silently. Every numeric option now has a range.
+    for value in _bad_values(dotted):
+        with pytest.raises(ConfigError, match=rf"{dotted.replace('.', '[.]')}.*allowed|choose one of"):
+            load_config("tiny", [f"--{dotted}={value}"])
+
+
+def test_ranges_name_only_real_options():
+    from genlip_fast.train.config import CHOICES, RANGES
+
+    listed = [k for keys in RANGES.values() for k in keys]
+    assert len(listed) == len(set(listed)), "an option is listed under two ranges"
+    assert set(listed) | {k for k in CHOICES if k in _numeric_options()} == set(_numeric_options())
+
+
+@pytest.mark.parametrize("override,match", [
+    ("--data.prefetch=0", None),  # 0 = no background thread: allowed
+    ("--optim.min_lr=0.01", "optim.min_lr"),  # above the peak lr (2e-3 in tiny)
+    ("--data.min_patches=2000", "data.min_patches"),
+    ("--data.image_size=72", "multiple of data.patch_size"),
+])
+def test_cross_field_checks(override, match):
+    if match is None:
+        load_config("tiny", [override])
+    else:
+        with pytest.raises(ConfigError, match=match):
+            load_config("tiny", [override])
+
+
+def test_zero_batch_size_fails_fast_from_the_cli(capsys):
+    from genlip_fast.train.__main__ import main
+
+    assert main(["--data.batch_size=0"]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size = 0" in err and ">= 1" in err

@@ -118,10 +118,11 @@ def test_drop_path_drops_whole_samples():
     assert y[pack.seq_ids == -1].abs().sum() == 0
 
 
-def expected_block_params(d, ffn, heads, gate):
+def expected_block_params(d, ffn, heads, gate, mlp_bias=False):
     gate_rows = {"elementwise": d, "headwise": heads, "none": 0}[gate]
     attn = (d + gate_rows) * d + (d + gate_rows) + 3 * (d * d + d)  # q(+gate), k, v, o with biases
-    return attn + 3 * d * ffn + 4 * d + 2 * d  # SwiGLU, two LayerNorms, two layer scales
+    mlp = 3 * d * ffn + (2 * ffn + d) * mlp_bias  # SwiGLU (biases: gate and up ffn each, down d)
+    return attn + mlp + 4 * d + 2 * d  # two LayerNorms, two layer scales
 
 
 @pytest.mark.parametrize("name", ["L/16", "So/16", "g/16"])
@@ -136,6 +137,71 @@ def test_preset_parameter_counts(name):
     assert c["patch_embed"] == cfg.dim * 768 + cfg.dim
     # Table 1 counts the transformer blocks without the gate, embeddings and LM head: within 5% of it
     assert abs(c["blocks"] / PAPER_PARAMS[name] - 1) < 0.05 + 0.05 * (name == "So/16")
+    # the authors'-release preset of the same name: MLP biases, and for L/16 and g/16 their JSON's other shapes
+    off = get_preset(f"{name}-official")
+    assert off.mlp_bias and off.drop_path_mode == "pack" and off.drop_path_schedule == "constant"
+    with torch.device("meta"):
+        c_off = count_parameters(GenLIP(off))
+    per_block = expected_block_params(off.dim, off.ffn_dim, off.n_heads, off.gate, mlp_bias=True)
+    assert c_off["blocks"] + c_off["gate"] == off.n_layers * per_block
+    same_shape = off == cfg.replace(mlp_bias=True, drop_path_mode="pack", drop_path_schedule="constant")
+    assert same_shape == (name == "So/16")
+
+
+def test_drop_path_per_pack_and_schedules():
+    from genlip_fast.model.model import drop_path_per_pack
+
+    torch.manual_seed(0)
+    seen = {drop_path_per_pack(torch.ones(7, 3), 0.5).unique().tolist()[0] for _ in range(40)}
+    assert seen == {0.0, 2.0}  # the whole pack's branch is kept (scaled) or dropped, one draw
+    cfg = get_preset("tiny", drop_path=0.3, n_layers=4)
+    assert [b.drop_path for b in GenLIP(cfg).blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    assert [b.drop_path for b in GenLIP(cfg.replace(drop_path_schedule="constant")).blocks] == [0.3] * 4
+    with pytest.raises(ValueError, match="drop_path_mode"):
+        cfg.replace(drop_path_mode="token")
+
+
+def test_pack_drop_path_trains_whole_pack_together():
+    """drop_path_mode='pack': each branch of each block is kept (x 1/(1-p)) or dropped for every token of the pack
+    at once, so a training forward equals one of the four eval forwards with the layer scales set to 0 or 2x."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny", attn_backend="reference", ce_backend="reference", drop_path=0.5, n_layers=1,
+                     drop_path_mode="pack", drop_path_schedule="constant")
+    model = GenLIP(cfg)
+    pack = pack_samples(make_samples(cfg, LAYOUT))
+    block, variants = model.blocks[0], []
+    ls1, ls2 = block.ls1.detach().clone(), block.ls2.detach().clone()
+    model.eval()
+    with torch.no_grad():
+        for a in (0.0, 2.0):
+            for m in (0.0, 2.0):
+                block.ls1.copy_(a * ls1)
+                block.ls2.copy_(m * ls2)
+                variants.append(model.hidden_states(pack))
+        block.ls1.copy_(ls1)
+        block.ls2.copy_(ls2)
+    model.train()
+    hits = set()
+    for _ in range(16):
+        h = model.hidden_states(pack).detach()
+        match = [i for i, v in enumerate(variants) if torch.allclose(h, v, atol=1e-5)]
+        assert len(match) == 1
+        hits.add(match[0])
+    assert len(hits) >= 3
+
+
+def test_mlp_bias_option():
+    cfg = get_preset("tiny", attn_backend="reference", ce_backend="reference", mlp_bias=True)
+    model = GenLIP(cfg)
+    mlp = model.blocks[0].mlp
+    assert all(m.bias is not None and m.bias.abs().sum() == 0 for m in (mlp.w1, mlp.w2, mlp.w3))
+    assert GenLIP(get_preset("tiny")).blocks[0].mlp.w1.bias is None
+    with torch.no_grad():
+        mlp.w2.bias.fill_(0.5)
+    model.eval()
+    x = torch.randn(5, cfg.dim)
+    torch.testing.assert_close(mlp(x), torch.nn.functional.linear(
+        torch.nn.functional.silu(mlp.w1(x)) * mlp.w3(x), mlp.w2.weight) + 0.5)
 
 
 def test_encoder_mode_is_full_attention_over_image_tokens_only():

@@ -1,5 +1,6 @@
-"""Two ranks of FSDP2 (gloo, CPU) under torchrun train exactly like one rank on the same global batch, and a rank
-that dies under ``torchrun --max-restarts`` is replaced by a restart from the last checkpoint."""
+"""Two ranks of FSDP2 (gloo, CPU) under torchrun train exactly like one rank on the same global batch (including
+an odd number of packs per step, so ranks take turns padding), and a rank that dies under ``torchrun --max-restarts``
+is replaced by a restart from the last checkpoint."""
 
 import json
 import os
@@ -17,8 +18,9 @@ from genlip_fast.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
-# Two data streams: the global batch is one pack from each, whether one rank reads both or two ranks one each.
-COMMON = dict(steps=STEPS, parallel__data_streams=2, checkpoint__every=2)
+# Two data streams, three packs per step: the streams take turns (step 1: 0, 1, 0; step 2: 1, 0, 1; ...), whether one
+# rank reads both or two ranks one each — then one rank holds two packs and the other one plus a padding micro-step.
+COMMON = dict(steps=STEPS, parallel__data_streams=2, train__packs_per_step=3, checkpoint__every=2)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_two_ranks_match_one_rank(shapes, one_rank, tmp_path):
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=0)
     m1, _ = load_checkpoint_model(ref_out)
     m2, meta = load_checkpoint_model(out)
-    assert meta["world_size"] == 2 and meta["packs_per_step"] == 2
+    assert meta["world_size"] == 2 and meta["packs_per_step"] == 3
     for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         if n.endswith("k_proj.bias"):
             # A key bias shifts every score of a query equally, which softmax ignores: its gradient is rounding

@@ -52,3 +52,11 @@ def test_peak_table():
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_flops("some cpu") is None and peak_flops(None) is None
+
+
+def test_peak_table_matches_the_most_specific_name_first():
+    assert peak_flops("NVIDIA GB200") == 2500e12 and peak_flops("NVIDIA B200") == 2250e12
+    assert peak_flops("NVIDIA GH200 480GB") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    fragments = [f for f, _ in __import__("genlip_fast.train.flops", fromlist=["x"]).PEAK_BF16_FLOPS]
+    for i, a in enumerate(fragments):  # a fragment never hides a later, longer one that contains it
+        assert not any(a.lower() in b.lower() for b in fragments[i + 1:]), a

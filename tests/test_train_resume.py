@@ -174,27 +174,3 @@ def test_activation_checkpointing_does_not_change_training(shapes, straight, tmp
                 progress=False)
     torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(losses[:3]), rtol=1e-6, atol=0)
 
-
-def test_global_batch_in_samples_becomes_packs_per_step(shapes, tmp_path):
-    from types import SimpleNamespace
-
-    from genlip_fast.data.tokenizer import load_tokenizer
-    from genlip_fast.train.config import load_config
-    from genlip_fast.train.trainer import plan_batch
-
-    tok = load_tokenizer("demo")
-    ranks = [SimpleNamespace(rank=r, world_size=8, is_main=r == 0) for r in range(8)]
-    cfg = load_config("so16_stage1")  # 32,768 samples, 270 tokens each, 16K packs -> 60 per pack -> 547 packs
-    plans = [plan_batch(cfg, r, tok) for r in ranks]
-    assert plans[0].samples_per_pack == 60 and plans[0].packs_per_step == 552  # rounded up to a multiple of 8
-    assert sorted(s for p in plans for s in p.streams) == list(range(8)) and plans[3].micro_steps == 69
-    cfg = load_config("g16_stage2")  # 3,600 samples of ~1,200 tokens -> 13 per pack -> 277 packs
-    assert plan_batch(cfg, ranks[0], tok).packs_per_step == 280
-    # tokens_per_sample = 0: measured on the data (here ~7.6 samples of ~34 tokens per 256-token pack)
-    cfg = tiny_config(shapes, tmp_path, train__global_batch_samples=40, train__tokens_per_sample=0)
-    one = SimpleNamespace(rank=0, world_size=1, is_main=True)
-    plan = plan_batch(cfg, one, tok)
-    assert 4 <= plan.samples_per_pack <= 12 and plan.packs_per_step == -(-40 // plan.samples_per_pack)
-    # a resumed run keeps its checkpoint's plan
-    resumed = {"packs_per_step": 6, "data_streams": 2, "samples_per_pack": 7.0}
-    assert plan_batch(cfg, one, tok, resumed).packs_per_step == 6

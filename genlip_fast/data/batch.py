@@ -115,7 +115,8 @@ class PackedBatch:
         return PackedBatch(**moved)
 
     def pin_memory(self) -> "PackedBatch":
+        """The same batch with its host tensors in pinned memory (tensors already on a GPU stay)."""
         return PackedBatch(**{
-            f.name: (v.pin_memory() if isinstance(v, torch.Tensor) else v)
+            f.name: (v.pin_memory() if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v)
             for f in dataclasses.fields(self) for v in [getattr(self, f.name)]
         })

@@ -11,8 +11,9 @@ class DataConfig:
     """Training shards: a path, glob or folder of webdataset .tar files (comma-separated for several)."""
     val_shards: str = "data/shapes/val-*.tar"
     """Held-out shards, captioned by the model at the end of the run ('' = none)."""
-    generate_demo_data: bool = True
-    """Generate the shapes dataset at the shard paths' folder when no shard is there yet."""
+    generate_demo_data: bool = False
+    """Generate the demo shapes dataset when train_shards (of the form DIR/train-*.tar) matches nothing and DIR is
+    new or empty (the tiny demo config turns it on); never writes next to or over existing files."""
     tokenizer: str = "demo"
     """'demo', 'qwen', or a local tokenizer.json path; nothing is downloaded."""
     stage: int = 1
@@ -41,9 +42,10 @@ class DataConfig:
     """Images decoded per DALI (or host) batch; packs are cut from the stream of samples regardless."""
     num_threads: int = 4
     """CPU threads of the DALI pipeline (or of the host decoder)."""
-    num_workers: int = 1
-    """Shard readers per rank; each reads its own shards, and their samples interleave in a fixed order."""
+    shuffle_shards: int = 16
+    """Shards each data stream reads at once; every sample is drawn at random from one of them (a shuffle buffer
+    across open shards). More mixes batches better; each open shard holds its index in memory."""
     prefetch: int = 4
     """Packs prepared ahead of the training step by the background thread (0 = no thread, build on demand)."""
     seed: int = 0
-    """Shuffle seed of the sample stream (shard order and sample order inside each shard, per epoch)."""
+    """Shuffle seed of the sample stream (shard order and sample order inside each shard, per epoch; the draws)."""

@@ -11,7 +11,8 @@
 * a ``.csv`` (with a header row) or ``.jsonl``: one image path and one caption per row; relative paths are taken from
   the list's folder.
 
-Each shard ``<prefix>-NNNNNN.tar`` holds ``key.<ext>`` + ``key.txt`` and gets a ``.idx`` sidecar. Records the
+Each shard ``<prefix>-NNNNNN.tar`` holds ``key.<ext>`` + ``key.txt`` and gets a ``.idx`` sidecar; the folder's
+``genlip-manifest.json`` lists every shard's sample count (read at start instead of the shards). Records the
 loader would skip (unreadable or truncated image, unsupported format, missing or empty caption) are left out here
 already, counted and listed by reason.
 """
@@ -26,6 +27,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .manifest import shard_entry, update_manifest
 from .reader import IMAGE_EXTS
 from .transforms import BadImage, probe_image
 from .webdataset import write_shard
@@ -78,12 +80,13 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str =
     items = list_folder(src, caption_field) if src.is_dir() else list_rows(src, image_col, caption_col)
     skipped: dict[str, int] = {}
     shards: list[str] = []
+    entries: dict[str, dict] = {}
     batch: list[tuple[str, dict[str, bytes]]] = []
     n = 0
 
     def flush():
         path = out_dir / f"{prefix}-{len(shards):06d}.tar"
-        write_shard(path, batch)
+        entries[path.name] = shard_entry(path, write_shard(path, batch))
         shards.append(str(path))
         batch.clear()
 
@@ -111,6 +114,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str =
             flush()
     if batch:
         flush()
+    if entries:
+        update_manifest(out_dir, entries)
     return {"shards": shards, "samples": n, "skipped": skipped}
 
 

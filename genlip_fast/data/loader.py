@@ -19,7 +19,7 @@ from .packing import Packer
 from .reader import IMAGE_EXTS, SkipCounter, check_fields
 from .tokenizer import Tokenizer
 from .transforms import BadImage, decode_native, decode_resize_crop
-from .webdataset import expand_shards, iter_shard
+from .webdataset import SHARD_ERRORS, expand_shards, iter_shard, shard_error
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,11 @@ class HostSampleStream:
             order = list(self.shards)
             random.Random(self.seed + epoch).shuffle(order)
             for shard in order[self.rank :: self.world_size]:
-                records = list(iter_shard(shard))
+                try:
+                    records = list(iter_shard(shard))
+                except SHARD_ERRORS as e:
+                    self.skipped.bad_shard(shard, shard_error(e))
+                    continue
                 random.Random(zlib.crc32(f"{self.seed}:{epoch}:{shard}".encode())).shuffle(records)
                 for key, fields in records:
                     s = decode_sample(key, fields, shard, self.tokenizer, self.image_size, self.patch, self.skipped,

@@ -11,13 +11,22 @@ Where the tensors live: every field of a yielded :class:`PackedBatch` is a CPU t
 already on the GPU when DALI decodes there (``loader.stats["backend"] == "dali-gpu"``); ``batch.to(device)`` moves
 the rest (and leaves ``patches`` where it is).
 
-The position (``state_dict()``) is the stream cursor just past the last sample the packer took, plus the samples the
-packer still holds (by cursor) and its counters. Restoring re-reads and re-decodes only those held samples, then
-continues from the cursor: the packs that follow are exactly those an uninterrupted run would have produced.
+Which samples, in which order: :mod:`~genlip_fast.data.sampler` (each stream reads ``data.shuffle_shards`` shards at
+once and draws among them at random). Nothing is read at start but the shard list: a shard's index is loaded when
+the stream reaches it.
+
+The position (``state_dict()``) is the sampler's position just past the last sample the packer took (a few integers
+per open shard), the samples the packer still holds (as (shard, sample) pairs) and its counters. Restoring re-reads
+and re-decodes only those held samples, then continues: the packs that follow are exactly those an uninterrupted run
+would have produced. :meth:`PackedLoader.load_remapped` continues the positions of a different number of streams.
+
+On a GPU (``device`` given) the background thread binds to that device and packs are handed out in pinned host
+memory, so ``batch.to(device, non_blocking=True)`` copies asynchronously.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -32,13 +41,14 @@ from .config import DataConfig
 from .loader import HostDecoder
 from .packing import Packer, SampleTooLongError, fit_sample
 from .reader import Record, ShardReader, SkipCounter, Skipped
+from .sampler import EmptyDatasetError, ShardSampler, initial_state, layout_digest, remap_states
 from .tokenizer import Tokenizer
 from .transforms import check_grid_limits
 from .webdataset import expand_shards
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 _END = object()
 
 
@@ -68,30 +78,37 @@ def resolve_backend(name: str) -> tuple[str, int | None]:
 
 
 class PackedLoader:
-    """Iterator of :class:`PackedBatch` for one rank; see the module doc for where tensors live and what the saved
-    position holds.
+    """Iterator of :class:`PackedBatch` for one data stream (``rank`` of ``world_size`` streams); see the module doc
+    for where tensors live and what the saved position holds.
 
     ``epochs=None`` streams forever (training); a number stops after that many passes (evaluation, tests).
+    ``device``: the GPU the packs go to (the loader thread binds to it and pins the packs); None on CPU.
     ``stats`` holds: ``backend``, ``packs``, ``samples``, ``skipped`` (by reason) and ``skipped_total``,
-    ``truncated_captions``, ``fill_ratio`` (tokens in use over pack capacity of the packs delivered),
-    ``images_per_s`` (decode + tokenise + pack rate of the background work, not counting time it waited for room in
-    the queue), ``data_wait_s`` (total time ``next()`` waited) and ``last_wait_s``.
+    ``bad_shards`` (shards that are not a readable tar), ``truncated_captions``, ``fill_ratio`` (tokens in use over
+    pack capacity of the packs delivered), ``images_per_s`` (decode + tokenise + pack rate of the background work,
+    not counting time it waited for room in the queue), ``data_wait_s`` (total time ``next()`` waited) and
+    ``last_wait_s``.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,
-                 epochs: int | None = None):
+                 epochs: int | None = None, device: torch.device | str | None = None):
         if cfg.stage not in (1, 2):
             raise ValueError(f"data.stage must be 1 or 2, got {cfg.stage}")
         if cfg.stage == 1 and cfg.image_size % cfg.patch_size:
             raise ValueError(f"data.image_size {cfg.image_size} is not a multiple of the patch {cfg.patch_size}")
         if cfg.stage == 2:
             check_grid_limits(cfg.min_patches, cfg.max_patches)
+        if cfg.shuffle_shards < 1:
+            raise ValueError(f"data.shuffle_shards must be >= 1, got {cfg.shuffle_shards}")
         self.cfg, self.tokenizer, self.rank, self.world_size, self.epochs = cfg, tokenizer, rank, world_size, epochs
+        self.device = torch.device(device) if device is not None else None
+        self.pin = self.device is not None and self.device.type == "cuda"
         self.kind, self.device_id = resolve_backend(cfg.backend)
         self.backend = "host" if self.kind == "host" else ("dali-gpu" if self.device_id is not None else "dali-cpu")
-        self.reader = ShardReader(expand_shards(cfg.train_shards), seed=cfg.seed, rank=rank, world_size=world_size,
-                                  num_workers=cfg.num_workers, stage=cfg.stage, patch=cfg.patch_size,
-                                  caption_field=cfg.caption_field)
+        shards = expand_shards(cfg.train_shards)
+        self.reader = ShardReader(shards, stage=cfg.stage, patch=cfg.patch_size, caption_field=cfg.caption_field,
+                                  keep_open=cfg.shuffle_shards + 4)
+        self.digest = layout_digest(shards, cfg.seed)
         self._decoder = None
         self._state = self._initial_state()
         self._thread: threading.Thread | None = None
@@ -119,10 +136,12 @@ class PackedLoader:
             self._thread, self._gen = None, iter(())
             raise StopIteration
         if isinstance(item, _Failure):
+            if isinstance(item.exc, EmptyDatasetError):
+                raise item.exc
             raise RuntimeError("the data loader's background thread failed") from item.exc
         pack, state = item
         self._state = state
-        self.skipped.counts = dict(state["skipped"])
+        self.skipped.counts, self.skipped.bad_shards = dict(state["skipped"]), list(state["bad_shards"])
         if pack is None:
             self._thread, self._gen = None, iter(())
             raise StopIteration
@@ -137,21 +156,61 @@ class PackedLoader:
         return {**self._state, "delivered": dict(self._delivered)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state`` (from :meth:`state_dict` of a loader on the same shards, seed, rank layout)."""
+        """Continue from ``state`` (from :meth:`state_dict` of the same stream of a loader on the same shards and
+        seed, with the same number of streams)."""
+        self._check_saved(state)
+        for k in ("stream", "streams"):
+            if state[k] != self._state[k]:
+                raise ValueError(f"the saved data position belongs to another layout ({k} {state[k]!r}, this loader "
+                                 f"has {self._state[k]!r}): the same number of data streams is needed to continue "
+                                 "exactly (load_remapped maps positions onto a different number)")
         self._shutdown()
-        if "pos" not in state and "packs_yielded" in state:  # an older checkpoint: replay up to its position
-            self._state = self._initial_state()
-            for _ in range(int(state["packs_yielded"])):
-                next(self)
-            return
-        for k in ("digest", "rank", "world_size"):
-            if state.get(k) != self._state[k]:
-                raise ValueError(f"the saved data position belongs to another layout ({k} {state.get(k)!r}, this "
-                                 f"loader has {self._state[k]!r}): same shards, seed, world size and num_workers "
-                                 "are needed to continue exactly")
         self._state = {k: v for k, v in state.items() if k != "delivered"}
         self._delivered = dict(state.get("delivered", self._delivered))
-        self.skipped.counts = dict(state["skipped"])
+        self.skipped.counts, self.skipped.bad_shards = dict(state["skipped"]), list(state["bad_shards"])
+
+    def load_remapped(self, states: dict[int, dict]) -> dict:
+        """Continue the saved positions of *every* stream of another layout (``{stream: state}``, any number of
+        streams) as this stream of this layout (:func:`~genlip_fast.data.sampler.remap_states`): the old streams'
+        open shards are dealt to the new streams in turn and go on from their exact positions, and the samples old
+        stream ``t``'s packer held go to new stream ``t % streams``, packed as they were held (an old packer's open
+        pack is closed when two meet). No sample is skipped or read twice; the order of the draws and which samples
+        share a pack differ from an uninterrupted run. Returns what was carried over: ``{"from_streams"`` (whose
+        held samples), ``"lanes"`` (old open shards taken over), ``"held"}``."""
+        old = [states[t] for t in sorted(states)]
+        for st in old:
+            self._check_saved(st)
+        if sorted(states) != list(range(old[0]["streams"])):
+            raise ValueError(f"load_remapped needs the positions of all {old[0]['streams']} saved streams, got "
+                             f"{sorted(states)}")
+        sampler = remap_states([st["sampler"] for st in old], stream=self.rank, streams=self.world_size,
+                               lanes_per_stream=self.cfg.shuffle_shards, seed=self.cfg.seed)
+        mine = [st for t, st in enumerate(old) if t % self.world_size == self.rank]
+        opened = [b for st in mine for b in st["open"] if b]
+        closed = [b for st in mine for b in st["closed"]] + opened[:-1]
+        state = {**self._initial_state(), "sampler": sampler, "closed": closed, "open": opened[-1:],
+                 "min_len": min([self.cfg.pack_tokens] + [int(st["min_len"]) for st in mine]),
+                 "truncated": sum(int(st["truncated"]) for st in mine),
+                 "bad_shards": sorted({p for st in old for p in st["bad_shards"]})}
+        for st in mine:
+            for reason, n in st["skipped"].items():
+                state["skipped"][reason] = state["skipped"].get(reason, 0) + int(n)
+        self.load_state_dict(state)
+        self._delivered = {k: sum(int(st.get("delivered", {}).get(k, 0)) for st in mine) for k in self._delivered}
+        return {"from_streams": [t for t in range(len(old)) if t % self.world_size == self.rank],
+                "lanes": len(sampler["lanes"]) - self.cfg.shuffle_shards,
+                "held": sum(len(b) for b in closed + opened[-1:])}
+
+    def _check_saved(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"the saved data position has format version {state.get('version')!r}; this loader "
+                             f"reads version {STATE_VERSION} (streams that read several shards at once). A data "
+                             "position written before that cannot be continued: start a new run from the "
+                             "checkpoint's weights (checkpoint.init_from) instead")
+        if state["digest"] != self.digest:
+            raise ValueError(f"the saved data position belongs to another dataset (digest {state['digest']!r}, "
+                             f"this loader has {self.digest!r}): the same shards (paths, in order) and data.seed "
+                             "are needed to continue")
 
     @property
     def stats(self) -> dict:
@@ -162,6 +221,7 @@ class PackedLoader:
             "samples": d["samples"],
             "skipped": dict(self.skipped.counts),
             "skipped_total": self.skipped.total,
+            "bad_shards": len(self.skipped.bad_shards),
             "truncated_captions": self._state["truncated"],
             "fill_ratio": d["tokens"] / max(1, d["packs"] * self.cfg.pack_tokens),
             "images_per_s": w["images"] / w["busy_s"] if w["busy_s"] > 0 else 0.0,
@@ -181,9 +241,11 @@ class PackedLoader:
 
     # -- the work -------------------------------------------------------------------------------------------
     def _initial_state(self) -> dict:
-        return {"version": STATE_VERSION, "digest": self.reader.digest, "rank": self.rank,
-                "world_size": self.world_size, "epoch": 0, "pos": 0, "closed": [], "open": [],
-                "min_len": self.cfg.pack_tokens, "skipped": {}, "truncated": 0}
+        sampler = initial_state(seed=self.cfg.seed, stream=self.rank, streams=self.world_size,
+                                lanes_per_stream=self.cfg.shuffle_shards)
+        return {"version": STATE_VERSION, "digest": self.digest, "stream": self.rank, "streams": self.world_size,
+                "sampler": sampler, "closed": [], "open": [], "min_len": self.cfg.pack_tokens, "skipped": {},
+                "bad_shards": [], "truncated": 0}
 
     def _start(self) -> None:
         self._stop = threading.Event()
@@ -193,7 +255,7 @@ class PackedLoader:
             return
         self._q = queue.Queue(maxsize=self.cfg.prefetch)
         self._thread = threading.Thread(target=self._run, args=(gen, self._q, self._stop), daemon=True,
-                                        name=f"genlip-data-rank{self.rank}")
+                                        name=f"genlip-data-stream{self.rank}")
         self._thread.start()
 
     def _next_direct(self):
@@ -204,6 +266,8 @@ class PackedLoader:
 
     def _run(self, gen, q: queue.Queue, stop: threading.Event) -> None:
         try:
+            if self.pin:  # pinned buffers and DALI's GPU work belong to this rank's device, not to GPU 0
+                torch.cuda.set_device(self.device)
             for item in gen:
                 while not stop.is_set():
                     try:
@@ -261,63 +325,70 @@ class PackedLoader:
         """Packs with the position just after each; runs on the background thread."""
         cfg, reader = self.cfg, self.reader
         packer = Packer(cfg.pack_tokens, lookahead=cfg.lookahead, truncate=cfg.truncate_captions)
-        skipped = SkipCounter(counts=dict(state["skipped"]))
+        skipped = SkipCounter(counts=dict(state["skipped"]), bad_shards=list(state["bad_shards"]))
         counters = {"truncated": int(state["truncated"])}
-        where: dict[int, tuple[int, int]] = {}  # id(sample held by the packer) -> its cursor
+        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped),
+                               state["sampler"], seed=cfg.seed, epochs=self.epochs)
+        reader.keep_open = max(reader.keep_open, sampler.open_shards + 4)
+        where: dict[int, tuple[int, int]] = {}  # id(sample held by the packer) -> (shard, sample)
 
         # samples the packer held at the saved position: read and decode them again, rebuild the packer
-        held = [(int(e), int(p)) for b in state["closed"] + state["open"] for e, p in b]
+        held = [(int(s), int(i)) for b in state["closed"] + state["open"] for s, i in b]
         if held:
-            recs = [r for r in (reader.read(e, p) for e, p in held) if isinstance(r, Record)]
+            recs = [r for r in (reader.read(s, i) for s, i in held) if isinstance(r, Record)]
             again = self._samples(recs, SkipCounter(), {"truncated": 0})
-            by_cursor = {(r.epoch, r.pos): fit_sample(s, cfg.pack_tokens, cfg.truncate_captions)
-                         for r, s in zip(recs, again) if s is not None}
-            if len(by_cursor) < len(held):
+            by_id = {r.sid: fit_sample(s, cfg.pack_tokens, cfg.truncate_captions)
+                     for r, s in zip(recs, again) if s is not None}
+            if len(by_id) < len(held):
                 log.warning("%d held samples could not be read again; the resumed stream differs from the saved one",
-                            len(held) - len(by_cursor))
+                            len(held) - len(by_id))
 
             def rebuild(bins):
                 out = []
                 for b in bins:
-                    kept = [c for c in (tuple(c) for c in b) if c in by_cursor]
+                    kept = [c for c in (tuple(c) for c in b) if c in by_id]
                     for c in kept:
-                        where[id(by_cursor[c])] = c
-                    out.append([by_cursor[c] for c in kept])
+                        where[id(by_id[c])] = c
+                    out.append([by_id[c] for c in kept])
                 return [b for b in out if b]
 
             packer.restore(rebuild(state["closed"]), rebuild(state["open"]), state["min_len"])
 
-        def snapshot(epoch: int, pos: int) -> dict:
+        def snapshot(position: dict) -> dict:
             closed, open_bins = packer.buffered()
             live = {id(s) for b in closed + open_bins for s in b}
             for k in [k for k in where if k not in live]:
                 del where[k]
-            return {**{k: v for k, v in state.items() if k not in ("closed", "open")},
-                    "epoch": epoch, "pos": pos,
+            return {**state, "sampler": position,
                     "closed": [[list(where[id(s)]) for s in b] for b in closed],
                     "open": [[list(where[id(s)]) for s in b] for b in open_bins],
-                    "min_len": packer.min_len, "skipped": dict(skipped.counts), "truncated": counters["truncated"]}
+                    "min_len": packer.min_len, "skipped": dict(skipped.counts),
+                    "bad_shards": list(skipped.bad_shards), "truncated": counters["truncated"]}
 
-        epoch, pos = int(state["epoch"]), int(state["pos"])
         for pack in packer.ready():
-            yield pack, snapshot(epoch, pos)
-        stream = reader.stream(epoch, pos, self.epochs)
+            yield self._hand_out(pack), snapshot(sampler.state_dict())
         while True:
             t0 = time.perf_counter()
-            chunk: list[Record | Skipped] = []
+            chunk: list[tuple[Record | Skipped, dict]] = []
             n_rec = 0
-            for item in stream:
-                chunk.append(item)
-                n_rec += isinstance(item, Record)
-                if n_rec == cfg.batch_size:
-                    break
+            try:
+                for s, i in sampler:
+                    item = reader.read(s, i)
+                    chunk.append((item, sampler.state_dict()))
+                    n_rec += isinstance(item, Record)
+                    if n_rec == cfg.batch_size:
+                        break
+            except EmptyDatasetError as e:
+                bad = skipped.bad_shards
+                raise EmptyDatasetError(f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
+                                                  f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
+                                                  if bad else "")) from None
             if not chunk:
                 break
-            records = [r for r in chunk if isinstance(r, Record)]
+            records = [r for r, _ in chunk if isinstance(r, Record)]
             samples = iter(self._samples(records, skipped, counters) if records else [])
             ready = []
-            for item in chunk:
-                cursor = (item.epoch, item.pos + 1)
+            for item, position in chunk:
                 if isinstance(item, Skipped):
                     skipped.skip(item.reason, item.shard, item.key, item.detail)
                     continue
@@ -329,19 +400,22 @@ class PackedLoader:
                 except SampleTooLongError as e:
                     skipped.skip("too long for a pack", item.shard, item.key, str(e))
                     continue
-                where[id(s)] = (item.epoch, item.pos)
+                where[id(s)] = item.sid
                 for pack in packer.ready():
-                    ready.append((pack, snapshot(*cursor)))
+                    ready.append((self._hand_out(pack), snapshot(position)))
             self._work["images"] += len(records)
             self._work["busy_s"] += time.perf_counter() - t0
             yield from ready
         packer.close_all()
         for pack in packer.ready():
-            yield pack, snapshot(epoch=self.epochs or 0, pos=0)
-        yield None, snapshot(epoch=self.epochs or 0, pos=0)  # the end: its counts, without a pack
+            yield self._hand_out(pack), snapshot(sampler.state_dict())
+        yield None, snapshot(sampler.state_dict())  # the end: its counts, without a pack
+
+    def _hand_out(self, pack: PackedBatch) -> PackedBatch:
+        return pack.pin_memory() if self.pin else pack
 
 
 def build_data_loader(cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,
-                      epochs: int | None = None) -> PackedLoader:
-    """The loader for one rank of ``world_size``; see :class:`PackedLoader`."""
-    return PackedLoader(cfg, tokenizer, rank=rank, world_size=world_size, epochs=epochs)
+                      epochs: int | None = None, device: torch.device | str | None = None) -> PackedLoader:
+    """The loader of data stream ``rank`` of ``world_size``; see :class:`PackedLoader`."""
+    return PackedLoader(cfg, tokenizer, rank=rank, world_size=world_size, epochs=epochs, device=device)

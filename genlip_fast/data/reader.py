@@ -3,7 +3,8 @@
 DALI treats a bad image as a critical error that leaves its pipeline unusable, so every record is checked here, on
 the host, from its bytes: an image member of a supported format with a readable header and a complete file, a size
 of at least one patch, and a non-empty caption. A record that fails is skipped — never silently: it is counted by
-reason and logged with its shard and key.
+reason and logged with its shard and key (the first few one by one, then a summary line now and then). A shard that
+is not a readable tar is skipped as a whole, counted and logged with its path.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .sampler import ShardSampler
 from .transforms import BadImage, probe_image, too_small
-from .webdataset import load_index, read_members
+from .webdataset import SHARD_ERRORS, load_index, read_members, shard_error
 
 log = logging.getLogger(__name__)
 
@@ -25,22 +24,51 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 OTHER_IMAGE_EXTS = ("gif", "bmp", "tif", "tiff", "jp2", "avif", "heic", "ppm", "pgm")
 
 
+SKIP_DETAILS = 20
+"""Skipped samples logged one by one (per counter); after that, one summary line per ``SKIP_SUMMARY_EVERY``."""
+SKIP_SUMMARY_EVERY = 1000
+
+
 @dataclass
 class SkipCounter:
-    """Samples dropped for bad input, by reason; each drop is logged with its shard and key."""
+    """Samples dropped for bad input, by reason, and shards that could not be read at all.
+
+    Counts are exact. The first ``SKIP_DETAILS`` skipped samples are logged one by one with shard and key; after
+    that a summary line every ``SKIP_SUMMARY_EVERY`` skips keeps a bad dataset from flooding the log. Every bad shard
+    is logged with its path (once).
+    """
 
     counts: dict[str, int] = field(default_factory=dict)
+    bad_shards: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self._lock = threading.Lock()
+        self._shown = 0
 
     def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         with self._lock:
             self.counts[reason] = self.counts.get(reason, 0) + 1
-        log.warning("skipping %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
+            total, shown = self.total, self._shown
+            self._shown += shown < SKIP_DETAILS
+        if shown < SKIP_DETAILS:
+            log.warning("skipping %s in %s: %s%s", key, shard, reason, f" ({detail})" if detail else "")
+            if shown + 1 == SKIP_DETAILS:
+                log.warning("%d samples skipped; further skips are counted and summarised every %d", total,
+                            SKIP_SUMMARY_EVERY)
+        elif total % SKIP_SUMMARY_EVERY == 0:
+            log.warning("%d samples skipped so far: %s", total, dict(sorted(self.counts.items())))
+
+    def bad_shard(self, path: str, reason: str) -> None:
+        """A shard that is not a readable tar: its samples are skipped (logged once per path)."""
+        with self._lock:
+            if path in self.bad_shards:
+                return
+            self.bad_shards.append(path)
+        log.warning("skipping shard %s: %s", path, reason)
 
     @property
     def total(self) -> int:
+        """Samples skipped (bad shards are counted apart, in ``bad_shards``)."""
         return sum(self.counts.values())
 
 
@@ -48,8 +76,8 @@ class SkipCounter:
 class Record:
     """One checked sample: bytes the decoders can take and its caption text."""
 
-    epoch: int
-    pos: int
+    sid: tuple[int, int]
+    """(shard index, sample index in the shard): the sample's identity in the stream's saved position."""
     shard: str
     key: str
     image: bytes
@@ -63,10 +91,9 @@ class Record:
 
 @dataclass
 class Skipped:
-    """A sample that failed its checks (already logged); counted when the stream reaches it."""
+    """A sample that failed its checks; counted (and logged) when the stream reaches it."""
 
-    epoch: int
-    pos: int
+    sid: tuple[int, int]
     shard: str
     key: str
     reason: str
@@ -111,33 +138,44 @@ def check_fields(fields: dict[str, bytes], *, stage: int, patch: int, caption_fi
 
 
 class ShardReader:
-    """Reads a rank's stream (see :class:`ShardSampler`) as :class:`Record` / :class:`Skipped` items.
+    """Reads samples ``(shard index, sample index)`` of a list of shards as :class:`Record` / :class:`Skipped`.
 
-    Shard indexes are loaded once for their sample counts, then kept for the few shards being read (LRU), as are
-    open file handles.
+    A shard's index (its ``.idx`` sidecar, or a scan of its tar headers) is loaded only when the shard is first
+    reached — for its sample count when a stream opens it, or to read a record — and kept for the few shards being
+    read (LRU), as are open file handles. So start-up reads no shard at all. A shard that cannot be indexed (not a
+    tar, a broken header, unreadable) counts as empty: it is reported with its path to the ``skipped`` counter.
     """
 
-    def __init__(self, shards: list[str], *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 1, stage: int = 1, patch: int = 16, caption_field: str = "", keep_open: int = 8):
+    def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption_field: str = "",
+                 keep_open: int = 8):
         self.shards = list(shards)
         self.stage, self.patch, self.caption_field, self.keep_open = stage, patch, caption_field, keep_open
         self._index: OrderedDict[int, list] = OrderedDict()
+        self._bad: dict[int, str] = {}
         self._files: OrderedDict[int, object] = OrderedDict()
-        counts = []
-        for i in range(len(self.shards)):
-            counts.append(len(self._shard_index(i)))
-        self.sampler = ShardSampler(counts, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers)
-        self.digest = self.sampler.digest(self.shards)
 
     def _shard_index(self, i: int) -> list:
+        if i in self._bad:
+            return []
         if i in self._index:
             self._index.move_to_end(i)
             return self._index[i]
-        idx = load_index(self.shards[i])
+        try:
+            idx = load_index(self.shards[i])
+        except SHARD_ERRORS as e:
+            self._bad[i] = shard_error(e)
+            return []
         self._index[i] = idx
         while len(self._index) > self.keep_open:
             self._index.popitem(last=False)
         return idx
+
+    def count(self, i: int, skipped: SkipCounter | None = None) -> int:
+        """Samples in shard ``i`` (loads its index); 0 for a bad shard, which is reported to ``skipped``."""
+        n = len(self._shard_index(i))
+        if i in self._bad and skipped is not None:
+            skipped.bad_shard(self.shards[i], self._bad[i])
+        return n
 
     def _file(self, i: int):
         if i in self._files:
@@ -154,33 +192,17 @@ class ShardReader:
             f.close()
         self._files.clear()
 
-    def epoch_len(self, epoch: int) -> int:
-        return len(self.sampler.items(epoch))
-
-    def read(self, epoch: int, pos: int) -> Record | Skipped:
-        """Position ``pos`` of ``epoch`` in this rank's stream, read and checked."""
-        s, i = (int(x) for x in self.sampler.items(epoch)[pos])
+    def read(self, s: int, i: int) -> Record | Skipped:
+        """Sample ``i`` of shard ``s``, read and checked."""
         key, members = self._shard_index(s)[i]
         shard = self.shards[s]
         try:
             fields = read_members(self._file(s), members)
         except OSError as e:
-            return Skipped(epoch, pos, shard, key, "unreadable shard", str(e))
+            return Skipped((s, i), shard, key, "unreadable shard", str(e))
         try:
             image, caption, hw = check_fields(fields, stage=self.stage, patch=self.patch,
                                               caption_field=self.caption_field)
         except BadImage as e:
-            return Skipped(epoch, pos, shard, key, e.reason, e.detail)
-        return Record(epoch, pos, shard, key, image, caption, hw)
-
-    def stream(self, epoch: int = 0, pos: int = 0, epochs: int | None = None) -> Iterator[Record | Skipped]:
-        """Items from cursor ``(epoch, pos)`` on, through ``epochs`` epochs in all (None = endless)."""
-        while epochs is None or epoch < epochs:
-            n = self.epoch_len(epoch)
-            if n == 0 and epochs is None:
-                raise ValueError(f"rank {self.sampler.rank} has no samples: {len(self.shards)} shards hold "
-                                 f"{sum(self.sampler.counts)} samples for {self.sampler.num_readers} readers")
-            while pos < n:
-                yield self.read(epoch, pos)
-                pos += 1
-            epoch, pos = epoch + 1, 0
+            return Skipped((s, i), shard, key, e.reason, e.detail)
+        return Record((s, i), shard, key, image, caption, hw)

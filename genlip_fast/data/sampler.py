@@ -1,70 +1,202 @@
-"""Which samples a rank reads, in which order: reproducible from a seed, split by rank and reader, restartable.
+"""Which samples a data stream reads, in which order: shards dealt to lanes, a random draw among open shards.
 
-An epoch visits every sample of every shard once across all ranks. The shards are shuffled per epoch and dealt to
-the ``world_size * num_workers`` readers (reader ``rank * num_workers + w``); when there are fewer shards than
-readers, every shard is dealt sample by sample instead. Each reader visits its samples in an order shuffled per
-(epoch, shard). A rank's stream interleaves its readers round by round (one sample from each reader that still has
-some), so position ``j`` of an epoch names one sample whatever was read before it: a cursor ``(epoch, j)`` is a
-complete description of where a rank stands.
+::
+
+    epoch e:  shards ──permute(seed, e)──▶ dealt to L lanes (lane l reads positions l, l + L, ...)
+    lane:     one open shard at a time, its samples in an order permuted by (seed, e, shard)
+    stream s: owns K = L / S lanes (l % S == s); each draw takes the next sample of a lane picked at random
+
+So a stream reads K shards at once and mixes them (a shuffle buffer across open shards, as webdataset pipelines
+do), every sample is visited once per epoch across all streams, and the position is a few integers per lane: a
+lane's (epoch, shard slot, offset) and the stream's draw count (the draws come from a counter-based RNG, so the n-th
+draw needs no earlier state). Nothing per sample is materialised: an epoch's order is one permutation of the shards,
+a shard's order is computed when a lane opens it, and a shard's sample count is asked for only then
+(``count(shard)``; the reader loads that shard's index at that moment).
+
+With fewer shards than lanes, each shard is split into ``J = ceil(L / N)`` parts (part ``j`` takes every J-th sample
+of the shard's order) so that every lane has work. Lanes move to the next epoch on their own; near an epoch's end a
+stream mixes the end of one epoch with the start of the next.
+
+Changing the number of streams (resuming on a different number of GPUs, :func:`remap_states`) hands the saved lanes
+to the new streams unchanged and starts a new set of lanes at the epoch after the last one any old lane is in; the
+old lanes finish their epochs and retire. Every sample is still read exactly once per epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Callable
 
 import numpy as np
+
+STATE_FORMAT = "lanes/1"
+_BLOCK = 4096  # random numbers drawn per RNG call
+
+
+class EmptyDatasetError(ValueError):
+    """No shard holds a readable sample."""
 
 
 def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) for w in words])
 
 
-class ShardSampler:
-    """Sample order for one rank: ``items(epoch)`` is an ``(N, 2)`` int64 array of (shard index, sample index)."""
+def parts_per_shard(num_shards: int, lanes: int) -> int:
+    """How many parts each shard is split into so that ``lanes`` lanes all get one (1 when shards are plenty)."""
+    return max(1, math.ceil(lanes / max(1, num_shards)))
 
-    def __init__(self, counts: list[int], *, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 1):
-        if not 0 <= rank < world_size or num_workers < 1:
-            raise ValueError(f"bad rank {rank} of {world_size} with {num_workers} readers")
-        self.counts = [int(c) for c in counts]
-        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self._cache: tuple[int, np.ndarray] | None = None
+
+# a lane is a list: [L, l, epoch, slot, offset, last_epoch]; last_epoch -1 = none
+_L, _ID, _EPOCH, _SLOT, _OFF, _LAST = range(6)
+
+
+def initial_state(*, seed: int = 0, stream: int = 0, streams: int = 1, lanes_per_stream: int = 16) -> dict:
+    """The position of stream ``stream`` of ``streams`` at the start: its ``lanes_per_stream`` lanes in epoch 0."""
+    if not 0 <= stream < streams or lanes_per_stream < 1:
+        raise ValueError(f"bad stream {stream} of {streams} with {lanes_per_stream} lanes each")
+    L = streams * lanes_per_stream
+    return {"format": STATE_FORMAT, "key": [seed, stream, streams, 0], "draws": 0,
+            "lanes": [[L, l, 0, 0, 0, -1] for l in range(stream, L, streams)]}
+
+
+class ShardSampler:
+    """Sample order of one stream: ``next(sampler)`` is a ``(shard, sample)`` pair; ``state_dict()`` is where it
+    stands (:func:`initial_state` at the start).
+
+    Args:
+        num_shards: shards in the dataset (indices into the reader's sorted shard list).
+        count: ``count(shard) -> samples`` (0 for an unreadable shard); asked only when a lane opens the shard.
+        state: the position to continue from (:func:`initial_state`, :meth:`state_dict` or :func:`remap_states`).
+        seed: shuffle seed (shard order per epoch, sample order per shard and epoch); the same for every stream.
+        epochs: stop after this many passes (None = endless).
+    """
+
+    def __init__(self, num_shards: int, count: Callable[[int], int], state: dict, *, seed: int = 0,
+                 epochs: int | None = None):
+        self.num_shards, self.count, self.seed, self.epochs = num_shards, count, seed, epochs
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a sampler state of format {STATE_FORMAT!r}: {state.get('format')!r}")
+        self.key = [int(x) for x in state["key"]]
+        self.draws = int(state["draws"])
+        self.lanes = [[int(x) for x in lane] for lane in state["lanes"]]
+        self._block: tuple[int, np.ndarray] | None = None
+        self._orders: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._nonempty = False
+
+    def state_dict(self) -> dict:
+        """The position: plain ints and lists (a few per lane)."""
+        return {"format": STATE_FORMAT, "key": list(self.key), "draws": self.draws,
+                "lanes": [list(lane) for lane in self.lanes]}
 
     @property
-    def num_readers(self) -> int:
-        return self.world_size * self.num_workers
+    def open_shards(self) -> int:
+        return len(self.lanes)
 
-    def reader_items(self, epoch: int, reader: int) -> np.ndarray:
-        """``(K, 2)`` (shard, sample) pairs reader ``reader`` (global index) visits in ``epoch``, in order."""
-        P = self.num_readers
-        order = _rng(self.seed, epoch).permutation(len(self.counts))
-        parts = []
-        if len(self.counts) >= P:
-            for s in order[reader::P]:
-                idx = _rng(self.seed, epoch, 1 + s).permutation(self.counts[s])
-                parts.append(np.stack([np.full_like(idx, s), idx], 1))
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        while True:
+            active = [lane for lane in self.lanes if not self._finished(lane)]
+            if not active:
+                raise StopIteration
+            lane = active[int(self._uniform() * len(active))]
+            got = self._next_of(lane)
+            if 0 <= lane[_LAST] < lane[_EPOCH]:  # retired after a remap: its epochs are done
+                self.lanes.remove(lane)
+            if got is not None:
+                return got
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _finished(self, lane: list[int]) -> bool:
+        return (0 <= lane[_LAST] < lane[_EPOCH]) or (self.epochs is not None and lane[_EPOCH] >= self.epochs)
+
+    def _uniform(self) -> float:
+        """The stream's ``draws``-th uniform number in [0, 1) (counter-based: no hidden state)."""
+        b, i = divmod(self.draws, _BLOCK)
+        if self._block is None or self._block[0] != b:
+            self._block = (b, _rng(*self.key, b).random(_BLOCK))
+        self.draws += 1
+        return float(self._block[1][i])
+
+    def _epoch_order(self, epoch: int, parts: int) -> np.ndarray:
+        """Virtual shards ``part * N + shard`` of an epoch, permuted (N * parts int64: small)."""
+        k = (epoch, parts)
+        if k not in self._orders:
+            self._orders[k] = _rng(self.seed, 1, epoch).permutation(self.num_shards * parts)
+            while len(self._orders) > 4:
+                self._orders.popitem(last=False)
+        return self._orders[k]
+
+    def _shard_order(self, epoch: int, shard: int) -> np.ndarray:
+        k = (epoch, shard)
+        if k in self._perms:
+            self._perms.move_to_end(k)
         else:
-            for s in order:
-                idx = _rng(self.seed, epoch, 1 + s).permutation(self.counts[s])[reader::P]
-                parts.append(np.stack([np.full_like(idx, s), idx], 1))
-        return np.concatenate(parts).astype(np.int64) if parts else np.zeros((0, 2), np.int64)
+            self._perms[k] = _rng(self.seed, 2, epoch, shard).permutation(self.count(shard))
+            while len(self._perms) > 2 * len(self.lanes) + 4:
+                self._perms.popitem(last=False)
+        return self._perms[k]
 
-    def items(self, epoch: int) -> np.ndarray:
-        """``(N, 2)`` this rank's stream for ``epoch``: its readers interleaved round by round."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        per = [self.reader_items(epoch, self.rank * self.num_workers + w) for w in range(self.num_workers)]
-        rounds = np.concatenate([np.arange(len(p)) for p in per]) if per else np.zeros(0, np.int64)
-        workers = np.concatenate([np.full(len(p), w) for w, p in enumerate(per)])
-        order = np.lexsort((workers, rounds))  # round first, then reader
-        out = np.concatenate(per)[order] if len(order) else np.zeros((0, 2), np.int64)
-        self._cache = (epoch, out)
-        return out
+    def _next_of(self, lane: list[int]) -> tuple[int, int] | None:
+        """Advance ``lane`` to its next sample; None when it finished its last epoch on the way."""
+        epochs_crossed = 0
+        while not self._finished(lane):
+            L, l, e = lane[_L], lane[_ID], lane[_EPOCH]
+            J = parts_per_shard(self.num_shards, L)
+            order = self._epoch_order(e, J)
+            v = l + lane[_SLOT] * L  # the lane's slot-th virtual shard: order[l::L][slot]
+            if v >= len(order):
+                lane[_EPOCH], lane[_SLOT], lane[_OFF] = e + 1, 0, 0
+                epochs_crossed += 1
+                if epochs_crossed >= 2 and self.epochs is None and not self._nonempty:  # endless: never spin
+                    self._check_nonempty()
+                continue
+            part, shard = divmod(int(order[v]), self.num_shards)
+            members = self._shard_order(e, shard)
+            i = part + lane[_OFF] * J
+            if i >= len(members):
+                lane[_SLOT], lane[_OFF] = lane[_SLOT] + 1, 0
+                continue
+            lane[_OFF] += 1
+            return shard, int(members[i])
+        return None
 
-    def digest(self, shards: list[str]) -> str:
-        """Identifies the dataset layout a cursor belongs to (shard names and sizes, seed, split)."""
-        h = hashlib.sha256()
-        for s, c in zip(shards, self.counts):
-            h.update(f"{s}:{c};".encode())
-        h.update(f"{self.seed}:{self.world_size}:{self.num_workers}".encode())
-        return h.hexdigest()[:16]
+    def _check_nonempty(self) -> None:
+        """A lane walked through whole epochs without a sample: fine if others hold them, an error if none does."""
+        if not any(self.count(s) > 0 for s in range(self.num_shards)):
+            raise EmptyDatasetError(f"none of the {self.num_shards} shards holds a readable sample")
+        self._nonempty = True
+
+
+def remap_states(old: list[dict], *, stream: int, streams: int, lanes_per_stream: int, seed: int) -> dict:
+    """The state of stream ``stream`` of ``streams`` that continues the saved sampler states ``old`` (all the
+    streams of another layout, in stream order).
+
+    The old lanes keep their positions and are dealt to the new streams in turn; each finishes the epochs up to
+    ``E`` (the furthest epoch any old lane has reached) and retires. A new set of ``streams * lanes_per_stream``
+    lanes starts at epoch ``E + 1``. So no sample is skipped or read twice; the order of the draws (which lane gives
+    the next sample) is what differs from an uninterrupted run.
+    """
+    lanes = sorted((list(lane) for st in old for lane in st["lanes"]), key=lambda x: (x[_L], x[_ID], x[_EPOCH]))
+    last = max(x[_EPOCH] for x in lanes)  # older generations' lanes are all behind the current one's
+    for x in lanes:
+        if x[_LAST] < 0:
+            x[_LAST] = last
+    mine = [x for i, x in enumerate(lanes) if i % streams == stream]
+    L = streams * lanes_per_stream
+    mine += [[L, l, last + 1, 0, 0, -1] for l in range(stream, L, streams)]
+    generation = max(int(st["key"][3]) for st in old) + 1
+    return {"format": STATE_FORMAT, "key": [seed, stream, streams, generation], "draws": 0, "lanes": mine}
+
+
+def layout_digest(shards: list[str], seed: int) -> str:
+    """Identifies the dataset a position belongs to (shard paths in order, and the seed)."""
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(f"{s};".encode())
+    h.update(f"seed={seed}".encode())
+    return h.hexdigest()[:16]

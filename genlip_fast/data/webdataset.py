@@ -17,6 +17,13 @@ from pathlib import Path
 
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "genlip-wds-index/1"
+SHARD_ERRORS = (OSError, EOFError, tarfile.TarError)
+"""What indexing or reading a file that is not a (complete) tar raises."""
+
+
+def shard_error(e: BaseException) -> str:
+    """Why a shard was skipped, for logs and manifests."""
+    return f"not a readable tar ({type(e).__name__}: {e})"
 
 
 def split_member(name: str) -> tuple[str, str]:

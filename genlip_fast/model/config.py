@@ -5,6 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+CHOICES = {
+    "gate": ("elementwise", "headwise", "none"),
+    "drop_path_mode": ("sample", "pack"),
+    "drop_path_schedule": ("linear", "constant"),
+}
+
 
 @dataclass
 class ModelConfig:
@@ -37,7 +43,15 @@ class ModelConfig:
     layer_scale_init: float = 0.1
     """Initial value of both layer scales in each block."""
     drop_path: float = 0.1
-    """Stochastic depth rate of the last block (linearly increasing from 0), dropped per packed sample."""
+    """Stochastic depth rate (of the last block under the linear schedule)."""
+    drop_path_mode: str = "sample"
+    """What one drop-path draw removes: 'sample' (every token of one packed sample) or 'pack' (the whole pack: the
+    authors' code drops whole packed rows, one 16K pack each)."""
+    drop_path_schedule: str = "linear"
+    """'linear': rates rise from 0 at the first block to drop_path at the last; 'constant': drop_path in every block
+    (the authors')."""
+    mlp_bias: bool = False
+    """Biases on the three SwiGLU linears (the authors' code has them; the paper presets leave them out)."""
     norm_eps: float = 1e-6
     """LayerNorm epsilon."""
     attn_backend: str = "auto"
@@ -52,8 +66,9 @@ class ModelConfig:
         from ..ops.mrope.positions import mrope_axis_map
 
         mrope_axis_map(self.head_dim, self.mrope_section, self.mrope_interleaved)  # raises on a bad section
-        if self.gate not in ("elementwise", "headwise", "none"):
-            raise ValueError(f"gate must be 'elementwise', 'headwise' or 'none', got {self.gate!r}")
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
 
     @property
     def head_dim(self) -> int:
@@ -67,11 +82,22 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
+# The authors' model code: MLP biases, one constant drop-path rate, whole packed rows dropped.
+AUTHORS_CODE = dict(mlp_bias=True, drop_path_mode="pack", drop_path_schedule="constant")
+
 PRESETS: dict[str, ModelConfig] = {
-    # Table 1. The authors' released L/16 config narrows the text embedding to 1024 (= its width, so no maps).
+    # Table 1.
     "L/16": ModelConfig(dim=1024, n_layers=24, n_heads=16, ffn_dim=2816, mrope_section=(8, 12, 12), drop_path=0.1),
     "So/16": ModelConfig(dim=1152, n_layers=27, n_heads=16, ffn_dim=3072, mrope_section=(12, 12, 12), drop_path=0.1),
     "g/16": ModelConfig(dim=1536, n_layers=40, n_heads=24, ffn_dim=4096, mrope_section=(16, 16, 16), drop_path=0.2),
+    # The authors' released model JSONs (configs/model_configs/genlip/*.json; DESIGN.md): So/16 is Table 1's shape,
+    # L/16 and g/16 are not (L/16: 1152 wide, FFN 2752, text width 1024; g/16: 16 heads of 96, text width 1024).
+    "L/16-official": ModelConfig(dim=1152, n_layers=24, n_heads=16, ffn_dim=2752, text_embed_dim=1024,
+                                 mrope_section=(8, 12, 12), drop_path=0.1, **AUTHORS_CODE),
+    "So/16-official": ModelConfig(dim=1152, n_layers=27, n_heads=16, ffn_dim=3072, mrope_section=(12, 12, 12),
+                                  drop_path=0.1, **AUTHORS_CODE),
+    "g/16-official": ModelConfig(dim=1536, n_layers=40, n_heads=16, ffn_dim=4096, text_embed_dim=1024,
+                                 mrope_section=(16, 16, 16), drop_path=0.2, **AUTHORS_CODE),
     # Tiny presets: vocab is replaced by the tokenizer's size where they are used.
     "tiny": ModelConfig(dim=128, n_layers=4, n_heads=4, ffn_dim=352, vocab_size=512, mrope_section=(4, 6, 6),
                         drop_path=0.0),

@@ -5,6 +5,8 @@ Shapes: T tokens in a pack, d model width, H heads of D channels, P patches, N l
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,18 +15,31 @@ from ..data.batch import PackedBatch
 from ..ops import linear_cross_entropy, prefix_lm_attention
 from .config import ModelConfig
 
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""``(q, k, v, gate) -> out``: one layer's attention on unrotated ``(T, H, D)`` q, k, v and the gate logits
+(``(T, H, D)``, ``(T, H)`` or None), returning ``(T, H, D)``. The default is the packed prefix-LM attention; the
+KV-cache captioner (``genlip_fast.speak``) passes its own to keep each layer's keys and values."""
+
 
 def drop_path_per_sample(x: torch.Tensor, p: float, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Stochastic depth per *packed sample*: every token of a dropped sample loses the branch, the rest are scaled
     by ``1 / (1 - p)`` — the same as dropping per batch element when samples are not packed."""
-    keep = (torch.rand(num_samples + 1, device=x.device) >= p).to(x.dtype) / (1.0 - p)
+    keep = (torch.rand(num_samples + 1, device=x.device) >= p).float() / (1.0 - p)  # fp32: 1/0.9 is not a bf16
     keep[-1] = 0.0  # padding tokens (seq_id -1) index the last slot
-    return x * keep[seq_ids.long()].unsqueeze(-1)
+    return (x * keep[seq_ids.long()].unsqueeze(-1)).to(x.dtype)
+
+
+def drop_path_per_pack(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Stochastic depth per *pack*: one draw for all of ``x`` (the authors' timm ``DropPath`` on ``(rows, L, d)``
+    with one 16K pack per row), kept branches scaled by ``1 / (1 - p)``."""
+    keep = (torch.rand((), device=x.device) >= p).float() / (1.0 - p)
+    return (x * keep.reshape(1)).to(x.dtype)  # in fp32: 1 / (1 - p) rounded to bf16 biases every kept branch
 
 
 class Attention(nn.Module):
     """Gated prefix-LM attention. ``q_proj`` also yields the gate logits: per head ``[q_h | g_h]`` (elementwise,
-    as the authors' code) or one extra logit per head (headwise)."""
+    as the authors' code; their checkpoints put all heads' q first, see ``train/official.py``) or one extra logit
+    per head (headwise)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -36,7 +51,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, H * D)
         self.o_proj = nn.Linear(H * D, cfg.dim)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, prefix_lens: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``x (T, d)`` -> unrotated ``q, k, v (T, H, D)`` and the gate logits (``(T, H, D)``, ``(T, H)`` or None)."""
         cfg, T = self.cfg, x.shape[0]
         H, D = cfg.n_heads, cfg.head_dim
         qg = self.q_proj(x)  # (T, H*D + gate)
@@ -46,9 +62,12 @@ class Attention(nn.Module):
         else:
             q = qg[:, : H * D].view(T, H, D)
             gate = qg[:, H * D :] if cfg.gate == "headwise" else None  # (T, H)
-        k = self.k_proj(x).view(T, H, D)
-        v = self.v_proj(x).view(T, H, D)
-        o = prefix_lm_attention(
+        return q, self.k_proj(x).view(T, H, D), self.v_proj(x).view(T, H, D), gate
+
+    def prefix_lm(self, q, k, v, gate, batch: PackedBatch, prefix_lens: torch.Tensor) -> torch.Tensor:
+        """The packed prefix-LM attention with this model's MRoPE and backend: ``(T, H, D)``."""
+        cfg = self.cfg
+        return prefix_lm_attention(
             q, k, v, batch.cu_seqlens, prefix_lens,
             gate=gate,
             position_ids=batch.position_ids,
@@ -57,16 +76,21 @@ class Attention(nn.Module):
             rope_theta=cfg.rope_theta,
             max_seqlen=batch.max_seqlen,
             impl=cfg.attn_backend,
-        )  # (T, H, D)
-        return self.o_proj(o.reshape(T, H * D))
+        )
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch | None, prefix_lens: torch.Tensor | None,
+                attend: AttendFn | None = None) -> torch.Tensor:
+        q, k, v, gate = self.project(x)
+        o = self.prefix_lm(q, k, v, gate, batch, prefix_lens) if attend is None else attend(q, k, v, gate)
+        return self.o_proj(o.reshape(x.shape[0], -1))  # (T, d)
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.w1 = nn.Linear(dim, hidden, bias=bias)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=bias)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=bias)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -81,17 +105,21 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ls1 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
         self.ls2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
-        self.drop_path = drop_path
+        self.drop_path, self.drop_path_mode = drop_path, cfg.drop_path_mode
 
     def _residual(self, y: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        if self.training and self.drop_path > 0:
-            y = drop_path_per_sample(y, self.drop_path, batch.seq_ids, batch.num_samples)
-        return y
+        if not (self.training and self.drop_path > 0):
+            return y
+        if self.drop_path_mode == "pack":
+            return drop_path_per_pack(y, self.drop_path)
+        return drop_path_per_sample(y, self.drop_path, batch.seq_ids, batch.num_samples)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, prefix_lens: torch.Tensor) -> torch.Tensor:
-        x = x + self._residual(self.ls1 * self.attn(self.norm1(x), batch, prefix_lens), batch)
+    def forward(self, x: torch.Tensor, batch: PackedBatch | None, prefix_lens: torch.Tensor | None,
+                attend: AttendFn | None = None) -> torch.Tensor:
+        """``attend`` replaces the packed prefix-LM attention (then ``batch`` is only read by drop path)."""
+        x = x + self._residual(self.ls1 * self.attn(self.norm1(x), batch, prefix_lens, attend), batch)
         return x + self._residual(self.ls2 * self.mlp(self.norm2(x)), batch)
 
 
@@ -104,7 +132,8 @@ class GenLIP(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         self.text_embed = nn.Embedding(cfg.vocab_size, text_dim)
         self.text_in = nn.Linear(text_dim, cfg.dim) if text_dim != cfg.dim else nn.Identity()
-        rates = [cfg.drop_path * i / max(1, cfg.n_layers - 1) for i in range(cfg.n_layers)]
+        linear = cfg.drop_path_schedule == "linear"
+        rates = [cfg.drop_path * (i / max(1, cfg.n_layers - 1) if linear else 1.0) for i in range(cfg.n_layers)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.text_out = nn.Linear(cfg.dim, text_dim) if text_dim != cfg.dim else nn.Identity()
@@ -144,13 +173,19 @@ class GenLIP(nn.Module):
             x = x.index_copy(0, batch.text_index, txt.to(x.dtype))
         return x
 
-    def hidden_states(self, batch: PackedBatch, *, full_attention: bool = False) -> torch.Tensor:
-        """``(T, d)`` after the final LayerNorm. ``full_attention`` makes every sample bidirectional (encoder)."""
+    def hidden_states(self, batch: PackedBatch, *, full_attention: bool = False,
+                      attend: Sequence[AttendFn] | None = None) -> torch.Tensor:
+        """``(T, d)`` after the final LayerNorm. ``full_attention`` makes every sample bidirectional (encoder);
+        ``attend`` (one per block) replaces the prefix-LM attention, e.g. to keep a KV cache."""
         x = self.embed(batch)
         prefix_lens = batch.seqlens.to(torch.int32) if full_attention else batch.prefix_lens
-        for block in self.blocks:
-            x = block(x, batch, prefix_lens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, batch, prefix_lens, None if attend is None else attend[i])
         return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``(N, d)`` final-norm hidden states -> ``(N, V)`` float32 logits (text projection, then LM head)."""
+        return self.lm_head(self.text_out(h)).float()
 
     def forward(self, batch: PackedBatch, loss_denominator: float | torch.Tensor | None = None) -> torch.Tensor:
         """Next-token loss on caption tokens: sum of token losses / ``loss_denominator`` (default: this pack's loss
@@ -167,8 +202,7 @@ class GenLIP(nn.Module):
 
     def logits_at(self, batch: PackedBatch, index: torch.Tensor) -> torch.Tensor:
         """``(len(index), V)`` float32 logits at the given sequence positions (for generation and evaluation)."""
-        h = self.hidden_states(batch).index_select(0, index)
-        return self.lm_head(self.text_out(h)).float()
+        return self.logits(self.hidden_states(batch).index_select(0, index))
 
     @torch.no_grad()
     def encode(self, batch: PackedBatch) -> list[torch.Tensor]:
@@ -186,7 +220,8 @@ class GenLIP(nn.Module):
     def generate(self, patches: list[torch.Tensor], grid_hw: list[tuple[int, int]], *, eot_id: int,
                  max_new_tokens: int = 32, prompt_ids: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy captions for several images at once ("Let ViT Speak"): each step packs every unfinished sample
-        ``[image | prompt | generated]`` and reads the logits at its last token."""
+        ``[image | prompt | generated]`` and reads the logits at its last token. Recomputes the whole sequence per
+        token: the oracle that ``genlip_fast.speak.generate`` (KV cache, sampling) is tested against."""
         from ..data.packing import pack_generation
 
         device = self.patch_embed.weight.device
@@ -238,4 +273,4 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return parts
 
 
-__all__ = ["GenLIP", "count_parameters", "drop_path_per_sample"]
+__all__ = ["AttendFn", "GenLIP", "count_parameters", "drop_path_per_pack", "drop_path_per_sample"]

@@ -6,7 +6,14 @@ With no arguments: the tiny demo on generated shapes, on CPU, in a few minutes. 
     srun torchrun --nnodes=$SLURM_NNODES --nproc_per_node=8 --rdzv_backend=c10d \\
         --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$SLURM_JOB_ID --max-restarts=3 -m genlip_fast.train ...
 
-A run resumes from the latest checkpoint in its out_dir by itself (after a crash, a restart or preemption).
+A run resumes from the newest checkpoint in its out_dir that passes its check, by itself (after a crash, a restart
+or preemption). Preemption under torchrun / Slurm: send SIGTERM to torchrun (Slurm: ``#SBATCH --signal=TERM@300``);
+torchrun forwards it to every worker, which finishes its step and saves. Ctrl-C once: the same; twice: stop now.
+
+Exit status (the same on every rank): 0 done; 2 a config or input error found at start (one line, nothing
+written); 1 a failure with a named cause (a damaged or refused checkpoint, no space for a checkpoint, too many NaN
+steps); 128 + N stopped by signal N after a checkpoint (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C); 130 also for a
+second Ctrl-C, which stops without a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="tiny", help="bundled preset name or TOML path (default: tiny)")
     ap.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args, rest = ap.parse_known_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", "0"))
     # Logs from rank 0 only; other ranks still report warnings and errors.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s")
@@ -34,23 +41,47 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"genlip-train: config error: {e}", file=sys.stderr)
         return 2
-    from .trainer import train
+    from . import preflight
+    from .checkpoint import CheckpointError
+    from .metrics import describe_eval
+    from .trainer import NonFiniteLossError, train
 
-    result = train(cfg, progress=not args.no_progress)
+    def fail(kind: str, e: object, code: int, everywhere: bool = False) -> int:
+        # Errors after the process group is up are agreed by every rank: rank 0 says it once.
+        if rank == 0 or everywhere:
+            print(f"genlip-train: {kind}: {e}", file=sys.stderr)
+        return code
+
+    try:
+        preflight.check_device(cfg)  # before the process group, so every rank finds it alone
+    except ConfigError as e:
+        return fail("config error", e, 2, everywhere=True)
+    try:
+        result = train(cfg, progress=not args.no_progress)
+    except ConfigError as e:  # bad input found at start (every rank finds it alike), before anything is written
+        return fail("config error", e, 2)
+    except (CheckpointError, NonFiniteLossError) as e:
+        return fail("error", e, 1)
+    except KeyboardInterrupt:
+        return fail("stopped", "second Ctrl-C: no checkpoint of the step in flight (the last complete one is kept)",
+                    130)
+    code = 128 + result["signal"] if result["stopped_by"] == "signal" else 0  # as if killed by it
     if rank != 0:
-        return 128 + result["signal"] if result["stopped_by"] == "signal" else 0
+        return code
     losses = result["losses"]
     if losses:
         k = max(1, min(20, len(losses) // 10))
         first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
         print(f"\nloss: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
+    if result["evals"]:
+        print(f"\nheld-out evaluation (every {cfg.eval.every} steps and at the end):")
+        for e in result["evals"]:
+            print(f"  step {e['step']:>5}: {describe_eval(e)}")
     if result["captions"]:
         print("\nLet ViT Speak — held-out images:")
         for c in result["captions"]:
             print(f"  true:      {c['true']}\n  generated: {c['generated']}\n")
-    if result["stopped_by"] == "signal":
-        return 128 + result["signal"]  # as if killed by it: a scheduler or torchrun may restart the job
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ errors that name the offending key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -32,6 +33,12 @@ class ModelSection:
     """Stochastic depth of the last block; None = the preset's."""
     gate: str | None = None
     """Attention gate: 'elementwise' | 'headwise' | 'none'; None = the preset's."""
+    mlp_bias: bool | None = None
+    """Biases on the SwiGLU linears; None = the preset's (on for the '-official' presets)."""
+    drop_path_mode: str | None = None
+    """Drop path per 'sample' or per 'pack' (the authors'); None = the preset's."""
+    drop_path_schedule: str | None = None
+    """Drop-path rate over depth: 'linear' or 'constant' (the authors'); None = the preset's."""
 
 
 @dataclass
@@ -86,9 +93,19 @@ class TrainSection:
 class ParallelSection:
     backend: str = "auto"
     """torch.distributed backend: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'."""
+    replicate: int = 0
+    """HSDP replicas (the mesh's outer dim, usually nodes); 0 = world size / shard. 1 = plain FSDP over all ranks."""
+    shard: int = 0
+    """Ranks each replica shards parameters, gradients and optimizer state over; 0 = the GPUs of one node
+    (LOCAL_WORLD_SIZE), or world size / replicate when that is given. replicate x shard = the world size."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait before it fails; at 90% of it a stalled rank logs which ranks are behind."""
     data_streams: int = 0
-    """Data loader streams the global batch is drawn from (0 = one per rank); a multiple of the world size. Runs
-    with the same streams see the same packs in each step, whatever the number of ranks."""
+    """Data loader streams the global batch is drawn from (0 = one per rank), at least the world size; rank r reads
+    the streams s with s % world_size == r. Runs with the same streams see the same packs, whatever the ranks."""
+    remap_streams: bool = False
+    """On resume with a different number of data streams (e.g. on other GPUs): map the saved stream positions onto
+    the new streams (nothing skipped or repeated; sample order and pack composition change) instead of refusing."""
     mixed_precision: str = "auto"
     """'auto' (bf16 params + fp32 gradient reduce on CUDA, fp32 on CPU), 'bf16' or 'fp32'."""
     activation_checkpoint: str = "none"
@@ -98,15 +115,16 @@ class ParallelSection:
     compile: bool = False
     """torch.compile each transformer block."""
     reshard_after_forward: bool = True
-    """Free each block's gathered parameters after its forward (ZeRO-3); False keeps them until backward."""
+    """Free each block's gathered parameters after its forward in a step's last micro-step (ZeRO-3; not the last
+    block or the root); False keeps them until backward. Earlier micro-steps never reshard (see prepare_micro_step)."""
 
 
 @dataclass
 class CheckpointSection:
     every: int = 0
-    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1)."""
+    """Optimizer steps between checkpoints (0 = only at the end, at stop_at_step and on SIGTERM/SIGUSR1/Ctrl-C)."""
     keep: int = 3
-    """Most recent complete checkpoints kept (older ones are deleted)."""
+    """Most recent complete checkpoints kept (older ones are deleted; ones that fail their check are moved aside)."""
     dir: str = ""
     """Checkpoint folder; '' = out_dir/checkpoints."""
     resume: bool = True
@@ -116,6 +134,26 @@ class CheckpointSection:
     schedule and data start anew. Ignored when resuming."""
     final: bool = True
     """Save a checkpoint when training ends."""
+    fallback: bool = True
+    """When the newest checkpoint fails its check (manifest sizes and checksums), move it aside and resume from the
+    newest one that passes, with a warning; false: stop with an error instead."""
+
+
+@dataclass
+class EvalSection:
+    every: int = 0
+    """Optimizer steps between evaluations on held-out data (0 = none); also before the first step and at the end."""
+    packs: int = 4
+    """Packs of data.val_shards whose caption loss is measured, the same ones every time (0, or no val_shards: none)."""
+    captions: int = 0
+    """Held-out images captioned (greedy, up to train.max_new_tokens) for BLEU-4, CIDEr and exact match (0 = none)."""
+    probe_train: str = ""
+    """ImageFolder (DIR/<class>/<image>) a linear probe of the frozen encoder is fitted on ('' = no probe; 'demo' =
+    the probe set the demo generator writes beside data.train_shards, DIR/probe/train)."""
+    probe_val: str = ""
+    """ImageFolder the probe's top-1 accuracy is measured on (required with probe_train; 'demo' = DIR/probe/val)."""
+    probe_l2: float = 1e-3
+    """L2 penalty on the probe's logistic-regression weights (features standardised)."""
 
 
 @dataclass
@@ -132,6 +170,8 @@ class JobConfig:
     """FSDP2, precision, activation checkpointing, compile."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     """Saving, resuming, initialising from another run."""
+    eval: EvalSection = field(default_factory=EvalSection)
+    """Validation loss, captioning metrics and a linear probe during training."""
 
 
 class ConfigError(ValueError):
@@ -231,15 +271,59 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
 CHOICES = {
     "model.attn_backend": ("auto", "triton", "reference", "flex"),
     "model.ce_backend": ("auto", "triton", "reference"),
+    "model.drop_path_mode": (None, "sample", "pack"),
+    "model.drop_path_schedule": (None, "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
     "parallel.activation_checkpoint": ("none", "full", "ratio"),
+    "data.stage": (1, 2),
+    "data.backend": ("auto", "dali", "host"),
+}
+
+RANGES = {
+    # counts
+    ">= 1": ("train.steps", "train.log_every", "train.max_new_tokens", "train.max_bad_steps", "checkpoint.keep",
+             "model.vocab_size", "data.image_size", "data.patch_size", "data.min_patches", "data.max_patches",
+             "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.shuffle_shards"),
+    ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
+             "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
+             "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
+             "optim.grad_clip", "parallel.replicate", "parallel.shard", "eval.every", "eval.packs", "eval.captions",
+             "eval.probe_l2"),
+    # rates
+    "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s"),
+    "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
+    "in (0, 1]": ("parallel.ac_ratio",),
+}
+"""The allowed range of every numeric option (``None``, where a field allows it, means "the default"). Every
+int or float field must be listed: ``validate`` refuses a config class with an unchecked numeric field."""
+
+_IN_RANGE = {
+    ">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0, "> 0": lambda v: v > 0,
+    "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1,
 }
 
 
+def _numeric_fields(obj, prefix: str = "") -> dict[str, object]:
+    """``{"section.key": value}`` for every int / float / tuple-of-numbers field (nested dataclasses walked)."""
+    out = {}
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_numeric_fields(value, f"{prefix}{f.name}."))
+            continue
+        tp = hints[f.name]
+        kinds = set(typing.get_args(tp)) | {tp}
+        if kinds & {int, float} or typing.get_origin(tp) is tuple and set(typing.get_args(tp)) <= {int, float}:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
 def validate(cfg: JobConfig) -> JobConfig:
-    """Check values that a type alone does not (choices, ranges); raise ConfigError naming the key."""
+    """Check values that a type alone does not (choices, ranges); raise ConfigError naming the key and what is
+    allowed."""
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -249,25 +333,28 @@ def validate(cfg: JobConfig) -> JobConfig:
 
     if cfg.model.preset not in PRESETS:
         raise ConfigError(f"model.preset = {cfg.model.preset!r}; choose one of {sorted(PRESETS)}")
-    positive = {"train.steps": cfg.train.steps, "data.pack_tokens": cfg.data.pack_tokens}
-    for dotted, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{dotted} must be > 0, got {value!r}")
-    non_negative = {
-        "train.global_batch_samples": cfg.train.global_batch_samples, "train.packs_per_step": cfg.train.packs_per_step,
-        "train.tokens_per_sample": cfg.train.tokens_per_sample, "parallel.data_streams": cfg.parallel.data_streams,
-        "checkpoint.every": cfg.checkpoint.every, "train.stop_at_step": cfg.train.stop_at_step,
-        "optim.grad_clip": cfg.optim.grad_clip,
-    }
-    for dotted, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{dotted} must be >= 0, got {value!r}")
-    if not 0.0 < cfg.parallel.ac_ratio <= 1.0:
-        raise ConfigError(f"parallel.ac_ratio must be in (0, 1], got {cfg.parallel.ac_ratio!r}")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep!r}")
-    if not 0.0 <= cfg.optim.warmup_ratio < 1.0:
-        raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio!r}")
+    rule_of = {dotted: rule for rule, keys in RANGES.items() for dotted in keys}
+    for dotted, value in _numeric_fields(cfg).items():
+        if dotted in CHOICES:
+            continue
+        rule = rule_of.get(dotted)
+        if rule is None:
+            raise RuntimeError(f"config field {dotted} has no allowed range in genlip_fast/train/config.py RANGES")
+        for v in value if isinstance(value, tuple) else (value,):
+            if v is not None and not (math.isfinite(v) and _IN_RANGE[rule](v)):
+                raise ConfigError(f"{dotted} = {value!r}; allowed: a finite number {rule}")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError(f"optim.min_lr = {cfg.optim.min_lr!r} is above optim.lr = {cfg.optim.lr!r}")
+    e = cfg.eval
+    if bool(e.probe_train) != bool(e.probe_val):
+        raise ConfigError(f"eval.probe_train = {e.probe_train!r} and eval.probe_val = {e.probe_val!r}: the probe "
+                          f"needs both folders (or neither)")
+    d = cfg.data
+    if d.min_patches > d.max_patches:
+        raise ConfigError(f"data.min_patches = {d.min_patches} is above data.max_patches = {d.max_patches}")
+    if d.stage == 1 and d.image_size % d.patch_size:
+        raise ConfigError(f"data.image_size = {d.image_size} is not a multiple of data.patch_size = {d.patch_size}; "
+                          f"try {max(1, round(d.image_size / d.patch_size)) * d.patch_size}")
     return cfg
 
 

@@ -1,8 +1,15 @@
 """Process group, device mesh and the FSDP2 wrapping of GenLIP.
 
 Launch with torchrun (``torchrun --nproc_per_node=8 -m genlip_fast.train ...``, or ``srun torchrun ...`` on
-Slurm): it sets RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous. A plain ``python -m genlip_fast.train`` is a
-one-process group (an in-memory store), so the same FSDP2 code path runs everywhere.
+Slurm; ``scripts/slurm/train.sbatch``): it sets RANK / WORLD_SIZE / LOCAL_RANK / LOCAL_WORLD_SIZE and the
+rendezvous. A plain ``python -m genlip_fast.train`` is a one-process group (an in-memory store), so the same FSDP2
+code path runs everywhere.
+
+The data-parallel mesh is ``replicate × shard`` (``parallel.replicate``, ``parallel.shard``; default: shard over
+the GPUs of a node, replicate across nodes). With one replica it is plain FSDP on a 1-D mesh; with more it is
+HSDP: parameters and gradients are sharded inside a shard group (all-gather and reduce-scatter over NVLink) and
+the gradient shards are all-reduced across replicas (one inter-node all-reduce of 1/shard of the gradients).
+Ranks ``r·shard … r·shard + shard - 1`` form replica ``r`` (torchrun numbers the ranks of a node consecutively).
 """
 
 from __future__ import annotations
@@ -11,14 +18,20 @@ import contextlib
 import functools
 import logging
 import os
+import threading
+import time
+import weakref
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
+
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +43,22 @@ class DistInfo:
     local_rank: int
     device: torch.device
     mesh: DeviceMesh
+    """The data-parallel mesh: 1-D ``("shard",)`` with one replica, else 2-D ``("replicate", "shard")``."""
     owns_group: bool
     """True when this module created the process group (and so destroys it)."""
+    replicate: int = 1
+    """Model replicas (HSDP's outer dimension; usually the number of nodes)."""
+    shard: int = 1
+    """Ranks each replica's parameters, gradients and optimizer state are sharded over (usually a node's GPUs)."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def mesh_desc(self) -> str:
+        kind = "FSDP" if self.replicate == 1 else "HSDP"
+        return f"{kind}: {self.replicate} replica(s) x {self.shard} shard(s)"
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -48,15 +71,63 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def init_distributed(device_name: str = "auto", backend: str = "auto") -> DistInfo:
-    """Join (or create) the process group; one process per GPU. Returns this rank's view."""
+def mesh_shape(world_size: int, *, replicate: int = 0, shard: int = 0,
+               local_world_size: int | None = None) -> tuple[int, int]:
+    """``(replicate, shard)`` of the data-parallel mesh; 0 means "derive it".
+
+    Both 0: shard = the ranks on one node (``local_world_size``, torchrun's LOCAL_WORLD_SIZE), replicate = the
+    nodes. One given: the other is the world size divided by it. The product must be the world size.
+    """
+    if replicate < 0 or shard < 0:
+        raise ConfigError(f"parallel.replicate ({replicate}) and parallel.shard ({shard}) must be >= 0 (0 = auto)")
+    if replicate == 0 and shard == 0:
+        local = local_world_size or world_size
+        if world_size % local:
+            raise ConfigError(f"{world_size} ranks are not a whole number of nodes of {local} (LOCAL_WORLD_SIZE); "
+                              f"set parallel.replicate and parallel.shard")
+        shard = local
+    if replicate == 0:
+        replicate = world_size // shard if world_size % shard == 0 else 0
+    if shard == 0:
+        shard = world_size // replicate if world_size % replicate == 0 else 0
+    if replicate * shard != world_size:
+        raise ConfigError(f"parallel.replicate ({replicate or '?'}) x parallel.shard ({shard or '?'}) must equal the "
+                          f"world size {world_size}")
+    return replicate, shard
+
+
+def build_mesh(device_type: str, replicate: int, shard: int, timeout: timedelta | None = None) -> DeviceMesh:
+    """The data-parallel mesh over all ranks (every rank calls it). Its groups are made here, with ``timeout``:
+    ``init_device_mesh`` would give them the backend's default timeout, not the one asked for."""
+    world = dist.get_world_size()
+    if replicate == 1:
+        return DeviceMesh.from_group(dist.group.WORLD, device_type, mesh_dim_names=("shard",))
+    ranks = torch.arange(world).view(replicate, shard)
+    mine = divmod(dist.get_rank(), shard)
+    groups = {}
+    for name, rows in (("replicate", ranks.t()), ("shard", ranks)):
+        for i, row in enumerate(rows.tolist()):  # every rank creates every group, in the same order
+            g = dist.new_group(row, timeout=timeout)
+            if i == (mine[1] if name == "replicate" else mine[0]):
+                groups[name] = g
+    return DeviceMesh.from_group([groups["replicate"], groups["shard"]], device_type, mesh=ranks,
+                                 mesh_dim_names=("replicate", "shard"))
+
+
+def init_distributed(device_name: str = "auto", backend: str = "auto", *, replicate: int = 0, shard: int = 0,
+                     timeout_s: float | None = None) -> DistInfo:
+    """Join (or create) the process group; one process per GPU. Returns this rank's view, with the
+    ``replicate × shard`` mesh (see :func:`mesh_shape`). ``timeout_s`` bounds every collective of the groups made
+    here (None: the backend's default); a rank that makes no progress for 90% of it logs which ranks are behind."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = timedelta(seconds=timeout_s) if timeout_s else None
     owns = False
+    store = None
     if not dist.is_initialized():
         owns = True
         if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
@@ -65,18 +136,133 @@ def init_distributed(device_name: str = "auto", backend: str = "auto") -> DistIn
             # apart, or a restarted rank can read a dead peer's address and fail to connect.
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             store = dist.PrefixStore(f"genlip_attempt_{attempt}", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout,
                                     device_id=device if device.type == "cuda" else None)
         else:  # a plain single process: an in-memory store, no network
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
-    return DistInfo(rank, world, local_rank, device, mesh, owns)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    try:
+        R, S = mesh_shape(world, replicate=replicate, shard=shard, local_world_size=local_world)
+    except ConfigError:  # every rank finds it alike: leave no process group behind
+        if owns:
+            dist.destroy_process_group()
+        raise
+    if owns and store is not None and world > 1 and timeout_s:
+        _start_watch(ProgressWatch(store, rank, world, timeout_s))
+    mesh = build_mesh(device.type, R, S, timeout)
+    return DistInfo(rank, world, local_rank, device, mesh, owns, R, S)
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    if info.owns_group:
+        _start_watch(None)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class ProgressWatch:
+    """Names the rank a hang waits for.
+
+    Every rank counts the sync points it enters (the trainer's own collectives and each micro-step's forward, which
+    runs FSDP's) and a daemon thread publishes the count to the rendezvous store. When this rank has made no
+    progress for 90% of the collective timeout — before the backend gives up (NCCL's watchdog then ends the
+    process without returning to Python, so the report cannot wait for an exception) — it reads every rank's count
+    and logs the ranks that are behind: they never reached the collective the others wait in.
+    """
+
+    KEY = "genlip_progress/"
+    REPORT_AT = 0.9
+
+    def __init__(self, store: dist.Store, rank: int, world: int, timeout_s: float):
+        self.store, self.rank, self.world, self.timeout_s = store, rank, world, timeout_s
+        self.poll_s = min(5.0, timeout_s / 10)
+        self._state = (0, "start", time.monotonic(), time.time())  # replaced whole, so the thread reads one state
+        self._stop = threading.Event()
+        self._publish(self._state)
+        self._thread = threading.Thread(target=self._run, name="genlip-progress-watch", daemon=True)
+        self._thread.start()
+
+    def mark(self, label: str) -> None:
+        """This rank enters sync point ``label`` (a collective every rank makes)."""
+        self._state = (self._state[0] + 1, label, time.monotonic(), time.time())
+
+    def stop(self) -> None:
+        """Stop and join the thread, so it is never inside a store call while the process group and store are torn
+        down (a daemon thread in a C++ call at interpreter exit can abort the process)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * self.poll_s + 5)
+
+    def _publish(self, state) -> None:
+        count, label, _, wall = state
+        self.store.set(f"{self.KEY}{self.rank}", f"{count} {wall:.3f} {label}")
+
+    def _run(self) -> None:
+        published = reported = self._state[0]
+        while not self._stop.wait(self.poll_s):
+            state = self._state
+            try:
+                if state[0] != published:
+                    self._publish(state)
+                    published = state[0]
+                stalled = time.monotonic() - state[2]
+                if stalled >= self.REPORT_AT * self.timeout_s and reported != state[0]:
+                    reported = state[0]
+                    log.error(self.describe(stalled))
+            except Exception as e:  # the store is gone (shutdown, a dead rank 0): nothing left to watch
+                log.debug("progress watch stopped: %s", e)
+                return
+
+    def positions(self) -> dict[int, tuple[int, float, str]]:
+        """Every rank's last published ``(sync points entered, wall time of the last one, its label)``."""
+        out = {}
+        for r in range(self.world):
+            key = f"{self.KEY}{r}"
+            if self.store.check([key]):
+                count, wall, label = self.store.get(key).decode().split(" ", 2)
+                out[r] = (int(count), float(wall), label)
+        return out
+
+    def describe(self, stalled: float) -> str:
+        pos = self.positions()
+        head = (f"rank {self.rank}: no progress for {stalled:.1f} s (parallel.collective_timeout_s = "
+                f"{self.timeout_s:g}; the collective fails at the timeout)")
+        if not pos:
+            return f"{head}; no rank has published its progress"
+        top = max(c for c, _, _ in pos.values())
+        behind = sorted(r for r, (c, _, _) in pos.items() if c < top)
+        missing = sorted(set(range(self.world)) - set(pos))
+        ahead = [r for r, (c, _, _) in pos.items() if c == top]
+        now = time.time()
+        if not behind and not missing:
+            return (f"{head}; every rank entered sync point #{top} ({pos[ahead[0]][2]}) and none has left it: an "
+                    f"operation on all ranks is slower than the timeout (raise parallel.collective_timeout_s?)")
+        parts = [f"rank {r} is behind: its last sync point was #{pos[r][0]} ({pos[r][2]}), {now - pos[r][1]:.1f} s "
+                 f"ago" for r in behind]
+        parts += [f"rank {r} never reported" for r in missing]
+        waits = "waits" if len(ahead) == 1 else "wait"
+        return (f"{head}; {'; '.join(parts)}; {_ranks(ahead)} {waits} in sync point #{top} ({pos[ahead[0]][2]}) "
+                f"for {'it' if len(behind) + len(missing) == 1 else 'them'}")
+
+
+def _ranks(ranks: list[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+
+
+_WATCH: ProgressWatch | None = None
+
+
+def _start_watch(watch: ProgressWatch | None) -> None:
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.stop()
+    _WATCH = watch
+
+
+def _mark(label: str) -> None:
+    if _WATCH is not None:
+        _WATCH.mark(label)
 
 
 def mixed_precision_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy:
@@ -123,20 +309,65 @@ def apply_compile(model: nn.Module) -> None:
         block.compile(dynamic=True)
 
 
+_RESHARD_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""root module -> [(FSDP unit, reshard after forward on the last micro-step)], for :func:`prepare_micro_step`."""
+
+
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *,
                reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2: ``fully_shard`` each block, then the root (embeddings, final norm and LM head stay in the root's
-    group). Gradients are reduced as a plain sum: the loss is already divided by the global loss-token count."""
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
-    # The root's parameters are needed again right after the forward (LM head) and first in the backward.
+    """FSDP2 (1-D mesh) or HSDP (2-D ``replicate × shard`` mesh): ``fully_shard`` each block, then the root
+    (embeddings, final norm and LM head stay in the root's group). Gradients are reduced as a plain sum: the loss is
+    already divided by the global loss-token count.
+
+    Resharding: a block frees its gathered parameters after its forward (``reshard_after_forward``) and gathers
+    them again in backward — except the last block, whose backward follows its forward at once, and the root, whose
+    LM head runs last in forward and first in backward. Prefetch: each block's forward issues the next block's
+    all-gather and its backward the previous block's, and the root's forward issues the first block's, so the CPU
+    queues each all-gather one unit ahead (explicit, so recomputed forwards under activation checkpointing do not
+    reorder the backward prefetch). Call :func:`prepare_micro_step` before every forward.
+    """
+    blocks = list(model.blocks)
+    plan = []
+    for i, block in enumerate(blocks):
+        reshard = reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+        plan.append((block, reshard))
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+    plan.append((model, False))
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[i + 1]])
+        if i > 0:
+            block.set_modules_to_backward_prefetch([blocks[i - 1]])
+    if blocks:
+        model.set_modules_to_forward_prefetch([blocks[0]])
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             # plain SUM collectives: gloo has no pre-multiplied sum, and NCCL's zero-copy path wants SUM
             m.set_force_sum_reduction_for_comms(True)
+    _RESHARD_PLANS[model] = plan
     return model
+
+
+def prepare_micro_step(model: nn.Module, micro_step: int, micro_steps: int) -> None:
+    """FSDP2's policy for micro-step ``micro_step`` (0-based) of ``micro_steps`` in one optimizer step; call it
+    before that micro-step's forward, on a model wrapped by :func:`apply_fsdp`.
+
+    Between micro-steps nothing is resharded or reduced: parameters stay gathered from the first forward on, and
+    gradients accumulate unsharded on each rank. The last micro-step applies the per-block reshard-after-forward
+    policy, then reduce-scatters each unit's gradients in backward (and, for HSDP, all-reduces the shards across
+    replicas; ``set_requires_gradient_sync`` switches both) and reshards. So each step all-gathers every unit in
+    the first forward and, if it reshards after forward, once more in the last backward, and reduces every
+    gradient once — the same collectives in the same order whatever the number of micro-steps, so ranks may run
+    different numbers of them. Memory: full parameters (param dtype) and full gradients (fp32) during the step.
+    """
+    last = micro_step == micro_steps - 1
+    for module, reshard in _RESHARD_PLANS[model]:
+        module.set_reshard_after_forward(reshard and last, recurse=False)
+    model.set_requires_gradient_sync(last)
+    model.set_reshard_after_backward(last)
+    _mark(f"forward of micro-step {micro_step + 1}/{micro_steps}")
 
 
 @contextlib.contextmanager
@@ -155,17 +386,20 @@ def gathered_root(model: nn.Module):
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
+        _mark("all_reduce")
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
+        _mark("barrier")
         dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):
     if dist.is_initialized() and dist.get_world_size() > 1:
+        _mark("broadcast")
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]

@@ -7,21 +7,27 @@ one process on CPU, whatever number of ranks wrote the checkpoint (DCP reshards 
 what the vision encoder uses (patch embedding, blocks, final norm) and drops the text embedding and LM head. The
 model config is stored in the file's metadata (``genlip_model_config``), so :func:`load_exported` rebuilds the
 model from the file alone.
+
+:func:`load_model` reads any of the three forms a model comes in — a trainer checkpoint, an exported file, or a
+folder in the authors' layout (``train/official.py``) — with how it reads its inputs; :func:`load_encoder` makes
+the vision encoder of one (``genlip_fast.load_encoder``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from ..model import GenLIP, ModelConfig
-from .checkpoint import read_meta, resolve_checkpoint
+from ..speak.encoder import VisionEncoder
+from ..speak.inputs import ImageTransform, InputSpec
+from .checkpoint import load_dcp, read_meta, require_passing, resolve_checkpoint
 
 TEXT_PREFIXES = ("text_embed.", "text_in.", "text_out.", "lm_head.")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,9 +48,10 @@ def load_checkpoint_model(path: str | Path) -> tuple[GenLIP, dict]:
         model = GenLIP(cfg)
     model = model.to_empty(device="cpu")
     sd = model.state_dict()
+    require_passing(ckpt, distributed=False)
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)  # fills the module's tensors in place
+        load_dcp({"model": sd}, ckpt, no_dist=True)  # fills the module's tensors in place; refuses pickled code
     return model, {**meta, "checkpoint": str(ckpt)}
 
 
@@ -61,6 +68,7 @@ def export(src: str | Path, dst: str | Path, *, vision_only: bool = False, dtype
     info = {
         "format": "pt",
         "genlip_model_config": json.dumps(meta["model_config"]),
+        "genlip_inputs": json.dumps(inputs_from_meta(meta).to_dict()),
         "genlip_step": str(meta["step"]),
         "genlip_vision_only": str(vision_only).lower(),
         "genlip_source": meta["checkpoint"],
@@ -86,6 +94,60 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> GenLI
     if unexpected or (missing and md.get("genlip_vision_only") != "true"):
         raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}")
     return model.to(device)
+
+
+def inputs_from_meta(meta: dict) -> InputSpec:
+    """How a checkpoint's model reads its inputs: stored by an import, or the run's data config (its tokenizer, patch
+    size and patch range; CLIP statistics, which the data pipeline normalises with). Images keep their native
+    aspect ratio (stage 2's rule) unless a fixed size is asked for."""
+    if "inputs" in meta:
+        return InputSpec.from_dict(meta["inputs"])
+    data = meta.get("job_config", {}).get("data", {})
+    image = ImageTransform(patch_size=data.get("patch_size", meta["model_config"].get("patch_size", 16)),
+                           min_patches=data.get("min_patches", 16), max_patches=data.get("max_patches", 1024))
+    return InputSpec(tokenizer=data.get("tokenizer", "demo"), image=image)
+
+
+def load_model(path: str | Path, *, need_text: bool = True) -> tuple[GenLIP, InputSpec]:
+    """A :class:`GenLIP` (fp32, CPU, eval mode) from a trainer checkpoint (or run folder), an exported
+    ``.safetensors`` file, or a folder in the authors' layout; and how it reads its inputs. A ``--vision-only``
+    export has no text embedding or LM head: it is refused unless ``need_text=False`` (the encoder)."""
+    p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        from .official import load_official
+
+        model, inputs = load_official(p)
+    elif p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        if not p.is_file():
+            raise FileNotFoundError(f"no exported model file at {p}")
+        with safe_open(str(p), framework="pt") as f:
+            md = f.metadata()
+        if need_text and md.get("genlip_vision_only") == "true":
+            raise ValueError(f"{p} is a --vision-only export (no text embedding or LM head); captioning needs the "
+                             f"checkpoint it came from or a full export")
+        model = load_exported(p)
+        inputs = InputSpec.from_dict(json.loads(md["genlip_inputs"])) if "genlip_inputs" in md else InputSpec()
+    else:
+        model, meta = load_checkpoint_model(p)
+        inputs = inputs_from_meta(meta)
+    model.cfg.attn_backend = model.cfg.ce_backend = "auto"  # a training run's choice need not fit this machine
+    return model.eval(), inputs
+
+
+def load_encoder(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 image_size: int | None = None, attn_backend: str = "auto") -> VisionEncoder:
+    """The vision encoder of a checkpoint (any form :func:`load_model` reads), in ``dtype`` on ``device``.
+
+    ``image_size`` None keeps each image's aspect ratio (16–1024 patches, stage 2's rule); an int resizes and
+    centre-crops to that square (stage 1). Call it with a list of PIL images / uint8 arrays (or patches with
+    grids); it returns per-image ``(grid_h * grid_w, d)`` final-LayerNorm features.
+    """
+    model, inputs = load_model(path, need_text=False)
+    model.cfg.attn_backend = attn_backend
+    transform = dataclasses.replace(inputs.image, image_size=image_size)
+    return VisionEncoder(model, transform).to(device=device, dtype=dtype).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ def tiny_overrides(data_dir: str | Path, out_dir: str | Path, *, steps: int = 6,
         "train.device": "cpu",
         "optim.warmup_ratio": 0.2,
         "checkpoint.final": True,
+        "eval.every": 0,
     }
     over.update({k.replace("__", "."): v for k, v in extra.items()})
     return [f"--{k}={v}" for k, v in over.items()]

@@ -1,0 +1,93 @@
+"""``python -m genlip_fast.eval probe --checkpoint RUN --train DIR --val DIR``
+
+Linear probe of a trained encoder: mean-pooled final-norm features of the frozen model on ImageFolder-layout folders
+(``DIR/<class>/<image>``), a logistic regression fitted on ``--train``, top-1 accuracy on ``--val``. ``RUN`` is a run's
+out_dir, a checkpoints folder, one checkpoint, or a file written by ``python -m genlip_fast.train.export``. Images
+go through the run's own stage-1 or stage-2 transforms (from the checkpoint's config; ``--stage`` and
+``--image-size`` override, and are needed for an exported file, which does not record them).
+
+The demo's probe set (the shape of the largest object, 4 classes) is written next to the demo data::
+
+    python -m genlip_fast.eval probe --checkpoint runs/tiny --train data/shapes/probe/train --val data/shapes/probe/val
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_for_eval(checkpoint: str) -> tuple[object, dict, str]:
+    """``(model, data transform settings, description)`` of a checkpoint, run folder or exported file, on CPU."""
+    # The checkpoint readers live with the trainer; the vision-encoder API (load_encoder) is to replace this call.
+    from ..train.export import load_checkpoint_model, load_exported
+
+    path = Path(checkpoint)
+    if path.is_file():
+        return load_exported(path), {}, f"{path}"
+    model, meta = load_checkpoint_model(path)
+    data = (meta.get("job_config") or {}).get("data", {})
+    return model, data, f"{meta['checkpoint']} (step {meta['step']})"
+
+
+def _probe(args) -> int:
+    import torch
+
+    from ..train.checkpoint import CheckpointError
+    from .probe import ImageFolder, probe_encoder
+
+    try:
+        train = ImageFolder.read(args.train)
+        val = ImageFolder.read(args.val, classes=train.classes)
+        model, data, what = load_for_eval(args.checkpoint)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        print(f"genlip-eval: {e}", file=sys.stderr)
+        return 2
+    kw = dict(stage=args.stage or data.get("stage", 1), image_size=args.image_size or data.get("image_size", 224),
+              patch=data.get("patch_size", model.cfg.patch_size), min_patches=data.get("min_patches", 16),
+              max_patches=data.get("max_patches", 1024))
+    try:
+        train_images, val_images = train.decode(**kw), val.decode(**kw)
+    except ValueError as e:
+        print(f"genlip-eval: {e}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    res = probe_encoder(model, train, val, train_images, val_images, l2=args.l2,
+                        max_tokens=args.max_tokens or data.get("pack_tokens", 16384), device=device)
+    res.update(classes=len(train.classes), train_images=len(train.paths), val_images=len(val.paths),
+               checkpoint=what)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"linear probe of {what}: {len(train.classes)} classes, {len(train.paths)} training / "
+              f"{len(val.paths)} validation images (stage {kw['stage']}, image size {kw['image_size']})")
+        print(f"top-1: {100 * res['top1']:.1f}% (training images {100 * res['train_top1']:.1f}%; "
+              f"chance {100 * res['chance']:.1f}%)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genlip_fast.eval", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("probe", help="linear probe of the frozen encoder on ImageFolder-layout folders")
+    p.add_argument("--checkpoint", required=True, help="run out_dir, checkpoint folder or exported .safetensors")
+    p.add_argument("--train", required=True, help="ImageFolder the classifier is fitted on")
+    p.add_argument("--val", required=True, help="ImageFolder the top-1 accuracy is measured on")
+    p.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the classifier weights (default 1e-3)")
+    p.add_argument("--stage", type=int, choices=(1, 2), default=None, help="image transform (default: the run's)")
+    p.add_argument("--image-size", type=int, default=None, help="stage-1 crop size (default: the run's, else 224)")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per encoded pack (default: the run's)")
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = ap.parse_args(argv)
+    if args.l2 < 0:
+        ap.error(f"--l2 = {args.l2}: must be >= 0")
+    return _probe(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Let ViT Speak: KV-cache captioning, the patch-semantics readout and the vision-encoder module.
+
+``python -m genlip_fast.speak IMAGE... --checkpoint PATH`` captions, ``... readout IMAGE ...`` shows what each patch
+says; ``genlip_fast.load_encoder(PATH)`` returns a :class:`VisionEncoder`.
+"""
+
+from .encoder import VisionEncoder
+from .generate import KVCache, Sampling, generate, sample_next, top_p_filter
+from .inputs import ImageTransform, InputSpec
+
+__all__ = ["ImageTransform", "InputSpec", "KVCache", "Sampling", "VisionEncoder", "generate", "sample_next",
+           "top_p_filter"]

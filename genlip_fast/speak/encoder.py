@@ -1,0 +1,71 @@
+"""GenLIP as the vision encoder of a multimodal LLM: image tokens only, full attention, final-LayerNorm features.
+
+    encoder = genlip_fast.load_encoder("runs/so16_stage2", dtype=torch.bfloat16, device="cuda")
+    feats = encoder([pil_image, uint8_array, ...])        # list of (grid_h * grid_w, d), one per image
+
+All images go through one packed varlen pass (the fused prefix-LM attention with every sample's prefix = its whole
+length, i.e. full attention per image). Images are turned into patches and packed on the host first
+(:meth:`VisionEncoder.pack`); :meth:`VisionEncoder.features` is the device part: it reads nothing back from the
+device and compiles with ``torch.compile(..., fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..data.batch import PackedBatch
+from ..data.packing import pack_images
+from ..model import GenLIP
+from .inputs import ImageTransform
+
+TEXT_MODULES = ("text_embed", "text_in", "text_out", "lm_head")
+
+
+class VisionEncoder(nn.Module):
+    """The vision part of a :class:`GenLIP` (patch embedding, blocks, final LayerNorm); the text embedding and LM
+    head are dropped. ``transform`` is how images become patches (default: native aspect ratio, CLIP statistics).
+    """
+
+    def __init__(self, model: GenLIP, transform: ImageTransform | None = None):
+        super().__init__()
+        for name in TEXT_MODULES:
+            setattr(model, name, None)  # an image-only pack never reads them
+        self.model = model
+        self.transform = transform or ImageTransform(patch_size=model.cfg.patch_size)
+
+    @property
+    def dim(self) -> int:
+        """Feature width d."""
+        return self.model.cfg.dim
+
+    @torch.compiler.disable
+    def pack(self, images: Sequence, grid_hw: Sequence[tuple[int, int]] | None = None) -> PackedBatch:
+        """Host side: images -> one packed image-only batch (on the CPU).
+
+        ``images``: PIL images, uint8 ``(H, W, 3)`` arrays, or already-patched float tensors
+        ``(grid_h * grid_w, 3 * p * p)`` with their ``grid_hw``.
+        """
+        if len(images) == 0:
+            raise ValueError("no images to encode")
+        if grid_hw is not None:
+            if len(grid_hw) != len(images):
+                raise ValueError(f"{len(images)} images but {len(grid_hw)} grids")
+            items = [(torch.as_tensor(p), tuple(g)) for p, g in zip(images, grid_hw)]
+        else:
+            items = [self.transform(im) for im in images]
+        return pack_images([p for p, _ in items], [g for _, g in items])
+
+    def features(self, batch: PackedBatch) -> torch.Tensor:
+        """``(P, d)`` final-LayerNorm features of a packed image-only batch already on the model's device (P = all
+        images' patches, in order). No host syncs; ``torch.compile``-able with ``fullgraph=True``."""
+        return self.model.hidden_states(batch)  # pack_images sets prefix = length: full attention per image
+
+    def forward(self, images: Sequence, grid_hw: Sequence[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        """Per image ``(grid_h * grid_w, d)`` features, in the weights' dtype, on the model's device."""
+        batch = self.pack(images, grid_hw)
+        counts = (batch.grid_hw[:, 0] * batch.grid_hw[:, 1]).tolist()  # host tensors: no device read
+        device = self.model.patch_embed.weight.device
+        return list(self.features(batch.to(device, non_blocking=True)).split(counts))

@@ -1,0 +1,271 @@
+"""The data stream at scale: lazy shard indexes and the manifest, mixing across open shards, exact positions, a
+different number of streams on resume, bad shards, rate-limited skip logs, pinned packs (issue 12, issue 15 item 11).
+"""
+
+import io
+import logging
+import shutil
+import threading
+import time
+import tracemalloc
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import genlip_fast.data.reader as reader_mod
+from genlip_fast.data.batch import PackedBatch
+from genlip_fast.data.config import DataConfig
+from genlip_fast.data.manifest import dataset_size, read_manifest, update_manifest
+from genlip_fast.data.pipeline import build_data_loader
+from genlip_fast.data.sampler import EmptyDatasetError, ShardSampler, initial_state, remap_states
+from genlip_fast.data.tokenizer import load_tokenizer
+from genlip_fast.data.webdataset import write_shard
+
+TOK = load_tokenizer("demo")
+
+
+def tiny_jpeg(seed: int, w: int = 32, h: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=70)
+    return buf.getvalue()
+
+
+def make_shards(root, n_shards: int, per_shard: int, *, prefix: str = "s") -> list[str]:
+    """``n_shards`` real shards of ``per_shard`` 32x32 samples; keys name their shard (``s003k0002``)."""
+    paths = []
+    for s in range(n_shards):
+        samples = [(f"{prefix}{s:03d}k{i:04d}", {"jpg": tiny_jpeg(s * 1000 + i), "txt": b"a red circle ."})
+                   for i in range(per_shard)]
+        p = root / f"{prefix}-{s:06d}.tar"
+        write_shard(p, samples)
+        paths.append(str(p))
+    return paths
+
+
+def config(root, **kw) -> DataConfig:
+    kw.setdefault("pack_tokens", 128)  # 4 patches + ~7 caption tokens = 11 tokens: 11 samples per pack
+    return DataConfig(train_shards=str(root / "*.tar"), backend="host", image_size=32, batch_size=8, num_threads=1,
+                      **kw)
+
+
+def keys_of(pack) -> list[str]:
+    return [k.split(":")[-1] for k in pack.keys]
+
+
+# -- sampler ------------------------------------------------------------------------------------------------------
+def drain(sampler, n=None):
+    out = []
+    for sid in sampler:
+        out.append(sid)
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def samplers(counts, streams, lanes, seed=0, epochs=1):
+    return [ShardSampler(len(counts), counts.__getitem__, initial_state(seed=seed, stream=s, streams=streams,
+                                                                        lanes_per_stream=lanes),
+                         seed=seed, epochs=epochs) for s in range(streams)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=9), st.integers(1, 3), st.integers(1, 5),
+       st.integers(1, 2))
+def test_every_sample_once_per_epoch_across_streams(counts, streams, lanes, epochs):
+    everything = Counter({(s, i): epochs for s, c in enumerate(counts) for i in range(c)})
+    seen = Counter(x for smp in samplers(counts, streams, lanes, epochs=epochs) for x in drain(smp))
+    assert seen == everything
+
+
+def test_a_stream_mixes_its_open_shards():
+    counts = [50] * 40
+    first = drain(samplers(counts, 1, 16, epochs=None)[0], 64)
+    # reading one shard after the other, 64 samples would come from 2 shards
+    assert len({s for s, _ in first}) >= 12
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=8), st.integers(1, 3), st.integers(1, 4),
+       st.integers(0, 60))
+def test_position_restores_exactly(counts, streams, lanes, cut):
+    for a in samplers(counts, streams, lanes, epochs=3):
+        head = drain(a, cut)
+        b = ShardSampler(len(counts), counts.__getitem__, a.state_dict(), seed=0, epochs=3)
+        rest_b = drain(b)
+        assert head + rest_b == drain(samplers(counts, streams, lanes, epochs=3)[a.key[1]])
+
+
+def test_no_per_sample_order_is_materialised():
+    """10M samples in 2,000 shards: drawing from a stream allocates a few permutations (KB), never the epoch's
+    order (a per-sample order would be >= 160 MB)."""
+    counts = [5000] * 2000
+    tracemalloc.start()
+    smp = samplers(counts, 8, 16, epochs=None)[3]
+    drain(smp, 2000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 10), min_size=1, max_size=8), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 3), st.integers(1, 4), st.integers(0, 40))
+def test_remapped_streams_read_every_sample_once_per_epoch(counts, old_streams, new_streams, lanes, new_lanes,
+                                                          cut):
+    """Positions saved by ``old_streams`` streams continued by ``new_streams``: over the two epochs, every sample
+    is read exactly twice (once per epoch) — nothing skipped, nothing repeated."""
+    epochs = 2
+    old = samplers(counts, old_streams, lanes, epochs=epochs)
+    seen = Counter(x for smp in old for x in drain(smp, cut))
+    states = [smp.state_dict() for smp in old]
+    for s in range(new_streams):
+        state = remap_states(states, stream=s, streams=new_streams, lanes_per_stream=new_lanes, seed=0)
+        seen.update(drain(ShardSampler(len(counts), counts.__getitem__, state, seed=0, epochs=epochs)))
+    assert seen == Counter({(s, i): epochs for s, c in enumerate(counts) for i in range(c)})
+
+
+def test_empty_dataset_is_an_error_not_a_hang():
+    smp = samplers([0, 0, 0], 1, 4, epochs=None)[0]
+    with pytest.raises(EmptyDatasetError, match="none of the 3 shards"):
+        next(smp)
+
+
+# -- manifest and start-up ----------------------------------------------------------------------------------------
+def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tmp_path):
+    from genlip_fast.data.manifest import main
+    from genlip_fast.data.synthetic import generate_shards
+
+    generate_shards(tmp_path / "gen", num_train=30, num_val=4, per_shard=20, size=32)
+    m = read_manifest(tmp_path / "gen")
+    assert {k: v["samples"] for k, v in m.items()} == {"train-000000.tar": 20, "train-000001.tar": 10,
+                                                       "val-000000.tar": 4}
+    assert all(v["bytes"] == (tmp_path / "gen" / k).stat().st_size for k, v in m.items())
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in (tmp_path / "gen").glob("train-*.tar"):
+        shutil.copy(p, other / p.name)  # shards from elsewhere: no manifest, no index sidecar
+    (other / "broken.tar").write_text("not a tar at all")
+    assert dataset_size([str(p) for p in sorted(other.glob("*.tar"))])[2] == [str(other)]
+    main([str(other)])
+    m = read_manifest(other)
+    assert m["train-000001.tar"]["samples"] == 10 and m["broken.tar"]["samples"] == 0 and "error" in m["broken.tar"]
+    assert dataset_size([str(p) for p in sorted(other.glob("*.tar"))]) == (30, 3, [])
+
+
+def test_start_up_reads_no_shard_index_and_2000_shards_start_fast(tmp_path, monkeypatch):
+    one = make_shards(tmp_path / "src", 1, 3)[0]
+    data = tmp_path / "many"
+    data.mkdir()
+    body = open(one, "rb").read()
+    for s in range(2000):
+        (data / f"s-{s:06d}.tar").write_bytes(body)
+    update_manifest(data, {f"s-{s:06d}.tar": {"samples": 3, "bytes": len(body)} for s in range(2000)})
+    opened = []
+    real = reader_mod.load_index
+    monkeypatch.setattr(reader_mod, "load_index", lambda p: opened.append(p) or real(p))
+    cfg = config(data, shuffle_shards=16)
+    t0 = time.perf_counter()
+    loader = build_data_loader(cfg, TOK)
+    elapsed = time.perf_counter() - t0
+    assert opened == [] and elapsed < 0.5, (len(opened), elapsed)
+    next(loader)  # now the stream opens its shards, 16 at a time
+    loader.close()
+    assert 1 <= len(set(opened)) <= 16 + 4
+
+
+# -- bad shards and bad records ------------------------------------------------------------------------------------
+def test_a_bad_shard_is_skipped_counted_and_logged_with_its_path(tmp_path, caplog):
+    make_shards(tmp_path, 3, 4)
+    (tmp_path / "s-000001.tar").unlink()
+    (tmp_path / "s-000001.tar").write_text("this is a text file, not a tar")  # no index sidecar to fall back on
+    (tmp_path / "s-000001.tar.idx").unlink()
+    broken = bytearray((tmp_path / "s-000002.tar").read_bytes())
+    broken[100:140] = b"\x00garbage in the header\x00" * 2  # a broken first header (bad checksum)
+    (tmp_path / "s-000002.tar").write_bytes(bytes(broken))
+    (tmp_path / "s-000002.tar.idx").unlink()
+    with caplog.at_level(logging.WARNING):
+        loader = build_data_loader(config(tmp_path, shuffle_shards=2), TOK, epochs=1)
+        keys = sorted(k for p in loader for k in keys_of(p))
+    assert keys == [f"s000k{i:04d}" for i in range(4)]
+    assert loader.stats["bad_shards"] == 2 and loader.stats["skipped_total"] == 0
+    assert "s-000001.tar" in caplog.text and "s-000002.tar" in caplog.text
+
+
+def test_held_out_captions_skip_a_bad_shard_too(tmp_path):
+    from genlip_fast.data.loader import HostSampleStream
+
+    make_shards(tmp_path, 1, 3)
+    (tmp_path / "s-000001.tar").write_text("not a tar")
+    stream = HostSampleStream(str(tmp_path / "*.tar"), TOK, image_size=32, loop=False)
+    assert len(list(stream)) == 3 and stream.skipped.bad_shards == [str(tmp_path / "s-000001.tar")]
+
+
+def test_no_readable_shard_is_one_clear_error(tmp_path):
+    for s in range(2):
+        (tmp_path / f"s-{s:06d}.tar").write_text("not a tar")
+    loader = build_data_loader(config(tmp_path), TOK)
+    with pytest.raises(EmptyDatasetError, match=r"none of the 2 shards.*2 are not readable tars.*s-000000\.tar"):
+        next(loader)
+    loader.close()
+
+
+def test_skip_warnings_are_rate_limited_and_counts_exact(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(reader_mod, "SKIP_SUMMARY_EVERY", 40)
+    samples = [(f"bad{i:04d}", {"jpg": b"not an image", "txt": b"x"}) for i in range(130)]
+    samples += [(f"good{i}", {"jpg": tiny_jpeg(i), "txt": b"a cross ."}) for i in range(3)]
+    write_shard(tmp_path / "s-000000.tar", samples)
+    with caplog.at_level(logging.WARNING, logger="genlip_fast.data"):
+        loader = build_data_loader(config(tmp_path, shuffle_shards=1), TOK, epochs=1)
+        assert sum(p.num_samples for p in loader) == 3
+    assert loader.stats["skipped"] == {"not an image": 130}
+    per_sample = [r for r in caplog.records if r.getMessage().startswith("skipping bad")]
+    summaries = [r for r in caplog.records if "samples skipped so far" in r.getMessage()]
+    assert len(per_sample) == reader_mod.SKIP_DETAILS and len(summaries) == 3  # at 40, 80 and 120
+
+
+# -- positions through the loader -----------------------------------------------------------------------------------
+def test_loader_remap_continues_with_every_sample_once(tmp_path):
+    """Two streams stop mid-epoch; three streams continue their saved positions (packer-held samples included):
+    every sample of the two epochs arrives exactly twice."""
+    make_shards(tmp_path, 6, 9)
+    everything = Counter({f"s{s:03d}k{i:04d}": 2 for s in range(6) for i in range(9)})
+    seen = Counter()
+    states = {}
+    for s in range(2):
+        a = build_data_loader(config(tmp_path, shuffle_shards=2), TOK, rank=s, world_size=2, epochs=2)
+        for _ in range(2):
+            seen.update(keys_of(next(a)))
+        states[s] = a.state_dict()
+        a.close()
+    held = sum(len(b) for st in states.values() for b in st["closed"] + st["open"])
+    assert held > 0
+    carried = 0
+    for s in range(3):
+        b = build_data_loader(config(tmp_path, shuffle_shards=3), TOK, rank=s, world_size=3, epochs=2)
+        info = b.load_remapped(states)
+        carried += info["held"]
+        seen.update(k for p in b for k in keys_of(p))
+    assert carried == held and seen == everything
+    with pytest.raises(ValueError, match="version 1.*checkpoint.init_from"):  # a position from the old sampler
+        b.load_state_dict({"version": 1, "digest": b.digest, "rank": 0, "world_size": 3, "epoch": 0, "pos": 5})
+
+
+def test_loader_binds_its_thread_to_the_device_and_pins_packs(tmp_path, monkeypatch):
+    """What the CPU can check of the GPU path: the loader thread calls ``torch.cuda.set_device`` with the rank's
+    device before it makes a pack, and every pack is handed out through ``pin_memory``."""
+    make_shards(tmp_path, 2, 4)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", threading.current_thread().name,
+                                                                          torch.device(d))))
+    monkeypatch.setattr(PackedBatch, "pin_memory", lambda self: calls.append(("pin", self.num_samples)) or self)
+    loader = build_data_loader(config(tmp_path), TOK, epochs=1, device="cuda:1")
+    packs = list(loader)
+    assert calls[0] == ("set_device", "genlip-data-stream0", torch.device("cuda", 1))
+    assert [c[1] for c in calls[1:]] == [p.num_samples for p in packs] and all(c[0] == "pin" for c in calls[1:])
+
