@@ -31,51 +31,52 @@ from _utils import run_benchmark
 from genlip_fast.ops import prefix_lm_attention
 from genlip_fast.ops.mrope.positions import mrope_position_ids
 from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_attention_reference
+from genlip_fast.train.flops import prefix_lm_pairs
 
 TOTAL = 16_384
 HEADS, HEAD_DIM, SECTION = 16, 72, (12, 12, 12)  # So/16
 
 
-def _layout(stage: str, seed: int = 0):
+def layout(stage: str, total: int = TOTAL, seed: int = 0, tiny: bool = False):
+    """Image grids and text lengths of one pack filled to ``total`` tokens. Stage 1: 14x14 patches + 30-120 text
+    tokens; stage 2: 16-1024 patches (aspect 0.6-1) + 100-500 text. ``tiny`` scales both down ~20x for CPU runs."""
     rng = random.Random(seed)
     grids, texts, used = [], [], 0
     while True:
         if stage == "stage1":
-            h = w = 14
-            t = rng.randint(30, 120)
+            h = w = 3 if tiny else 14
+            t = rng.randint(2, 6) if tiny else rng.randint(30, 120)
         else:
-            n = rng.randint(16, 1024)
+            n = rng.randint(2, 40) if tiny else rng.randint(16, 1024)
             h = max(1, int(n**0.5 * rng.uniform(0.6, 1.0)))
             w = max(1, n // h)
-            t = rng.randint(100, 500)
-        if used + h * w + t > TOTAL:
+            t = rng.randint(5, 25) if tiny else rng.randint(100, 500)
+        if used + h * w + t > total:
             return grids, texts
         grids.append((h, w)), texts.append(t)
         used += h * w + t
 
 
-def _useful_pairs(prefixes, lens) -> int:
-    pairs = 0
-    for p, n in zip(prefixes, lens):
-        pairs += p * p + sum(i + 1 for i in range(p, n))  # image rows see the prefix; text row i sees keys <= i
-    return pairs
-
-
-def _make(stage: str):
-    torch.manual_seed(0)
-    dev = torch.device("cuda")
-    grids, texts = _layout(stage)
+def make_pack(stage: str, heads: int = HEADS, head_dim: int = HEAD_DIM, section=SECTION, total: int = TOTAL,
+              device="cuda", dtype=torch.bfloat16, tiny: bool = False, seed: int = 0) -> dict:
+    """One pack as the model hands it to the attention: q, k, v and the elementwise gate as strided slices of one
+    projection output ``(total, heads, 4 * head_dim)``, padding past the last sample; plus the useful query-key
+    pairs (the project's FLOP counting)."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    grids, texts = layout(stage, total, seed, tiny)
     prefixes = [h * w for h, w in grids]
     lens = [p + t for p, t in zip(prefixes, texts)]
     n = sum(lens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     pl = torch.tensor(prefixes, dtype=torch.int32, device=dev)
-    pos = torch.cat([mrope_position_ids(grids, texts), torch.zeros(3, TOTAL - n, dtype=torch.long)], 1).to(dev)
-    # q, k, v and the gate as slices of one projection output, as the model produces them.
-    proj = torch.randn(TOTAL, HEADS, 4 * HEAD_DIM, device=dev, dtype=torch.bfloat16)
-    q, k, v, g = (proj[..., i * HEAD_DIM:(i + 1) * HEAD_DIM] for i in range(4))
-    return dict(q=q, k=k, v=v, gate=g, cu=cu, pl=pl, pos=pos, prefixes=prefixes, lens=lens,
-                max_seqlen=max(lens), pairs=_useful_pairs(prefixes, lens), num_samples=len(lens))
+    pos = torch.cat([mrope_position_ids(grids, texts), torch.zeros(3, total - n, dtype=torch.long)], 1).to(dev)
+    proj = torch.randn(total, heads, 4 * head_dim, device=dev, dtype=dtype)
+    q, k, v, g = (proj[..., i * head_dim:(i + 1) * head_dim] for i in range(4))
+    return dict(proj=proj, q=q, k=k, v=v, gate=g, cu=cu, pl=pl, pos=pos, prefixes=prefixes, lens=lens,
+                section=tuple(section),
+                max_seqlen=max(lens), num_samples=len(lens), total=total, heads=heads, head_dim=head_dim,
+                pairs=sum(prefix_lm_pairs(p, n - p) for p, n in zip(prefixes, lens)))
 
 
 def _sdpa_dense(q, k, v, cu, gate, pos):
@@ -111,7 +112,7 @@ def _attention(impl: str, d):
 @pytest.mark.parametrize("impl", ["fused", "flex", "sdpa_dense", "reference"])
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_attention(benchmark, stage, impl, mode):
-    d = _make(stage)
+    d = make_pack(stage)
     attn = _attention(impl, d)
     leaves = [d[n].detach().clone().requires_grad_(mode != "fwd") for n in ("q", "k", "v")]
     dout = torch.randn_like(d["q"])

@@ -3,6 +3,10 @@
 Low-precision results must stay within flash-attn's bound: at most 2x PyTorch's own low-precision error on the same
 inputs, plus a small atol. Shapes are awkward on purpose (odd lengths, head dim 72, image-only and text-only samples,
 trailing padding, strided views of one fused projection). GPU-marked tests run bf16 on full-size 16K packs.
+
+Every test runs over the kernel variants (``variants.py``): in CI the default on every case and each other variant
+on a representative subset (rotating over the cases, so every case meets some variant); the full cross product with
+``--runslow``.
 """
 
 import math
@@ -17,6 +21,28 @@ from conftest import error_bound_ok
 from genlip_fast.ops.mrope.positions import mrope_position_ids
 from genlip_fast.ops.prefix_lm_attention import prefix_lm_attention
 from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_attention_reference
+from genlip_fast.ops.prefix_lm_attention.variants import use_variant
+
+# The variants under test: each single one and the combinations whose parts interact (the split head layout with
+# and without in-tile rope, with the one-pass backward's atomics, and everything at once).
+VARIANTS = ["default", "hd80", "rope_once", "fit_tiles", "tile_list", "onepass", "hd80+rope_once", "hd80+onepass",
+            "hd80+rope_once+fit_tiles+tile_list+onepass"]
+
+
+def variant_params(ci=("default",)):
+    """Every variant as a parameter; those not in ``ci`` run only with --runslow."""
+    return [pytest.param(v, id=v, marks=() if v in ci else pytest.mark.slow) for v in VARIANTS]
+
+
+def crossed(cases, ci):
+    """``cases x VARIANTS``: the default on every case, ``ci[variant]`` (a case id) in CI, the rest --runslow."""
+    out = []
+    for case in cases:
+        values, cid = (case.values, case.id) if hasattr(case, "values") else ((case,), str(case))
+        for v in VARIANTS:
+            in_ci = v == "default" or ci.get(v) == cid
+            out.append(pytest.param(*values, v, id=f"{cid}-{v}", marks=() if in_ci else pytest.mark.slow))
+    return out
 
 
 def _grid(prefix: int) -> tuple[int, int]:
@@ -62,8 +88,9 @@ def make_pack(prefixes, texts, *, pad=0, heads=2, head_dim=64, dtype=torch.float
                 max_seqlen=max(lens) if lens else 0, section=_section(D))
 
 
-def run(pack, impl, dtype=None, interleaved=True, max_seqlen="pack"):
-    """Output and gradients (q, k, v[, gate]) of one implementation, inputs cast to ``dtype`` as leaves."""
+def run(pack, impl, dtype=None, interleaved=True, max_seqlen="pack", variant="default"):
+    """Output and gradients (q, k, v[, gate]) of one implementation (the Triton one as kernel ``variant``),
+    inputs cast to ``dtype`` as leaves."""
     leaves = {}
     for name in ("q", "k", "v", "gate"):
         t = pack[name]
@@ -74,7 +101,9 @@ def run(pack, impl, dtype=None, interleaved=True, max_seqlen="pack"):
               mrope_section=pack["section"] if pack["pos"] is not None else None)
     if impl == "triton":
         kw["max_seqlen"] = pack["max_seqlen"] if max_seqlen == "pack" else max_seqlen
-        out = prefix_lm_attention(leaves["q"], leaves["k"], leaves["v"], pack["cu"], pack["pl"], impl="triton", **kw)
+        with use_variant(variant):
+            out = prefix_lm_attention(leaves["q"], leaves["k"], leaves["v"], pack["cu"], pack["pl"], impl="triton",
+                                      **kw)
     else:
         out = prefix_lm_attention_reference(leaves["q"], leaves["k"], leaves["v"], pack["cu"], pack["pl"], **kw)
     dout = pack["dout"] if dtype is None else pack["dout"].to(dtype)
@@ -87,8 +116,8 @@ def run(pack, impl, dtype=None, interleaved=True, max_seqlen="pack"):
 NAMES = ["out", "dq", "dk", "dv", "dgate"]
 
 
-def check_against_reference(pack, dtype, interleaved=True, atol=None):
-    got = run(pack, "triton", interleaved=interleaved)
+def check_against_reference(pack, dtype, interleaved=True, atol=None, variant="default"):
+    got = run(pack, "triton", interleaved=interleaved, variant=variant)
     ref32 = run(pack, "reference", torch.float32, interleaved=interleaved)
     if dtype == torch.float32:
         for name, a, b in zip(NAMES, got, ref32):
@@ -118,45 +147,60 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("prefixes,texts,pad,head_dim,gate,rope,fused,interleaved", CASES)
-def test_fp16_matches_reference(prefixes, texts, pad, head_dim, gate, rope, fused, interleaved):
+# Each variant in CI on the case that exercises what it changes (the split head on non-power-of-two dims, tile lists
+# and row bounds on many short, empty and padded samples, chunked rope for rope_once, atomics without rope).
+_MANY = "many-text-only-image-only-pad-headwise"
+CI_CASES = {"hd80": "d80", "rope_once": "nogate-chunked-fused-views", "fit_tiles": _MANY, "tile_list": _MANY,
+            "onepass": "norope-fused-views", "hd80+rope_once": "one-sample-131-d72", "hd80+onepass": _MANY,
+            "hd80+rope_once+fit_tiles+tile_list+onepass": _MANY}
+
+
+@pytest.mark.parametrize("prefixes,texts,pad,head_dim,gate,rope,fused,interleaved,variant", crossed(CASES, CI_CASES))
+def test_fp16_matches_reference(prefixes, texts, pad, head_dim, gate, rope, fused, interleaved, variant):
     pack = make_pack(prefixes, texts, pad=pad, head_dim=head_dim, gate=gate, rope=rope, fused=fused)
-    check_against_reference(pack, torch.float16, interleaved)
+    check_against_reference(pack, torch.float16, interleaved, variant=variant)
 
 
-@pytest.mark.parametrize("gate", ["elementwise", "headwise", None])
-def test_fp32_tight(gate):
+@pytest.mark.parametrize("gate,variant", crossed(["elementwise", "headwise", None], {
+    "hd80": "elementwise", "onepass": "headwise", "hd80+rope_once+fit_tiles+tile_list+onepass": "None"}))
+def test_fp32_tight(gate, variant):
     pack = make_pack([30, 0, 17], [23, 14, 0], pad=4, head_dim=72, dtype=torch.float32, gate=gate)
-    check_against_reference(pack, torch.float32)
+    check_against_reference(pack, torch.float32, variant=variant)
 
 
+@pytest.mark.parametrize("variant", variant_params(ci=("default", "tile_list")))
 @pytest.mark.parametrize("configs", [
     # The GPU configs' shapes scaled down: query tiles wider than key tiles in fwd/dq, narrower in dk/dv.
-    dict(fwd=dict(BLOCK_M=64, BLOCK_N=32), dkdv=dict(BLOCK_M=16, BLOCK_N=64), dq=dict(BLOCK_M=64, BLOCK_N=16)),
-    dict(fwd=dict(BLOCK_M=16, BLOCK_N=64), dkdv=dict(BLOCK_M=64, BLOCK_N=16), dq=dict(BLOCK_M=16, BLOCK_N=32)),
+    dict(fwd=dict(BLOCK_M=64, BLOCK_N=32), dkdv=dict(BLOCK_M=16, BLOCK_N=64), dq=dict(BLOCK_M=64, BLOCK_N=16),
+         onepass=dict(BLOCK_M=16, BLOCK_N=64)),
+    dict(fwd=dict(BLOCK_M=16, BLOCK_N=64), dkdv=dict(BLOCK_M=64, BLOCK_N=16), dq=dict(BLOCK_M=16, BLOCK_N=32),
+         onepass=dict(BLOCK_M=64, BLOCK_N=16)),
 ], ids=["wide-q", "wide-k"])
-def test_other_block_shapes(monkeypatch, configs):
-    from genlip_fast.ops.prefix_lm_attention import function
+def test_other_block_shapes(monkeypatch, configs, variant):
+    from genlip_fast.ops.prefix_lm_attention import launch
 
-    monkeypatch.setattr(function, "INTERPRETER_CONFIGS", {**function.INTERPRETER_CONFIGS, **configs})
+    monkeypatch.setattr(launch, "INTERPRETER_CONFIGS", {**launch.INTERPRETER_CONFIGS, **configs})
     pack = make_pack([70, 0, 33, 16], [45, 29, 0, 17], pad=9, heads=1, head_dim=72, dtype=torch.float32,
                      gate="elementwise")
-    check_against_reference(pack, torch.float32)
+    check_against_reference(pack, torch.float32, variant=variant)
 
 
-def test_padding_rows_zero_and_zero_grads():
+@pytest.mark.parametrize("variant", variant_params(ci=VARIANTS))
+def test_padding_rows_zero_and_zero_grads(variant):
     pack = make_pack([12, 20], [9, 0], pad=11, head_dim=64, dtype=torch.float32, gate="elementwise")
-    out, dq, dk, dv, dg = run(pack, "triton")
+    out, dq, dk, dv, dg = run(pack, "triton", variant=variant)
     n = int(pack["cu"][-1])
     for name, t in zip(NAMES, (out, dq, dk, dv, dg)):
         assert torch.count_nonzero(t[n:]) == 0, name
         assert torch.isfinite(t).all(), name
 
 
-def test_packed_equals_one_sample_at_a_time():
+@pytest.mark.parametrize("variant", variant_params(ci=("default", "tile_list",
+                                                        "hd80+rope_once+fit_tiles+tile_list+onepass")))
+def test_packed_equals_one_sample_at_a_time(variant):
     prefixes, texts = [40, 0, 25, 16], [15, 33, 0, 29]
     pack = make_pack(prefixes, texts, pad=6, head_dim=72, dtype=torch.float16, gate="elementwise")
-    packed = run(pack, "triton")
+    packed = run(pack, "triton", variant=variant)
     cu = pack["cu"].tolist()
     for s, (p, t) in enumerate(zip(prefixes, texts)):
         a, b = cu[s], cu[s + 1]
@@ -167,34 +211,50 @@ def test_packed_equals_one_sample_at_a_time():
         alone["cu"] = torch.tensor([0, b - a], dtype=torch.int32)
         alone["pl"] = torch.tensor([p], dtype=torch.int32)
         alone["max_seqlen"] = b - a
-        single = run(alone, "triton")
+        single = run(alone, "triton", variant=variant)
         for name, x, y in zip(NAMES, packed, single):
-            # Same tiles in the same order: the sample's result does not depend on its neighbours at all.
+            # Same tiles in the same order: the sample's result does not depend on its neighbours at all (with
+            # onepass too: in the interpreter programs run one after another, so the atomics' order is fixed).
             assert torch.equal(x[a:b], y), f"sample {s} {name}"
 
 
-@settings(max_examples=5, deadline=None, derandomize=True)
-@given(
+_LAYOUTS = dict(
     layout=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 50)), min_size=1, max_size=12),
     pad=st.integers(0, 9),
     head_dim=st.sampled_from([64, 72]),
     gate=st.sampled_from(["elementwise", "headwise", None]),
 )
-def test_hypothesis_pack_layouts(layout, pad, head_dim, gate):
+
+
+def _check_layout(layout, pad, head_dim, gate, variant):
     prefixes = [p for p, _ in layout]
     texts = [t for _, t in layout]
     assume(sum(prefixes) + sum(texts) > 0)
     # fp32 against the fp32 oracle: the tightest check of the tile scheduling, and the cheapest on CPU.
     pack = make_pack(prefixes, texts, pad=pad, heads=1, head_dim=head_dim, dtype=torch.float32, gate=gate)
-    check_against_reference(pack, torch.float32)
+    check_against_reference(pack, torch.float32, variant=variant)
 
 
-def test_larger_max_seqlen_and_empty_samples():
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(variant=st.sampled_from(VARIANTS), **_LAYOUTS)
+def test_hypothesis_pack_layouts(layout, pad, head_dim, gate, variant):
+    _check_layout(layout, pad, head_dim, gate, variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hypothesis_pack_layouts_every_variant(variant):
+    settings(max_examples=8, deadline=None, derandomize=True)(given(**_LAYOUTS)(
+        lambda layout, pad, head_dim, gate: _check_layout(layout, pad, head_dim, gate, variant)))()
+
+
+@pytest.mark.parametrize("variant", variant_params(ci=("default", "tile_list", "onepass")))
+def test_larger_max_seqlen_and_empty_samples(variant):
     # max_seqlen is only a grid bound: an over-estimate must not change anything; empty samples are legal.
     pack = make_pack([10, 0, 0], [5, 0, 8], pad=2, head_dim=64, dtype=torch.float32, gate="headwise")
-    a = run(pack, "triton")
-    b = run(pack, "triton", max_seqlen=100)
-    c = run(pack, "triton", max_seqlen=None)
+    a = run(pack, "triton", variant=variant)
+    b = run(pack, "triton", max_seqlen=100, variant=variant)
+    c = run(pack, "triton", max_seqlen=None, variant=variant)
     for x, y, z in zip(a, b, c):
         assert torch.equal(x, y) and torch.equal(x, z)
 
@@ -214,7 +274,8 @@ def test_input_errors():
         prefix_lm_attention(q[..., :63], k[..., :63], v[..., :63], cu, pl, impl="triton")
 
 
-def test_torch_compile_sees_one_op():
+@pytest.mark.parametrize("variant", variant_params(ci=("default", "rope_once")))
+def test_torch_compile_sees_one_op(variant):
     pack = make_pack([6, 5], [7, 4], pad=3, head_dim=64, dtype=torch.float32, gate="elementwise")
 
     def f(q, k, v, g):
@@ -222,21 +283,24 @@ def test_torch_compile_sees_one_op():
                                    mrope_section=pack["section"], max_seqlen=pack["max_seqlen"], impl="triton")
 
     leaves = [pack[n].clone().requires_grad_() for n in ("q", "k", "v", "gate")]
-    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(*leaves)
+    torch._dynamo.reset()  # the variant is read when the call is traced
+    with use_variant(variant):
+        compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+        out = compiled(*leaves)
     grads = torch.autograd.grad(out, leaves, pack["dout"])
-    eager = run(pack, "triton")
+    eager = run(pack, "triton", variant=variant)
     assert torch.equal(out, eager[0])
     for x, y in zip(grads, eager[1:]):
         assert torch.equal(x, y)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("variant", variant_params(ci=("default", "rope_once")))
+def test_opcheck(variant):
     from genlip_fast.ops.prefix_lm_attention.function import _fwd_op
 
     pack = make_pack([5], [6], pad=2, head_dim=64, dtype=torch.float32, gate="headwise")
     args = (pack["q"].requires_grad_(), pack["k"], pack["v"], pack["cu"], pack["pl"], pack["gate"], pack["pos"],
-            pack["section"], True, 10000.0, 0.125, pack["max_seqlen"])
+            pack["section"], True, 10000.0, 0.125, pack["max_seqlen"], variant)
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -280,16 +344,28 @@ def test_gpu_bf16_small(prefixes, texts, pad, head_dim, gate, rope, fused, inter
 
 
 @pytest.mark.gpu
-def test_gpu_no_host_sync_and_deterministic():
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+def test_gpu_bf16_16k_pack_variants(variant):
+    heads, head_dim, section = PRESETS["So16"]
+    prefixes, texts, pad = _stage_layout("stage1")
+    pack = make_pack(prefixes, texts, pad=pad, heads=heads, head_dim=head_dim, dtype=torch.bfloat16,
+                     gate="elementwise", fused=True, device="cuda")
+    pack["section"] = section
+    check_against_reference(pack, torch.bfloat16, atol=1e-3, variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["default", "tile_list", "hd80+rope_once+fit_tiles+tile_list"])
+def test_gpu_no_host_sync_and_deterministic(variant):
     prefixes, texts, pad = _stage_layout("stage1")
     pack = make_pack(prefixes, texts, pad=pad, heads=16, head_dim=72, dtype=torch.bfloat16, gate="elementwise",
                      fused=True, device="cuda")
     pack["section"] = [12, 12, 12]
-    first = run(pack, "triton")  # autotunes and builds the frequency tables: both may sync, once
+    first = run(pack, "triton", variant=variant)  # autotunes, builds the frequency tables / tile lists: may sync
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host sync from here on raises
     try:
-        again = run(pack, "triton")
+        again = run(pack, "triton", variant=variant)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for name, x, y in zip(NAMES, first, again):

@@ -2,7 +2,11 @@
 
 ``torch.library.custom_op`` (not ``triton_op``: it also runs under the CPU interpreter) makes the forward and the
 backward one opaque op each, so ``torch.compile`` traces through the model without graph breaks. Nothing here
-reads device memory back on the host when ``max_seqlen`` is given.
+reads device memory back on the host when ``max_seqlen`` is given (the tile lists of variant ``tile_list`` are
+built on the device with fixed shapes).
+
+The kernel variant (``variants.py``) is read once per call in :func:`prefix_lm_attention_triton` and passed to both
+ops as a string, so the backward always matches its forward.
 
 This module deliberately avoids ``from __future__ import annotations``: ``custom_op`` reads the schema from the real
 annotation objects.
@@ -14,58 +18,17 @@ from typing import Optional
 import torch
 import triton
 
-from .._dispatch import interpreting
 from ..mrope.positions import mrope_freq_table
-from . import kernels
+from .launch import _KERNELS, _TILE_AXIS, Launch, _configs, _fixed, _run, _tile_list, layout_class
+from .variants import Variant, current_variant, parse_variant
 
 _LOG2E = 1.4426950408889634
+# Rows x padded half-width per program of the rotation pass: 4096 (the MRoPE op's own choice) spills at D = 72 when
+# un-rotating (sm_90, 56-116 B); 2048 does not.
+ROPE_PASS_ELEMENTS = 2048
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Block sizes under the CPU interpreter: one config (autotuning with several fails there). Small enough that the
-# masked / unmasked / tail stages all occur on test-sized samples. Tests may patch this dict.
-INTERPRETER_CONFIGS = {
-    "fwd": dict(BLOCK_M=32, BLOCK_N=32),
-    "dkdv": dict(BLOCK_M=16, BLOCK_N=32),
-    "dq": dict(BLOCK_M=32, BLOCK_N=16),
-    "pre": dict(BLOCK_M=64),
-}
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried on a GPU machine. The autotune key is the head dim, gate kind and
-# rope flag (plus the tensor dtypes, which Triton adds itself) — never the pack length or max_seqlen, so a new
-# pack layout reuses the tuned config.
-GPU_CONFIGS = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
-    "dkdv": [(32, 128, 4, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3)],
-    "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2), (64, 32, 4, 3)],
-}
-# fp32 tiles take twice the shared memory: the 16-bit configs above overflow an H100's 227 KiB.
-GPU_CONFIGS_FP32 = {
-    "fwd": [(64, 32, 4, 2), (32, 32, 4, 2)],
-    "dkdv": [(32, 64, 4, 1), (32, 32, 4, 2)],
-    "dq": [(64, 32, 4, 1), (32, 32, 4, 2)],
-}
-_TUNE_KEYS = {"fwd": ["HEAD_DIM", "GATE_MODE", "ROPE"], "dkdv": ["HEAD_DIM", "ROPE"], "dq": ["HEAD_DIM", "ROPE"]}
-_KERNELS = {
-    "fwd": kernels._prefix_lm_attn_fwd_kernel,
-    "dkdv": kernels._prefix_lm_attn_bwd_dkdv_kernel,
-    "dq": kernels._prefix_lm_attn_bwd_dq_kernel,
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned(name: str, fp32: bool):
-    table = GPU_CONFIGS_FP32 if fp32 else GPU_CONFIGS
-    configs = [triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in table[name]]
-    return triton.autotune(configs, key=_TUNE_KEYS[name])(_KERNELS[name])
-
-
-def _launch(name: str, grid, *args, fp32: bool = False, **consts) -> None:
-    """Launch kernel ``name``: the fixed interpreter config on CPU, the autotuned one on a GPU."""
-    if interpreting():
-        cfg = INTERPRETER_CONFIGS[name]
-        _KERNELS[name][grid(cfg)](*args, **consts, **cfg)
-    else:
-        _tuned(name, fp32)[grid](*args, **consts)
+# ---------------------------------------------------------------------------------------------- shared pieces
 
 
 @functools.lru_cache(maxsize=64)
@@ -74,8 +37,33 @@ def _freq_tables(head_dim: int, section: tuple, interleaved: bool, theta: float,
     return mrope_freq_table(head_dim, section, interleaved, theta, device=device)
 
 
-def _block_half(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim // 2))
+def _pow2_floor(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
+
+
+def _layout(head_dim: int, split: bool, rope: bool) -> dict:
+    """Column-block constexprs of the head layout (``kernels.py`` docstring). ``split`` (variant hd80) changes head
+    dims that are a power of two plus at most 16 (72 = 64 + 8, 80, 40, 48): a power of two is unpadded as two halves
+    already, and a wider rest (96 = 64 + 32) spills registers on sm_90 in too many configs to be worth a table."""
+    D, half = head_dim, head_dim // 2
+    va = _pow2_floor(D)
+    if not split or D == va or D - va > 16:
+        bh = max(16, triton.next_power_of_2(half))
+        return dict(SPLIT=False, QK_A=bh, QK_B=bh, V_A=max(16, triton.next_power_of_2(D)), V_B=16)
+    if rope:  # each half as a power of two + the rest, joined pairwise: 72 -> (32 + 32) + (4 + 4 -> 8 + 8)
+        ha = _pow2_floor(half)
+        return dict(SPLIT=True, QK_A=2 * ha, QK_B=2 * max(8, triton.next_power_of_2(half - ha)), V_A=va, V_B=16)
+    return dict(SPLIT=True, QK_A=va, QK_B=16, V_A=va, V_B=16)
+
+
+def _align(*tensors) -> int:
+    """Largest power of two <= 8 dividing every row and head stride of the (T, H, D) tensors given."""
+    a = 8
+    for t in tensors:
+        for s in t.stride()[:2]:
+            while s % a:
+                a //= 2
+    return a
 
 
 def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved):
@@ -129,12 +117,27 @@ def _gate_strides(gate: Optional[torch.Tensor]) -> tuple[int, int, int]:
 
 
 def _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta):
-    """(Pos, InvFreq, Axis, stride_pa, stride_pt, ROPE); dummies pointing at q when rotary is off."""
+    """(Pos, InvFreq, Axis, stride_pa, stride_pt); dummies pointing at q when rotary is off."""
     if position_ids is None:
-        return q, q, q, 0, 0, False
+        return q, q, q, 0, 0
     inv, axis = _freq_tables(q.shape[-1], tuple(int(s) for s in mrope_section), bool(mrope_interleaved),
                              float(rope_theta), q.device)
-    return position_ids, inv, axis, position_ids.stride(0), position_ids.stride(1), True
+    return position_ids, inv, axis, position_ids.stride(0), position_ids.stride(1)
+
+
+def _rotate_into(x: torch.Tensor, y: torch.Tensor, rope: tuple, inverse: bool) -> torch.Tensor:
+    """``y = R x`` (``R^T x`` when ``inverse``) with MRoPE, one elementwise pass (x may be y: it runs in place,
+    and x may be fp32 while y is 16-bit). Variant ``rope_once`` rotates q/k and un-rotates dq/dk this way."""
+    T, H, D = x.shape
+    pos, inv, axis, spa, spt = rope
+
+    def grid(meta):
+        return (triton.cdiv(T, meta["BLOCK_T"]), H)
+
+    half = triton.next_power_of_2(D // 2)
+    _run(Launch("rope", _KERNELS["rope"], grid, (x, y, pos, inv, axis, *x.stride(), *y.stride(), spa, spt, T),
+                dict(HEAD_DIM=D, BLOCK_HALF=half, INVERSE=inverse), _fixed("rope", BLOCK_T=ROPE_PASS_ELEMENTS // half)))
+    return y
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -142,45 +145,70 @@ def _dot_prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _attention_launch(name: str, variant: Variant, q, cu_seqlens, max_seqlen: int, make_args, consts: dict):
+    """Launch one of the tiled attention kernels with the variant's grid: per sample sized for ``max_seqlen``, or
+    a tile list. ``make_args(tiles, tile_cap)`` gives the positional arguments."""
+    T, H, _ = q.shape
+    num_samples = cu_seqlens.numel() - 1
+    configs, blocks = _configs(name, q.dtype == torch.float32, variant, layout_class(consts))
+    axis, descending = _TILE_AXIS[name]
+    if variant.tile_list:
+        tiles, cap = _tile_list(cu_seqlens, T, blocks, descending)
+
+        def grid(meta):
+            return (triton.cdiv(T, meta[axis]) + num_samples + 1, 1, H)
+    else:
+        tiles, cap = cu_seqlens, 0  # never read
+
+        def grid(meta):
+            return (max(1, triton.cdiv(max_seqlen, meta[axis])), num_samples + 1, H)
+
+    _run(Launch(name, _KERNELS[name], grid, make_args(tiles, cap), consts, list(configs),
+                reset=("DQ",) if name == "onepass" else ()))
+
+
 def prefix_lm_attention_forward(
     q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved, rope_theta,
-    softmax_scale, max_seqlen,
+    softmax_scale, max_seqlen, variant="default",
 ):
-    """Run the fused forward. Returns ``(out, out_ungated, lse)``: out ``(T, H, D)`` in q's dtype;
-    out_ungated the same before the gate (an empty tensor when there is no gate); lse ``(H, T)`` fp32, base 2."""
+    """Run the fused forward. Returns ``(out, out_ungated, lse, q_rot, k_rot)``: out ``(T, H, D)`` in q's dtype;
+    out_ungated the same before the gate (an empty tensor when there is no gate); lse ``(H, T)`` fp32, base 2;
+    q_rot, k_rot the rotated q and k of variant ``rope_once`` (what its backward reads), else empty tensors."""
+    var = parse_variant(variant)
     T, H, D = q.shape
     out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     out_u = torch.empty((T, H, D), dtype=q.dtype, device=q.device) if gate is not None else q.new_empty(0)
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
+    q_rot, k_rot = q.new_empty(0), k.new_empty(0)  # two tensors: custom op outputs may not alias
     if T == 0 or H == 0:
-        return out, out_u, lse
-    num_samples = prefix_lens.numel()
+        return out, out_u, lse, q_rot, k_rot
+    rope = _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
+    in_tile = position_ids is not None
+    if in_tile and var.rope_once:
+        q_rot = _rotate_into(q, torch.empty((T, H, D), dtype=q.dtype, device=q.device), rope, inverse=False)
+        k_rot = _rotate_into(k, torch.empty((T, H, D), dtype=k.dtype, device=q.device), rope, inverse=False)
+        q, k, in_tile = q_rot, k_rot, False
     g = gate if gate is not None else q
-    gst = _gate_strides(gate)
-    pos, inv, axis, spa, spt, rope = _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
     ou = out_u if gate is not None else out
-
-    def grid(meta):
-        return (max(1, triton.cdiv(max_seqlen, meta["BLOCK_M"])), num_samples + 1, H)
-
-    _launch(
-        "fwd", grid,
-        q, k, v, g, out, ou, lse, cu_seqlens, prefix_lens, pos, inv, axis,
-        *q.stride(), *k.stride(), *v.stride(), *gst, *out.stride(),
-        lse.stride(0), spa, spt,
-        T, num_samples, softmax_scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_HALF=_block_half(D), BLOCK_D=triton.next_power_of_2(D),
-        GATE_MODE=_gate_mode(gate), ROPE=rope, DOT_PREC=_dot_prec(q.dtype), fp32=q.dtype == torch.float32,
-    )
-    return out, out_u, lse
+    mode = _gate_mode(gate)
+    consts = dict(HEAD_DIM=D, **_layout(D, var.hd80, in_tile), GATE_MODE=mode, ROPE=in_tile,
+                  DOT_PREC=_dot_prec(q.dtype), ROW_BOUND=var.fit_tiles, TILE_LIST=var.tile_list,
+                  ALIGN=_align(q, k, v, out, *([gate] if mode == 1 else [])))
+    _attention_launch("fwd", var, q, cu_seqlens, max_seqlen, lambda tiles, cap: (
+        q, k, v, g, out, ou, lse, cu_seqlens, prefix_lens, *rope[:3], tiles,
+        *q.stride(), *k.stride(), *v.stride(), *_gate_strides(gate), *out.stride(),
+        lse.stride(0), *rope[3:], T, prefix_lens.numel(), cap, softmax_scale * _LOG2E), consts)
+    return out, out_u, lse, q_rot, k_rot
 
 
 def prefix_lm_attention_backward(
     dout, q, k, v, out_u, lse, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved,
-    rope_theta, softmax_scale, max_seqlen,
+    rope_theta, softmax_scale, max_seqlen, variant="default",
 ):
     """Gradients ``(dq, dk, dv, dgate)``; ``out_u`` is the ungated forward output (the output itself when there is
-    no gate); dgate is an empty tensor when there is no gate."""
+    no gate); dgate is an empty tensor when there is no gate. With variant ``rope_once`` (and rotary), q and k are
+    the forward's rotated ``q_rot`` and ``k_rot``."""
+    var = parse_variant(variant)
     T, H, D = q.shape
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((T, H, D), dtype=k.dtype, device=q.device)
@@ -190,7 +218,6 @@ def prefix_lm_attention_backward(
         return dq, dk, dv, dgate
     if dout.shape != (T, H, D):
         raise ValueError(f"grad_out must be {(T, H, D)}, got {tuple(dout.shape)}")
-    num_samples = prefix_lens.numel()
     mode = _gate_mode(gate)
     block_d = triton.next_power_of_2(D)
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
@@ -199,39 +226,50 @@ def prefix_lm_attention_backward(
     g = gate if gate is not None else q
     dg = dgate if gate is not None else q
     dgst = _gate_strides(dgate) if gate is not None else (0, 0, 0)
-    bm = INTERPRETER_CONFIGS["pre"]["BLOCK_M"] if interpreting() else max(16, 4096 // block_d)
-    kernels._prefix_lm_attn_bwd_preprocess_kernel[(triton.cdiv(T, bm), H)](
-        dout, out_u, g, dou, delta, dg,
-        *dout.stride(), *out_u.stride(), *_gate_strides(gate), *dgst, *dou.stride(),
-        delta.stride(0), T,
-        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=bm, GATE_MODE=mode,
-    )
-    pos, inv, axis, spa, spt, rope = _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
-    common = dict(HEAD_DIM=D, BLOCK_HALF=_block_half(D), BLOCK_D=block_d, ROPE=rope, DOT_PREC=_dot_prec(q.dtype),
-                  fp32=q.dtype == torch.float32)
 
-    def grid_n(meta):
-        return (max(1, triton.cdiv(max_seqlen, meta["BLOCK_N"])), num_samples + 1, H)
+    def grid_pre(meta):
+        return (triton.cdiv(T, meta["BLOCK_M"]), H)
 
-    def grid_m(meta):
-        return (max(1, triton.cdiv(max_seqlen, meta["BLOCK_M"])), num_samples + 1, H)
+    _run(Launch("pre", _KERNELS["pre"], grid_pre,
+                (dout, out_u, g, dou, delta, dg, *dout.stride(), *out_u.stride(), *_gate_strides(gate), *dgst,
+                 *dou.stride(), delta.stride(0), T),
+                dict(HEAD_DIM=D, BLOCK_D=block_d, GATE_MODE=mode,
+                     ALIGN=_align(dout, out_u, dou, *([gate, dgate] if mode == 1 else []))),
+                _fixed("pre", BLOCK_M=max(16, 4096 // block_d))))
 
-    _launch(
-        "dkdv", grid_n,
-        q, k, v, dou, lse, delta, dk, dv, cu_seqlens, prefix_lens, pos, inv, axis,
-        *q.stride(), *k.stride(), *v.stride(), *dou.stride(), *dk.stride(), *dv.stride(),
-        lse.stride(0), spa, spt,
-        T, num_samples, softmax_scale * _LOG2E, softmax_scale,
-        **common,
-    )
-    _launch(
-        "dq", grid_m,
-        q, k, v, dou, lse, delta, dq, cu_seqlens, prefix_lens, pos, inv, axis,
-        *q.stride(), *k.stride(), *v.stride(), *dou.stride(), *dq.stride(),
-        lse.stride(0), spa, spt,
-        T, num_samples, softmax_scale * _LOG2E, softmax_scale,
-        **common,
-    )
+    rope = _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
+    rotated = position_ids is not None and var.rope_once  # q, k are q_rot, k_rot: un-rotate dq, dk at the end
+    in_tile = position_ids is not None and not rotated
+    consts = dict(HEAD_DIM=D, **_layout(D, var.hd80, in_tile), ROPE=in_tile, DOT_PREC=_dot_prec(q.dtype),
+                  ROW_BOUND=var.fit_tiles, TILE_LIST=var.tile_list)
+    scales = (softmax_scale * _LOG2E, softmax_scale)
+    common = (cu_seqlens, prefix_lens, *rope[:3])
+    if var.onepass:
+        dq_acc = torch.zeros((T, H, D), dtype=torch.float32, device=q.device)
+        _attention_launch("onepass", var, q, cu_seqlens, max_seqlen, lambda tiles, cap: (
+            q, k, v, dou, lse, delta, dk, dv, dq_acc, *common, tiles,
+            *q.stride(), *k.stride(), *v.stride(), *dou.stride(), *dk.stride(), *dv.stride(), *dq_acc.stride(),
+            lse.stride(0), *rope[3:], T, prefix_lens.numel(), cap, *scales),
+            dict(consts, ALIGN=_align(q, k, v, dou, dk, dv, dq_acc)))
+        if position_ids is not None:
+            _rotate_into(dq_acc, dq, rope, inverse=True)
+        else:
+            dq.copy_(dq_acc)
+    else:
+        _attention_launch("dkdv", var, q, cu_seqlens, max_seqlen, lambda tiles, cap: (
+            q, k, v, dou, lse, delta, dk, dv, *common, tiles,
+            *q.stride(), *k.stride(), *v.stride(), *dou.stride(), *dk.stride(), *dv.stride(),
+            lse.stride(0), *rope[3:], T, prefix_lens.numel(), cap, *scales),
+            dict(consts, ALIGN=_align(q, k, v, dou, dk, dv)))
+        _attention_launch("dq", var, q, cu_seqlens, max_seqlen, lambda tiles, cap: (
+            q, k, v, dou, lse, delta, dq, *common, tiles,
+            *q.stride(), *k.stride(), *v.stride(), *dou.stride(), *dq.stride(),
+            lse.stride(0), *rope[3:], T, prefix_lens.numel(), cap, *scales),
+            dict(consts, ALIGN=_align(q, k, v, dou, dq)))
+        if rotated:
+            _rotate_into(dq, dq, rope, inverse=True)
+    if rotated:
+        _rotate_into(dk, dk, rope, inverse=True)
     return dq, dk, dv, dgate
 
 
@@ -252,19 +290,26 @@ def _fwd_op(
     rope_theta: float,
     softmax_scale: float,
     max_seqlen: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    variant: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return prefix_lm_attention_forward(
         q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved, rope_theta,
-        softmax_scale, max_seqlen,
+        softmax_scale, max_seqlen, variant,
     )
+
+
+def _saves_rotated(position_ids, variant: str) -> bool:
+    return position_ids is not None and parse_variant(variant).rope_once
 
 
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved, rope_theta,
-              softmax_scale, max_seqlen):
+              softmax_scale, max_seqlen, variant):
     T, H, D = q.shape
     out_u = q.new_empty((T, H, D)) if gate is not None else q.new_empty(0)
-    return q.new_empty((T, H, D)), out_u, q.new_empty((H, T), dtype=torch.float32)
+    rot = (T, H, D) if _saves_rotated(position_ids, variant) and T and H else (0,)
+    return (q.new_empty((T, H, D)), out_u, q.new_empty((H, T), dtype=torch.float32), q.new_empty(rot),
+            k.new_empty(rot))
 
 
 @torch.library.custom_op("genlip_fast::prefix_lm_attention_bwd", mutates_args=())
@@ -284,16 +329,17 @@ def _bwd_op(
     rope_theta: float,
     softmax_scale: float,
     max_seqlen: int,
+    variant: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return prefix_lm_attention_backward(
         dout, q, k, v, out_u, lse, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved,
-        rope_theta, softmax_scale, max_seqlen,
+        rope_theta, softmax_scale, max_seqlen, variant,
     )
 
 
 @_bwd_op.register_fake
 def _bwd_fake(dout, q, k, v, out_u, lse, cu_seqlens, prefix_lens, gate, position_ids, mrope_section,
-              mrope_interleaved, rope_theta, softmax_scale, max_seqlen):
+              mrope_interleaved, rope_theta, softmax_scale, max_seqlen, variant):
     T, H, D = q.shape
     dgate = gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
     return q.new_empty((T, H, D)), k.new_empty((T, H, D)), v.new_empty((T, H, D)), dgate
@@ -301,25 +347,30 @@ def _bwd_fake(dout, q, k, v, out_u, lse, cu_seqlens, prefix_lens, gate, position
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved, rope_theta,
-     softmax_scale, max_seqlen) = inputs
-    out, out_u, lse = output
-    # The backward needs the ungated output; without a gate that is the output itself.
+     softmax_scale, max_seqlen, variant) = inputs
+    out, out_u, lse, q_rot, k_rot = output
+    # The backward needs the ungated output; without a gate that is the output itself. Variant rope_once keeps
+    # the rotated q and k instead of q and k (the backward never reads the unrotated ones then).
     saved_out = out_u if gate is not None else out
+    if _saves_rotated(position_ids, variant) and q_rot.numel():
+        q, k = q_rot, k_rot
     ctx.save_for_backward(q, k, v, saved_out, lse, cu_seqlens, prefix_lens, gate, position_ids)
     ctx.rope = (mrope_section, mrope_interleaved, rope_theta)
     ctx.softmax_scale = softmax_scale
     ctx.max_seqlen = max_seqlen
-    ctx.mark_non_differentiable(out_u, lse)
+    ctx.variant = variant
+    ctx.mark_non_differentiable(out_u, lse, q_rot, k_rot)
 
 
-def _backward(ctx, dout, _dout_u, _dlse):
+def _backward(ctx, dout, _dout_u, _dlse, _dq_rot, _dk_rot):
     q, k, v, saved_out, lse, cu_seqlens, prefix_lens, gate, position_ids = ctx.saved_tensors
     section, interleaved, theta = ctx.rope
     dq, dk, dv, dgate = _bwd_op(
         dout, q, k, v, saved_out, lse, cu_seqlens, prefix_lens, gate, position_ids, section, interleaved, theta,
-        ctx.softmax_scale, ctx.max_seqlen,
+        ctx.softmax_scale, ctx.max_seqlen, ctx.variant,
     )
-    return dq, dk, dv, None, None, (dgate if gate is not None else None), None, None, None, None, None, None
+    return (dq, dk, dv, None, None, (dgate if gate is not None else None), None, None, None, None, None, None,
+            None)
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -343,7 +394,7 @@ def prefix_lm_attention_triton(
     """Fused Triton path of :func:`genlip_fast.ops.prefix_lm_attention` (same arguments and result).
 
     ``max_seqlen`` (host int, the longest sample) sizes the grid; when omitted it is read from ``cu_seqlens``, which
-    costs one device-to-host sync.
+    costs one device-to-host sync. The kernel variant in force (``variants.current_variant()``) is read here.
     """
     _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved)
     D = q.shape[-1]
@@ -352,11 +403,15 @@ def prefix_lm_attention_triton(
         n = cu_seqlens.numel() - 1
         max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item()) if n > 0 else 0
     section = None if position_ids is None else [int(s) for s in mrope_section]
-    out, _, _ = _fwd_op(
+    out = _fwd_op(
         q, k, v, cu_seqlens, prefix_lens, gate, position_ids, section, bool(mrope_interleaved), float(rope_theta),
-        scale, int(max_seqlen),
-    )
+        scale, int(max_seqlen), current_variant(),
+    )[0]
     return out
 
 
-__all__ = ["prefix_lm_attention_forward", "prefix_lm_attention_backward", "prefix_lm_attention_triton"]
+__all__ = [
+    "prefix_lm_attention_backward",
+    "prefix_lm_attention_forward",
+    "prefix_lm_attention_triton",
+]
