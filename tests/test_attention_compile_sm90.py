@@ -9,8 +9,9 @@ Triton's flags (the re-assembled cubin is checked to be byte-identical to Triton
 ``ld.local`` in the PTX does not reveal them.
 
 In CI: every shipped config of the default kernels at So/16's head dim 72 (the configs the model trains with), and
-the first config of the variants' kernels. ``--runslow``: every variant x every config x head dims 64/72/96/128,
-and fp32. Each test records its rows (registers per kernel and config) with ``record_property``.
+the first config of the variants' kernels; grouped-query attention (qwen3_0.6b: 16 query heads on 8 key/value
+heads of 128): the default's key-block kernel in every config, the first config of the rest. ``--runslow``: every
+variant x every config x head dims 64/72/96/128, and fp32; grouped: every variant x every config at 128 and 64. Each test records its rows (registers per kernel and config) with ``record_property``.
 """
 
 import json
@@ -31,16 +32,25 @@ CI_JOBS = [
     ("hd80+rope_once+fit_tiles+tile_list+onepass", 72, "bf16", False),
 ]
 ALL_ON = "hd80+rope_once+fit_tiles+tile_list+onepass"
+# (variant, head dim, dtype, every config, query heads, key/value heads): qwen3_0.6b's attention.
+GQA_CI_JOBS = [("default", 128, "bf16", True, 16, 8), ("hd80+rope_once+fit_tiles+tile_list+onepass", 128, "bf16",
+                                                        False, 16, 8)]
 
 
-def slow_jobs() -> list:
-    """Every variant the GPU sweep measures x every config, at the sweep's head dims; the head layouts of 96 and
-    128; and fp32."""
+def slow_variants() -> list:
+    """Every variant the GPU sweep measures."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         from sweep_attention import VARIANTS
     finally:
         sys.path.pop(0)
+    return VARIANTS
+
+
+def slow_jobs() -> list:
+    """Every variant the GPU sweep measures x every config, at the sweep's head dims; the head layouts of 96 and
+    128; and fp32."""
+    VARIANTS = slow_variants()
     return ([(v, d, "bf16", True) for d in (72, 64) for v in VARIANTS]
             + [(v, d, "bf16", True) for v in ("default", "hd80", ALL_ON) for d in (96, 128)]
             + [(v, 72, "fp32", True) for v in ("default", "hd80+rope_once+fit_tiles+tile_list", ALL_ON)])
@@ -100,6 +110,18 @@ def test_shipped_configs_compile_for_sm90_without_spills(record_property):
     assert {("default", k) for k in ("fwd", "pre", "dkdv", "dq")} <= kernels
     assert (ALL_ON, "onepass") in kernels
     check(rows, record_property)
+
+
+def test_gqa_configs_compile_for_sm90_without_spills(record_property):
+    rows = inspect(GQA_CI_JOBS)
+    assert {r["kernel"] for r in rows} >= {"fwd", "pre", "dkdv", "dq", "onepass"}
+    assert all("GROUP=2" in r["constexprs"] for r in rows if r["kernel"] in ("fwd", "dkdv", "dq", "onepass"))
+    check(rows, record_property)
+
+
+@pytest.mark.slow
+def test_every_variant_and_config_compiles_for_sm90_without_spills_gqa(record_property):
+    check(inspect([(v, d, "bf16", True, 16, 8) for d in (128, 64) for v in slow_variants()]), record_property)
 
 
 @pytest.mark.slow

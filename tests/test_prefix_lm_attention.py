@@ -60,21 +60,29 @@ def _section(head_dim: int) -> list[int]:
 
 
 def make_pack(prefixes, texts, *, pad=0, heads=2, head_dim=64, dtype=torch.float16, gate="elementwise", rope=True,
-              fused=False, device="cpu", seed=0):
-    """Inputs for one pack. ``fused=True`` makes q, k, v, gate strided slices of one projection output."""
+              fused=False, device="cpu", seed=0, kv_heads=None):
+    """Inputs for one pack; ``kv_heads`` (default ``heads``) key/value heads. ``fused=True`` makes q, k, v, gate
+    strided slices of one projection output (with grouped-query attention: q and the gate of one, k and v of
+    another, as GenLIP's modules make them)."""
     g = torch.Generator().manual_seed(seed)
     lens = [p + t for p, t in zip(prefixes, texts)]
     n_valid = sum(lens)
     T, H, D = n_valid + pad, heads, head_dim
+    H_kv = H if kv_heads is None else kv_heads
     cu = torch.tensor([0] + [sum(lens[: i + 1]) for i in range(len(lens))], dtype=torch.int32)
     pl = torch.tensor(prefixes, dtype=torch.int32)
-    if fused:
+    if fused and H_kv != H:
+        proj = torch.randn(T, H, D + (D if gate == "elementwise" else 1), generator=g).to(dtype)
+        kv = torch.randn(T, H_kv, 2 * D, generator=g).to(dtype)
+        q, k, v = proj[..., :D], kv[..., :D], kv[..., D:]
+        gt = proj[..., D:] if gate == "elementwise" else proj[..., D] if gate == "headwise" else None
+    elif fused:
         width = 3 * D + (D if gate == "elementwise" else 1 if gate == "headwise" else 0)
         proj = torch.randn(T, H, width, generator=g).to(dtype)
         q, k, v = proj[..., :D], proj[..., D : 2 * D], proj[..., 2 * D : 3 * D]
         gt = proj[..., 3 * D :] if gate == "elementwise" else proj[..., 3 * D] if gate == "headwise" else None
     else:
-        q, k, v = (torch.randn(T, H, D, generator=g).to(dtype) for _ in range(3))
+        q, k, v = (torch.randn(T, H if i == 0 else H_kv, D, generator=g).to(dtype) for i in range(3))
         gt = {"elementwise": torch.randn(T, H, D, generator=g), "headwise": torch.randn(T, H, generator=g),
               None: None}[gate]
         gt = gt.to(dtype) if gt is not None else None
@@ -248,6 +256,63 @@ def test_hypothesis_pack_layouts_every_variant(variant):
         lambda layout, pad, head_dim, gate: _check_layout(layout, pad, head_dim, gate, variant)))()
 
 
+# ------------------------------------------------------------------------- grouped-query / multi-query attention
+
+# (prefixes, texts, pad, heads, kv heads, head_dim, gate, fused, interleaved)
+GQA_CASES = [
+    pytest.param([30, 0, 17], [23, 14, 0], 4, 4, 2, 72, "elementwise", True, True, id="gqa2-d72-fused"),
+    pytest.param([9, 25], [7, 30], 3, 3, 1, 64, "headwise", False, False, id="mqa3-d64-headwise-chunked"),
+    pytest.param([20, 12], [21, 9], 0, 4, 1, 128, None, True, True, id="mqa4-d128-nogate-fused"),
+]
+
+
+@pytest.mark.parametrize("prefixes,texts,pad,heads,kv_heads,head_dim,gate,fused,interleaved", GQA_CASES)
+def test_gqa_fp16_matches_reference(prefixes, texts, pad, heads, kv_heads, head_dim, gate, fused, interleaved):
+    """Grouped-query attention: dK and dV (``(T, H_kv, D)``) summed over each group inside the kernel, within the
+    fp16 bound of the reference, which repeats k and v per query head and lets autograd sum."""
+    pack = make_pack(prefixes, texts, pad=pad, heads=heads, kv_heads=kv_heads, head_dim=head_dim, gate=gate,
+                     fused=fused)
+    got = check_against_reference(pack, torch.float16, interleaved)
+    assert got[2].shape == got[3].shape == (pack["q"].shape[0], kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gqa_fp32_every_variant(variant):
+    """Every kernel variant with 4 query heads on 2 key/value heads (elementwise gate, strided views, D 72) and
+    3 on 1 (headwise gate, D 64), against the fp32 oracle."""
+    pack = make_pack([16, 0, 9], [10, 7, 0], pad=3, heads=4, kv_heads=2, head_dim=72, dtype=torch.float32,
+                     gate="elementwise", fused=True)
+    check_against_reference(pack, torch.float32, variant=variant)
+    pack = make_pack([12], [9], heads=3, kv_heads=1, head_dim=64, dtype=torch.float32, gate="headwise")
+    check_against_reference(pack, torch.float32, variant=variant)
+
+
+def _check_gqa_layout(layout, pad, heads, head_dim, gate, variant):
+    (H, H_kv), prefixes, texts = heads, [p for p, _ in layout], [t for _, t in layout]
+    assume(sum(prefixes) + sum(texts) > 0)
+    pack = make_pack(prefixes, texts, pad=pad, heads=H, kv_heads=H_kv, head_dim=head_dim, dtype=torch.float32,
+                     gate=gate)
+    check_against_reference(pack, torch.float32, variant=variant)
+
+
+_GQA_LAYOUTS = dict(_LAYOUTS, layout=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 30)), min_size=1,
+                                                max_size=5),
+                    heads=st.sampled_from([(2, 1), (3, 1), (4, 2), (2, 2)]))  # MQA, GQA, MHA
+
+
+@settings(max_examples=5, deadline=None, derandomize=True)
+@given(variant=st.sampled_from(VARIANTS), **_GQA_LAYOUTS)
+def test_hypothesis_gqa_layouts(layout, pad, heads, head_dim, gate, variant):
+    _check_gqa_layout(layout, pad, heads, head_dim, gate, variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hypothesis_gqa_layouts_every_variant(variant):
+    settings(max_examples=6, deadline=None, derandomize=True)(given(**_GQA_LAYOUTS)(
+        lambda layout, pad, heads, head_dim, gate: _check_gqa_layout(layout, pad, heads, head_dim, gate, variant)))()
+
+
 @pytest.mark.parametrize("variant", variant_params(ci=("default", "tile_list", "onepass")))
 def test_larger_max_seqlen_and_empty_samples(variant):
     # max_seqlen is only a grid bound: an over-estimate must not change anything; empty samples are legal.
@@ -262,8 +327,14 @@ def test_larger_max_seqlen_and_empty_samples(variant):
 def test_input_errors():
     pack = make_pack([4], [4], head_dim=64, dtype=torch.float32)
     q, k, v, cu, pl = pack["q"], pack["k"], pack["v"], pack["cu"], pack["pl"]
-    with pytest.raises(ValueError, match="same shape"):
-        prefix_lm_attention(q, k[:, :1], v, cu, pl, impl="triton")
+    with pytest.raises(ValueError, match=r"k and v must be \(T, H_kv, D\) with H % H_kv == 0"):
+        prefix_lm_attention(q, k[:, :1], v, cu, pl, impl="triton")  # k and v with different head counts
+    with pytest.raises(ValueError, match=r"H % H_kv == 0"):
+        prefix_lm_attention(q[:, :1].expand(8, 3, 64), k, v, cu, pl, impl="triton")  # 3 query heads on 2
+    with pytest.raises(ValueError, match=r"H % H_kv == 0"):
+        prefix_lm_attention(q, k[..., :32], v[..., :32], cu, pl, impl="triton")  # another head dim
+    with pytest.raises(ValueError, match=r"H % H_kv == 0"):
+        prefix_lm_attention(q[:, :1].expand(8, 3, 64), k, v, cu, pl, impl="reference")
     with pytest.raises(ValueError, match="gate must be"):
         prefix_lm_attention(q, k, v, cu, pl, gate=torch.zeros(8, 2, 3), impl="triton")
     with pytest.raises(ValueError, match="prefix_lens"):

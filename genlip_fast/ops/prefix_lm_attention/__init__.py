@@ -28,8 +28,10 @@ def prefix_lm_attention(
     """``out = sigmoid(gate) * softmax(mask(rope(q) rope(k)^T * scale)) v`` over a pack of samples.
 
     Args:
-        q, k, v: ``(total_tokens, num_heads, head_dim)``, fp32 / fp16 / bf16; may be strided views (e.g. slices of
-            one fused projection) — they are not copied.
+        q: ``(total_tokens, num_heads, head_dim)``; k, v: ``(total_tokens, num_kv_heads, head_dim)`` with
+            ``num_heads % num_kv_heads == 0`` (grouped-query attention: query head ``h`` reads key/value head
+            ``h // (num_heads // num_kv_heads)``; ``num_kv_heads = 1`` is multi-query attention). fp32 / fp16 /
+            bf16, one dtype; may be strided views (e.g. slices of one fused projection) — they are not copied.
         cu_seqlens: ``(num_samples + 1,)`` int32, sample boundaries; tokens past ``cu_seqlens[-1]`` are padding and
             get zeros.
         prefix_lens: ``(num_samples,)`` int32, image tokens at the start of each sample. ``prefix_lens == seqlens``

@@ -69,11 +69,13 @@ def _align(*tensors) -> int:
 def _check_inputs(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved):
     if q.dim() != 3:
         raise ValueError(f"q must be (total_tokens, num_heads, head_dim), got shape {tuple(q.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have the same shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    T, H, D = q.shape
+    H_kv = k.shape[1] if k.dim() == 3 else 0
+    if k.shape != (T, H_kv, D) or v.shape != k.shape or not (H_kv == H or H_kv and H % H_kv == 0):
+        raise ValueError(f"k and v must be (T, H_kv, D) with H % H_kv == 0 (grouped-query attention) for q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
-    T, H, D = q.shape
     if D % 2 or not 2 <= D <= 256:
         raise ValueError(f"head_dim must be even and at most 256 (rotate-half halves), got {D}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -147,10 +149,13 @@ def _dot_prec(dtype: torch.dtype) -> str:
 
 def _attention_launch(name: str, variant: Variant, q, cu_seqlens, max_seqlen: int, make_args, consts: dict):
     """Launch one of the tiled attention kernels with the variant's grid: per sample sized for ``max_seqlen``, or
-    a tile list. ``make_args(tiles, tile_cap)`` gives the positional arguments."""
+    a tile list; over the query heads, or (key-block kernels) the key/value heads, each of which loops over its
+    ``GROUP`` query heads. ``make_args(tiles, tile_cap)`` gives the positional arguments."""
     T, H, _ = q.shape
+    if name in ("dkdv", "onepass"):
+        H //= consts["GROUP"]
     num_samples = cu_seqlens.numel() - 1
-    configs, blocks = _configs(name, q.dtype == torch.float32, variant, layout_class(consts))
+    configs, blocks = _configs(name, q.dtype == torch.float32, variant, layout_class(consts), consts["GROUP"] > 1)
     axis, descending = _TILE_AXIS[name]
     if variant.tile_list:
         tiles, cap = _tile_list(cu_seqlens, T, blocks, descending)
@@ -182,17 +187,18 @@ def prefix_lm_attention_forward(
     q_rot, k_rot = q.new_empty(0), k.new_empty(0)  # two tensors: custom op outputs may not alias
     if T == 0 or H == 0:
         return out, out_u, lse, q_rot, k_rot
+    group = H // k.shape[1]
     rope = _rope_args(q, position_ids, mrope_section, mrope_interleaved, rope_theta)
     in_tile = position_ids is not None
     if in_tile and var.rope_once:
         q_rot = _rotate_into(q, torch.empty((T, H, D), dtype=q.dtype, device=q.device), rope, inverse=False)
-        k_rot = _rotate_into(k, torch.empty((T, H, D), dtype=k.dtype, device=q.device), rope, inverse=False)
+        k_rot = _rotate_into(k, torch.empty(k.shape, dtype=k.dtype, device=q.device), rope, inverse=False)
         q, k, in_tile = q_rot, k_rot, False
     g = gate if gate is not None else q
     ou = out_u if gate is not None else out
     mode = _gate_mode(gate)
     consts = dict(HEAD_DIM=D, **_layout(D, var.hd80, in_tile), GATE_MODE=mode, ROPE=in_tile,
-                  DOT_PREC=_dot_prec(q.dtype), ROW_BOUND=var.fit_tiles, TILE_LIST=var.tile_list,
+                  DOT_PREC=_dot_prec(q.dtype), ROW_BOUND=var.fit_tiles, TILE_LIST=var.tile_list, GROUP=group,
                   ALIGN=_align(q, k, v, out, *([gate] if mode == 1 else [])))
     _attention_launch("fwd", var, q, cu_seqlens, max_seqlen, lambda tiles, cap: (
         q, k, v, g, out, ou, lse, cu_seqlens, prefix_lens, *rope[:3], tiles,
@@ -205,14 +211,15 @@ def prefix_lm_attention_backward(
     dout, q, k, v, out_u, lse, cu_seqlens, prefix_lens, gate, position_ids, mrope_section, mrope_interleaved,
     rope_theta, softmax_scale, max_seqlen, variant="default",
 ):
-    """Gradients ``(dq, dk, dv, dgate)``; ``out_u`` is the ungated forward output (the output itself when there is
+    """Gradients ``(dq, dk, dv, dgate)`` (dk, dv ``(T, H_kv, D)`` like k, v: each summed over its group of query
+    heads inside the kernel); ``out_u`` is the ungated forward output (the output itself when there is
     no gate); dgate is an empty tensor when there is no gate. With variant ``rope_once`` (and rotary), q and k are
     the forward's rotated ``q_rot`` and ``k_rot``."""
     var = parse_variant(variant)
     T, H, D = q.shape
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((T, H, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((T, H, D), dtype=v.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=q.device) if gate is not None else q.new_empty(0)
     if T == 0 or H == 0:
         return dq, dk, dv, dgate
@@ -241,7 +248,7 @@ def prefix_lm_attention_backward(
     rotated = position_ids is not None and var.rope_once  # q, k are q_rot, k_rot: un-rotate dq, dk at the end
     in_tile = position_ids is not None and not rotated
     consts = dict(HEAD_DIM=D, **_layout(D, var.hd80, in_tile), ROPE=in_tile, DOT_PREC=_dot_prec(q.dtype),
-                  ROW_BOUND=var.fit_tiles, TILE_LIST=var.tile_list)
+                  ROW_BOUND=var.fit_tiles, TILE_LIST=var.tile_list, GROUP=H // k.shape[1])
     scales = (softmax_scale * _LOG2E, softmax_scale)
     common = (cu_seqlens, prefix_lens, *rope[:3])
     if var.onepass:
@@ -307,9 +314,9 @@ def _fwd_fake(q, k, v, cu_seqlens, prefix_lens, gate, position_ids, mrope_sectio
               softmax_scale, max_seqlen, variant):
     T, H, D = q.shape
     out_u = q.new_empty((T, H, D)) if gate is not None else q.new_empty(0)
-    rot = (T, H, D) if _saves_rotated(position_ids, variant) and T and H else (0,)
-    return (q.new_empty((T, H, D)), out_u, q.new_empty((H, T), dtype=torch.float32), q.new_empty(rot),
-            k.new_empty(rot))
+    rotated = _saves_rotated(position_ids, variant) and T and H
+    return (q.new_empty((T, H, D)), out_u, q.new_empty((H, T), dtype=torch.float32),
+            q.new_empty((T, H, D) if rotated else (0,)), k.new_empty(k.shape if rotated else (0,)))
 
 
 @torch.library.custom_op("genlip_fast::prefix_lm_attention_bwd", mutates_args=())
@@ -342,7 +349,7 @@ def _bwd_fake(dout, q, k, v, out_u, lse, cu_seqlens, prefix_lens, gate, position
               mrope_interleaved, rope_theta, softmax_scale, max_seqlen, variant):
     T, H, D = q.shape
     dgate = gate.new_empty(gate.shape) if gate is not None else q.new_empty(0)
-    return q.new_empty((T, H, D)), k.new_empty((T, H, D)), v.new_empty((T, H, D)), dgate
+    return q.new_empty((T, H, D)), k.new_empty(k.shape), v.new_empty(v.shape), dgate
 
 
 def _setup_context(ctx, inputs, output):

@@ -8,7 +8,7 @@ byte-identical) to read registers and spill bytes. Reported per kernel and confi
 (bytes per thread), shared memory, whether the PTX uses ``wgmma``, and the global load widths.
 
     python -m genlip_fast.ops.prefix_lm_attention.inspect_sm90 [--variants default,hd80] [--head-dims 72,64]
-        [--dtypes bf16] [--json rows.json] [--jobs 2] [--cold]
+        [--dtypes bf16] [--heads 16 --kv-heads 8] [--json rows.json] [--jobs 2] [--cold]
 
 Runs Triton with ``TRITON_INTERPRET=0`` (set here before the kernels are imported); nothing touches CUDA.
 """
@@ -34,8 +34,9 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def capture(variant: str, head_dim: int, dtype: str, gate: str = "elementwise", rope: bool = True,
-            total: int = 16384, heads: int = 16, sample_len: int = 270, prefix: int = 196):
-    """Every launch of one forward + backward on a stage-1-like pack, as :class:`launch.Launch` records."""
+            total: int = 16384, heads: int = 16, sample_len: int = 270, prefix: int = 196, kv_heads: int | None = None):
+    """Every launch of one forward + backward on a stage-1-like pack, as :class:`launch.Launch` records;
+    ``kv_heads`` key/value heads (grouped-query attention; default ``heads``)."""
     import torch
 
     from . import function as F
@@ -50,7 +51,9 @@ def capture(variant: str, head_dim: int, dtype: str, gate: str = "elementwise", 
     qg = torch.empty(T, H, width, dtype=dt)  # q_proj's output; the gate is its other half (the model's layout)
     q = qg[..., :D]
     g = qg[..., D:] if gate == "elementwise" else torch.empty(T, H, dtype=dt) if gate == "headwise" else None
-    k, v, dout = (torch.empty(T, H, D, dtype=dt) for _ in range(3))
+    H_kv = H if kv_heads is None else kv_heads
+    k, v = (torch.empty(T, H_kv, D, dtype=dt) for _ in range(2))
+    dout = torch.empty(T, H, D, dtype=dt)
     pos = torch.zeros(3, T, dtype=torch.int64) if rope else None
     section = [D // 2 - 2 * (D // 6), D // 6, D // 6]
     scale = D**-0.5
@@ -120,19 +123,21 @@ def _cpu_seconds() -> float:
 
 
 def _constexpr_summary(consts: dict) -> str:
-    keys = ("SPLIT", "ROPE", "ROW_BOUND", "TILE_LIST", "GATE_MODE", "ALIGN", "INVERSE")
+    keys = ("SPLIT", "ROPE", "ROW_BOUND", "TILE_LIST", "GATE_MODE", "ALIGN", "INVERSE", "GROUP")
     return " ".join(f"{k}={int(consts[k]) if isinstance(consts[k], bool) else consts[k]}" for k in keys
                     if k in consts)
 
 
 def inspect_job(job: tuple) -> list[dict]:
-    """Rows for one ``(variant, head_dim, dtype[, every_config])``: every kernel launch x every autotune candidate
-    (or only the first candidate of each, when ``every_config`` is False)."""
+    """Rows for one ``(variant, head_dim, dtype[, every_config[, heads, kv_heads]])``: every kernel launch x every
+    autotune candidate (or only the first candidate of each, when ``every_config`` is False), on ``heads`` query
+    and ``kv_heads`` key/value heads (default 16 and 16)."""
     variant, head_dim, dtype, *rest = job
     every = rest[0] if rest else True
+    heads, kv_heads = rest[1:3] if len(rest) >= 3 else (16, 16)
     rows = []
     seen = set()
-    for launch in capture(variant, head_dim, dtype):
+    for launch in capture(variant, head_dim, dtype, heads=heads, kv_heads=kv_heads):
         for cfg in launch.configs if every else launch.configs[:1]:
             kwargs = {**launch.consts, **cfg.all_kwargs()}
             key = (launch.name, json.dumps({k: str(v) for k, v in kwargs.items()}, sort_keys=True))
@@ -144,7 +149,7 @@ def inspect_job(job: tuple) -> list[dict]:
             seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
             ptx = compiled.asm["ptx"]
             rows.append(dict(
-                variant=variant, kernel=launch.name, head_dim=head_dim, dtype=dtype,
+                variant=variant, kernel=launch.name, head_dim=head_dim, dtype=dtype, heads=f"{heads}/{kv_heads}",
                 config=f"{cfg.kwargs.get('BLOCK_M', cfg.kwargs.get('BLOCK_T', '-'))}x{cfg.kwargs.get('BLOCK_N', '-')}"
                        f" w{cfg.num_warps} s{cfg.num_stages}" + (f" r{cfg.maxnreg}" if cfg.maxnreg else ""),
                 constexprs=_constexpr_summary(launch.consts),
@@ -189,13 +194,16 @@ def main(argv=None) -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (combine with '+')")
     p.add_argument("--head-dims", default="72,64")
     p.add_argument("--dtypes", default="bf16")
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (grouped-query attention)")
     p.add_argument("--jobs", type=int, default=2, help="compile processes")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--cold", action="store_true", help="compile into a fresh Triton cache (honest compile times)")
     a = p.parse_args(argv)
     if a.cold:
         os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cold-")
-    jobs = [(v, int(d), t) for v in a.variants.split(",") for d in a.head_dims.split(",") for t in a.dtypes.split(",")]
+    jobs = [(v, int(d), t, True, a.heads, a.kv_heads or a.heads) for v in a.variants.split(",")
+            for d in a.head_dims.split(",") for t in a.dtypes.split(",")]
     t0 = time.perf_counter()
     rows = run(jobs, a.jobs)
     print(markdown(rows))

@@ -3,7 +3,10 @@
 
 Layout conventions shared by every kernel here:
 
-* q, k, v, gate, out: ``(T, H, D)`` with explicit strides (q/k/v may be slices of one fused projection).
+* q, gate, out: ``(T, H, D)``, k, v: ``(T, H_kv, D)`` with explicit strides (q/k/v may be slices of one fused
+  projection). Grouped-query attention: query head ``h`` reads key/value head ``h // GROUP`` (``GROUP = H / H_kv``,
+  constexpr); the key-block backward runs one program per key/value head and sums dK/dV over its ``GROUP`` query
+  heads in registers (no atomics).
 * Tiles are scheduled per sample from ``cu_seqlens``: either a grid ``(block inside the sample, sample, head)``
   sized for the longest sample, or (``TILE_LIST``) a flat list of the real ``(sample, block)`` pairs that the host
   built on the device, longest sample first, with grid ``(list capacity, 1, head)``. Programs past the real
@@ -74,9 +77,10 @@ def _rows(start, bos, seqlen, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _kv_head(head):
-    """The k/v head that query head ``head`` reads: the same one (grouped-query attention maps it here)."""
-    return head
+def _kv_head(head, GROUP: tl.constexpr):
+    """The k/v head that query head ``head`` reads: ``GROUP = H // H_kv`` consecutive query heads share one
+    (grouped-query attention; 1 is multi-head attention)."""
+    return head // GROUP
 
 
 @triton.jit
@@ -315,7 +319,7 @@ def _prefix_lm_attn_fwd_kernel(
     GATE_MODE: tl.constexpr,  # 0 none, 1 elementwise (T, H, D), 2 headwise (T, H)
     ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, TILE_LIST: tl.constexpr, TILE_ROW: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """One (query block, sample, head) tile: ``Out = sigmoid(G) * softmax(mask(rope(q) rope(k)^T)) v``.
 
@@ -341,7 +345,7 @@ def _prefix_lm_attn_fwd_kernel(
     m0 = blk * BLOCK_M
     if m0 >= seqlen:  # the (block, sample) grid is sized for the longest sample
         return
-    kv_head = _kv_head(head)
+    kv_head = _kv_head(head, GROUP)
     Q += tl.multiple_of(head * stride_qh, ALIGN)
     K += tl.multiple_of(kv_head * stride_kh, ALIGN)
     V += tl.multiple_of(kv_head * stride_vh, ALIGN)

@@ -87,43 +87,82 @@ def _prefix_lm_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq, Axis,
+                 stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt, stride_dqd, stride_pa, stride_pt,
+                 bos, seqlen, prefix, offs_n, first_row, m0, QK_SCALE, SM_SCALE,
+                 HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr,
+                 V_B: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr,
+                 DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, ALIGN: tl.constexpr,
+                 ONEPASS: tl.constexpr):
+    """One query block ``m0`` of one query head (Q, DOU, DQ, Lse, Delta point at it) against this key block."""
+    offs_m, m_ok, tok = _rows(m0, bos, seqlen, BLOCK_M)
+    qa, qb = _load_qk(Q, tok, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
+    doa, dob = _load_v(DOU, tok, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
+    lse = tl.load(Lse + tok, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + tok, mask=m_ok, other=0.0)
+    st = tl.dot(ka, tl.trans(qa), input_precision=DOT_PREC)
+    st = tl.dot(kb, tl.trans(qb), st, input_precision=DOT_PREC)
+    pt = tl.exp2(st * QK_SCALE - lse[None, :])
+    if MASK:
+        pt = tl.where(_visible_t(offs_n, offs_m, prefix, seqlen, first_row, ROW_BOUND), pt, 0.0)
+    ptc = pt.to(doa.dtype)
+    dva = tl.dot(ptc, doa, dva, input_precision=DOT_PREC)
+    dpt = tl.dot(va, tl.trans(doa), input_precision=DOT_PREC)
+    if SPLIT:
+        dvb = tl.dot(ptc, dob, dvb, input_precision=DOT_PREC)
+        dpt = tl.dot(vb, tl.trans(dob), dpt, input_precision=DOT_PREC)
+    dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
+    dka = tl.dot(dst, qa, dka, input_precision=DOT_PREC)
+    dkb = tl.dot(dst, qb, dkb, input_precision=DOT_PREC)
+    if ONEPASS:
+        ds = tl.trans(dst)
+        dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * SM_SCALE
+        dqb = tl.dot(ds, kb, input_precision=DOT_PREC) * SM_SCALE
+        _write_qk(DQ, tok, m_ok, stride_dqt, stride_dqd, dqa, dqb, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                  HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, True, ALIGN)
+    return dka, dkb, dva, dvb
+
+
+@triton.jit
 def _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq, Axis,
-                  stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt, stride_dqd, stride_pa, stride_pt,
+                  stride_qt, stride_qh, stride_qd, stride_ut, stride_uh, stride_ud, stride_dqt, stride_dqh,
+                  stride_dqd, stride_lh, stride_pa, stride_pt,
                   bos, seqlen, prefix, offs_n, first_row, lo, hi, QK_SCALE, SM_SCALE,
                   HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr,
                   V_B: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASK: tl.constexpr,
                   DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, ALIGN: tl.constexpr,
-                  ONEPASS: tl.constexpr):
-    """Accumulate dK (rotated frame) and dV of one key block over query blocks ``[lo, hi)``, working on the
+                  ONEPASS: tl.constexpr, GROUP: tl.constexpr):
+    """Accumulate dK (rotated frame) and dV of one key block over query blocks ``[lo, hi)`` (multiples of
+    BLOCK_M) of each of the ``GROUP`` query heads from the one Q, DOU, DQ, Lse and Delta point at, working on the
     transposed tile ``S^T = k q^T`` so the accumulators stay row-major in keys. ``ONEPASS``: also add this key
-    block's share of dQ, ``dS k * scale``, to the fp32 buffer DQ (atomics; rotated frame)."""
-    for m0 in range(lo, hi, BLOCK_M):
-        offs_m, m_ok, tok = _rows(m0, bos, seqlen, BLOCK_M)
-        qa, qb = _load_qk(Q, tok, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
-                          HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
-        doa, dob = _load_v(DOU, tok, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
-        lse = tl.load(Lse + tok, mask=m_ok, other=0.0)
-        delta = tl.load(Delta + tok, mask=m_ok, other=0.0)
-        st = tl.dot(ka, tl.trans(qa), input_precision=DOT_PREC)
-        st = tl.dot(kb, tl.trans(qb), st, input_precision=DOT_PREC)
-        pt = tl.exp2(st * QK_SCALE - lse[None, :])
-        if MASK:
-            pt = tl.where(_visible_t(offs_n, offs_m, prefix, seqlen, first_row, ROW_BOUND), pt, 0.0)
-        ptc = pt.to(doa.dtype)
-        dva = tl.dot(ptc, doa, dva, input_precision=DOT_PREC)
-        dpt = tl.dot(va, tl.trans(doa), input_precision=DOT_PREC)
-        if SPLIT:
-            dvb = tl.dot(ptc, dob, dvb, input_precision=DOT_PREC)
-            dpt = tl.dot(vb, tl.trans(dob), dpt, input_precision=DOT_PREC)
-        dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
-        dka = tl.dot(dst, qa, dka, input_precision=DOT_PREC)
-        dkb = tl.dot(dst, qb, dkb, input_precision=DOT_PREC)
-        if ONEPASS:
-            ds = tl.trans(dst)
-            dqa = tl.dot(ds, ka, input_precision=DOT_PREC) * SM_SCALE
-            dqb = tl.dot(ds, kb, input_precision=DOT_PREC) * SM_SCALE
-            _write_qk(DQ, tok, m_ok, stride_dqt, stride_dqd, dqa, dqb, Pos, stride_pa, stride_pt, InvFreq, Axis,
-                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, True, ALIGN)
+    block's share of dQ, ``dS k * scale``, to the fp32 buffer DQ (atomics; rotated frame).
+
+    Grouped-query attention runs the (head, query block) pairs as one flat loop, head by head (a fixed order: the
+    same sum every run): one loop like multi-head attention's, which the compiler pipelines the same way (a loop
+    over heads around the block loop spills registers on sm_90 at head dim 128)."""
+    if GROUP == 1:
+        for m0 in range(lo, hi, BLOCK_M):
+            dka, dkb, dva, dvb = _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos,
+                                              InvFreq, Axis, stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt,
+                                              stride_dqd, stride_pa, stride_pt, bos, seqlen, prefix, offs_n,
+                                              first_row, m0, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B,
+                                              BLOCK_M, ROPE, MASK, DOT_PREC, SPLIT, ROW_BOUND, ALIGN, ONEPASS)
+    else:
+        blocks = (hi - lo) // BLOCK_M
+        for it in range(0, GROUP * blocks):
+            g = it // blocks
+            m0 = lo + (it - g * blocks) * BLOCK_M
+            h = g.to(tl.int64)
+            dka, dkb, dva, dvb = _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb,
+                                              Q + tl.multiple_of(h * stride_qh, ALIGN),
+                                              DOU + tl.multiple_of(h * stride_uh, ALIGN),
+                                              DQ + tl.multiple_of(h * stride_dqh, ALIGN),
+                                              Lse + h * stride_lh, Delta + h * stride_lh, Pos,
+                                              InvFreq, Axis, stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt,
+                                              stride_dqd, stride_pa, stride_pt, bos, seqlen, prefix, offs_n,
+                                              first_row, m0, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B,
+                                              BLOCK_M, ROPE, MASK, DOT_PREC, SPLIT, ROW_BOUND, ALIGN, ONEPASS)
     return dka, dkb, dva, dvb
 
 
@@ -137,16 +176,16 @@ def _bwd_kv_block(
     HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, TILE_LIST: tl.constexpr, TILE_ROW: tl.constexpr,
-    ALIGN: tl.constexpr, ONEPASS: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr, ONEPASS: tl.constexpr,
 ):
-    """The body of both key-block kernels: one (key block, sample, head) program."""
+    """The body of both key-block kernels: one (key block, sample, key/value head) program, which sums dK and dV
+    over the ``GROUP`` query heads that read this key/value head (grouped-query attention), one after another."""
     tl.static_assert(not (ONEPASS and ROPE), "the one-pass backward runs on pre-rotated q and k (variant rope_once)")
     tl.static_assert(BLOCK_M % 16 == 0 and BLOCK_N % 16 == 0, "tl.dot needs tile sides that are multiples of 16")
     tl.static_assert(HEAD_DIM % 2 == 0, "rotate-half splits the head in two equal halves")
     tl.static_assert(QK_A >= 16 and QK_B >= 16 and QK_A + QK_B >= HEAD_DIM, "q/k blocks cover the head")
     sample, blk, num_pad = _tile_coords(Tiles, tile_cap, TILE_LIST, TILE_ROW)
-    head = tl.program_id(2).to(tl.int64)
-    kv_head = _kv_head(head)
+    kv_head = tl.program_id(2).to(tl.int64)
     DK += tl.multiple_of(kv_head * stride_dkh, ALIGN)
     DV += tl.multiple_of(kv_head * stride_dvh, ALIGN)
     if sample == num_samples:
@@ -160,13 +199,8 @@ def _bwd_kv_block(
     n0 = blk * BLOCK_N
     if n0 >= seqlen:
         return
-    Q += tl.multiple_of(head * stride_qh, ALIGN)
     K += tl.multiple_of(kv_head * stride_kh, ALIGN)
     V += tl.multiple_of(kv_head * stride_vh, ALIGN)
-    DOU += tl.multiple_of(head * stride_uh, ALIGN)
-    DQ += tl.multiple_of(head * stride_dqh, ALIGN)
-    Lse += head * stride_lh
-    Delta += head * stride_lh
 
     offs_n, n_ok, tok_n = _rows(n0, bos, seqlen, BLOCK_N)
     ka, kb = _load_qk(K, tok_n, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
@@ -187,21 +221,30 @@ def _bwd_kv_block(
     m_ceil = tl.cdiv(seqlen, BLOCK_M) * BLOCK_M
     diag_hi = tl.minimum(diag_hi, m_ceil)
     full_hi = tl.maximum(diag_hi, (seqlen // BLOCK_M) * BLOCK_M)
+    head0 = kv_head * GROUP  # the group's first query head
+    Q += tl.multiple_of(head0 * stride_qh, ALIGN)
+    DOU += tl.multiple_of(head0 * stride_uh, ALIGN)
+    DQ += tl.multiple_of(head0 * stride_dqh, ALIGN)
+    Lse += head0 * stride_lh
+    Delta += head0 * stride_lh
     dka, dkb, dva, dvb = _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq,
-                                       Axis, stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt, stride_dqd,
-                                       stride_pa, stride_pt, bos, seqlen, prefix, offs_n, first_row,
-                                       q_lo, diag_hi, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M,
-                                       ROPE, True, DOT_PREC, SPLIT, ROW_BOUND, ALIGN, ONEPASS)
+                                       Axis, stride_qt, stride_qh, stride_qd, stride_ut, stride_uh, stride_ud,
+                                       stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_pa, stride_pt, bos,
+                                       seqlen, prefix, offs_n, first_row, q_lo, diag_hi, QK_SCALE, SM_SCALE, HEAD_DIM,
+                                       QK_A, QK_B, V_A, V_B, BLOCK_M, ROPE, True, DOT_PREC, SPLIT, ROW_BOUND, ALIGN,
+                                       ONEPASS, GROUP)
     dka, dkb, dva, dvb = _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq,
-                                       Axis, stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt, stride_dqd,
-                                       stride_pa, stride_pt, bos, seqlen, prefix, offs_n, first_row,
-                                       diag_hi, full_hi, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M,
-                                       ROPE, False, DOT_PREC, SPLIT, ROW_BOUND, ALIGN, ONEPASS)
+                                       Axis, stride_qt, stride_qh, stride_qd, stride_ut, stride_uh, stride_ud,
+                                       stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_pa, stride_pt, bos,
+                                       seqlen, prefix, offs_n, first_row, diag_hi, full_hi, QK_SCALE, SM_SCALE, HEAD_DIM,
+                                       QK_A, QK_B, V_A, V_B, BLOCK_M, ROPE, False, DOT_PREC, SPLIT, ROW_BOUND, ALIGN,
+                                       ONEPASS, GROUP)
     dka, dkb, dva, dvb = _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq,
-                                       Axis, stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt, stride_dqd,
-                                       stride_pa, stride_pt, bos, seqlen, prefix, offs_n, first_row,
-                                       full_hi, m_ceil, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M,
-                                       ROPE, True, DOT_PREC, SPLIT, ROW_BOUND, ALIGN, ONEPASS)
+                                       Axis, stride_qt, stride_qh, stride_qd, stride_ut, stride_uh, stride_ud,
+                                       stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_pa, stride_pt, bos,
+                                       seqlen, prefix, offs_n, first_row, full_hi, m_ceil, QK_SCALE, SM_SCALE, HEAD_DIM,
+                                       QK_A, QK_B, V_A, V_B, BLOCK_M, ROPE, True, DOT_PREC, SPLIT, ROW_BOUND, ALIGN,
+                                       ONEPASS, GROUP)
     _write_qk(DK, tok_n, n_ok, stride_dkt, stride_dkd, dka * SM_SCALE, dkb * SM_SCALE, Pos, stride_pa, stride_pt,
               InvFreq, Axis, HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, False, ALIGN)
     _write_v(DV, tok_n, n_ok, stride_dvt, stride_dvd, dva, dvb, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
@@ -221,17 +264,18 @@ def _prefix_lm_attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, TILE_LIST: tl.constexpr, TILE_ROW: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """One (key block, sample, head): dK and dV by iterating the query blocks of the same sample that see it.
-    Each program owns its rows of dK/dV outright, so the result is deterministic (no atomics)."""
+    """One (key block, sample, key/value head): dK and dV by iterating the query blocks of the same sample that see
+    it, for each query head of the group. Each program owns its rows of dK/dV outright, so the result is
+    deterministic (no atomics)."""
     _bwd_kv_block(Q, K, V, DOU, Lse, Delta, DK, DV, DK, CuSeqlens, PrefixLens, Pos, InvFreq, Axis, Tiles,
                   stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
                   stride_ut, stride_uh, stride_ud, stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh,
                   stride_dvd, 0, 0, 0, stride_lh, stride_pa, stride_pt,
                   total_tokens, num_samples, tile_cap, QK_SCALE, SM_SCALE,
                   HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M, BLOCK_N, ROPE, DOT_PREC,
-                  SPLIT, ROW_BOUND, TILE_LIST, TILE_ROW, ALIGN, False)
+                  SPLIT, ROW_BOUND, TILE_LIST, TILE_ROW, ALIGN, GROUP, False)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -249,7 +293,7 @@ def _prefix_lm_attn_bwd_onepass_kernel(
     HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, TILE_LIST: tl.constexpr, TILE_ROW: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """One-pass backward (variant ``onepass``): the dK/dV program of one key block also adds its dQ share to the
     zero-initialised fp32 ``DQ`` ``(T, H, D)`` with atomics — 5 dots per tile pair instead of the two-kernel
@@ -262,7 +306,7 @@ def _prefix_lm_attn_bwd_onepass_kernel(
                   stride_dvd, stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_pa, stride_pt,
                   total_tokens, num_samples, tile_cap, QK_SCALE, SM_SCALE,
                   HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M, BLOCK_N, ROPE, DOT_PREC,
-                  SPLIT, ROW_BOUND, TILE_LIST, TILE_ROW, ALIGN, True)
+                  SPLIT, ROW_BOUND, TILE_LIST, TILE_ROW, ALIGN, GROUP, True)
 
 
 # -------------------------------------------------------------------------------------------- query blocks: dQ
@@ -305,7 +349,7 @@ def _prefix_lm_attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr, V_A: tl.constexpr, V_B: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, DOT_PREC: tl.constexpr,
     SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, TILE_LIST: tl.constexpr, TILE_ROW: tl.constexpr,
-    ALIGN: tl.constexpr,
+    ALIGN: tl.constexpr, GROUP: tl.constexpr,
 ):
     """One (query block, sample, head): dQ by iterating the visible key blocks, with the same two-stage
     (unmasked, then masked) split as the forward."""
@@ -324,7 +368,7 @@ def _prefix_lm_attn_bwd_dq_kernel(
     m0 = blk * BLOCK_M
     if m0 >= seqlen:
         return
-    kv_head = _kv_head(head)
+    kv_head = _kv_head(head, GROUP)
     Q += tl.multiple_of(head * stride_qh, ALIGN)
     K += tl.multiple_of(kv_head * stride_kh, ALIGN)
     V += tl.multiple_of(kv_head * stride_vh, ALIGN)

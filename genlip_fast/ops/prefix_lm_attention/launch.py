@@ -101,7 +101,11 @@ GPU_CONFIGS_FP32 = {
     "dq": [(16, 16, 8, 2, 255)],
     "onepass": [(16, 16, 4, 1)],
 }
-_TUNE_KEYS = ["HEAD_DIM", "ROPE", "SPLIT", "ROW_BOUND", "TILE_LIST", "ALIGN"]
+# Grouped-query attention (GROUP > 1): the key-block kernel also carries the query head through its loop, which
+# costs some configs their last registers. Dropped there (sm_90 ptxas, head dim 128, 16 query / 8 key-value heads:
+# 255 registers, 28/48 B spilled; 248 and no spill with GROUP = 1).
+GQA_DROP = {"w128": {"dkdv": [(32, 64, 8, 2)]}}
+_TUNE_KEYS = ["HEAD_DIM", "ROPE", "SPLIT", "ROW_BOUND", "TILE_LIST", "ALIGN", "GROUP"]
 _KERNELS = {
     "fwd": kernels._prefix_lm_attn_fwd_kernel,
     "dkdv": kernels_bwd._prefix_lm_attn_bwd_dkdv_kernel,
@@ -172,30 +176,32 @@ def layout_class(consts: dict) -> str:
     return "w64" if max(consts["QK_A"] + consts["QK_B"], consts["V_A"]) <= 64 else "w128"
 
 
-def gpu_table(name: str, fp32: bool, variant: Variant, layout_cls: str) -> list:
+def gpu_table(name: str, fp32: bool, variant: Variant, layout_cls: str, grouped: bool = False) -> list:
     """The ``(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg])`` candidates of attention kernel ``name`` on a
-    GPU."""
+    GPU; ``grouped``: for grouped-query attention (several query heads per key/value head)."""
     if fp32:
         return list(GPU_CONFIGS_FP32[name])
     table = list(GPU_CONFIGS[layout_cls][name])
     if variant.fit_tiles:
         table += [c for c in GPU_CONFIGS_FIT[layout_cls][name] if c not in table]
+    if grouped:
+        table = [c for c in table if c not in GQA_DROP.get(layout_cls, {}).get(name, ())]
     return table
 
 
-def _configs(name: str, fp32: bool, variant: Variant, layout_cls: str) -> tuple[tuple, tuple]:
+def _configs(name: str, fp32: bool, variant: Variant, layout_cls: str, grouped: bool = False) -> tuple[tuple, tuple]:
     """``(configs, tile blocks)``: triton.Configs for kernel ``name`` (each with the row of its block size in the
     tile list), and the distinct grid-axis block sizes a tile list must cover."""
     if interpreting():  # built per call: tests patch INTERPRETER_CONFIGS
         return _make_configs(name, [dict(INTERPRETER_CONFIGS[name], num_warps=4, num_stages=1)])
-    return _gpu_configs(name, fp32, variant, layout_cls)
+    return _gpu_configs(name, fp32, variant, layout_cls, grouped)
 
 
 @functools.lru_cache(maxsize=None)
-def _gpu_configs(name: str, fp32: bool, variant: Variant, layout_cls: str) -> tuple[tuple, tuple]:
+def _gpu_configs(name: str, fp32: bool, variant: Variant, layout_cls: str, grouped: bool) -> tuple[tuple, tuple]:
     # Cached: the autotuner is cached per config tuple, and a triton.Config compares by identity.
     table = [dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3], maxnreg=c[4] if len(c) > 4 else None)
-             for c in gpu_table(name, fp32, variant, layout_cls)]
+             for c in gpu_table(name, fp32, variant, layout_cls, grouped)]
     return _make_configs(name, table)
 
 
@@ -265,4 +271,4 @@ def _tile_list(cu_seqlens: torch.Tensor, total_tokens: int, blocks: tuple, desce
 
 
 __all__ = ["GPU_CONFIGS", "GPU_CONFIGS_FIT", "GPU_CONFIGS_FP32", "INTERPRETER_CONFIGS", "Launch", "capture_launches",
-           "gpu_table", "layout_class"]
+           "GQA_DROP", "gpu_table", "layout_class"]
