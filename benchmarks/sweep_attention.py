@@ -6,7 +6,8 @@ FlexAttention (the project's ``impl="flex"``) and FlashAttention-4's varlen call
     python benchmarks/sweep_attention.py --dry-run --out DIR     # CPU: Triton interpreter, tiny packs (CI)
 
 Shapes: stage-1 So/16 (16 heads x 72, ~59 samples of ~270 tokens in 16,384), stage-1 L/16 (16 x 64) and stage-2
-So/16 (16-1024 patches + 100-500 text per sample), bf16, q/k/v/gate as slices of one projection, MRoPE interleaved,
+So/16 (16-1024 patches + 100-500 text per sample), stage-1 qwen3_0.6b (16 query heads on 8 key/value heads of
+128), bf16, q/k/v/gate as slices of one projection, MRoPE interleaved,
 elementwise gate (``bench_attention.make_pack``). Modes: ``fwd`` and ``fwd_bwd``. Per row: median ms (CUDA
 events), useful TFLOP/s (unmasked query-key pairs only: 4·D·H·pairs forward, 3.5x that forward + backward, for
 every implementation alike), peak memory above the inputs, the configs the autotuner chose, the first call's
@@ -36,6 +37,8 @@ SHAPES = {
     "so16_stage1": dict(stage="stage1", heads=16, head_dim=72, section=(12, 12, 12)),
     "l16_stage1": dict(stage="stage1", heads=16, head_dim=64, section=(8, 12, 12)),
     "so16_stage2": dict(stage="stage2", heads=16, head_dim=72, section=(12, 12, 12)),
+    # qwen3_0.6b: 16 query heads on 8 key/value heads (grouped-query attention) of 128
+    "qwen3_stage1": dict(stage="stage1", heads=16, kv_heads=8, head_dim=128, section=(16, 24, 24)),
 }
 # Each variant alone, then the combinations a winner would be made of. The default first: the others are
 # compared with it.
@@ -53,6 +56,8 @@ def _pack(shape: str, dry_run: bool):
     kw = dict(SHAPES[shape])
     if dry_run:
         kw.update(TINY, device="cpu", dtype=__import__("torch").float16, tiny=True)
+        if SHAPES[shape].get("kv_heads"):  # grouped-query attention stays grouped: 2 query heads on 1
+            kw.update(heads=2, kv_heads=1)
     d = make_pack(**kw)
     d["dout"] = __import__("torch").randn_like(d["q"])  # one upstream gradient per pack: rows compare gradients
     return d
@@ -215,7 +220,9 @@ def precompile(variants: list[str], shapes: list[str], jobs: int, budget_s: floa
     seen, work = set(), []
     for v in variants:
         for s in shapes:
-            key = (SHAPES[s]["head_dim"], v)  # same head dim, same strides: the same kernels
+            shape = SHAPES[s]
+            # same head dim, same query heads per key/value head, same strides: the same kernels
+            key = (shape["head_dim"], shape["heads"] // shape.get("kv_heads", shape["heads"]), v)
             if key not in seen:
                 seen.add(key)
                 work += [(s, v, i) for i in range(_MAX_LAUNCHES)]
