@@ -96,17 +96,29 @@ def check_backends(cfg: JobConfig, device: torch.device) -> None:
             raise ConfigError(f"model.{key} = 'triton' cannot run here: {reason}; {fix}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases, layer scales and embeddings get no weight decay."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
+    """AdamW's parameter groups. ``decay="matrices"``: the linear layers' matrices decay; norms, biases, layer
+    scales and the text and patch embeddings get no weight decay. ``"all"``: every parameter decays (the authors'
+    AdamW, torch's default)."""
+    if decay not in ("matrices", "all"):
+        raise ValueError(f"decay must be 'matrices' or 'all', got {decay!r}")
+    decay_params, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "embed" in name:
+        if decay == "matrices" and (p.dim() < 2 or "embed" in name):
             no_decay.append(p)
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decay_params.append(p)
+    return [{"params": decay_params, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: JobConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with ``[optim]``'s settings (weight decay on what ``optim.decay``
+    names); fused on CUDA."""
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                             fused=device.type == "cuda")
 
 
 def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
@@ -179,8 +191,7 @@ def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool)
     mp = mixed_precision_policy(cfg.parallel.mixed_precision, device)
     apply_fsdp(model, info.mesh, mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, fused=device.type == "cuda")
+    opt = build_optimizer(cfg, model, device)
     # Drop path and anything else random differ per rank from here on.
     torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * (info.rank + 1))
     random.seed(cfg.train.seed + info.rank)
