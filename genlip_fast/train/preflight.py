@@ -1,4 +1,5 @@
-"""Start-up checks: the device, every input path, the output folders and the room for a checkpoint, before any work.
+"""Start-up checks: the device, the backends, every input path, the output folders and the room for a checkpoint,
+before any work.
 
 Each problem is a :class:`~genlip_fast.train.config.ConfigError` naming the option to change; ``python -m
 genlip_fast.train`` prints it as one line and exits 2. The checks that touch files run on every rank (a node may see
@@ -55,6 +56,23 @@ def check_device(cfg: JobConfig) -> None:
     if backend == "nccl" and not on_cuda:
         raise ConfigError("parallel.backend = 'nccl' needs CUDA, and this run is on the CPU; use "
                           "--parallel.backend=gloo (or auto)")
+
+
+def check_backends(cfg: JobConfig, device: torch.device) -> None:
+    """An explicitly chosen backend that cannot run here is an error at start, naming what to install (the GPU
+    presets choose them all: a missing piece must not fall back to a slow path for a whole run)."""
+    from ..data.dali import dali_available
+    from ..ops._dispatch import triton_unavailable_reason
+
+    if cfg.data.backend == "dali" and not dali_available():
+        raise ConfigError("data.backend = 'dali' but NVIDIA DALI is not installed: pip install '.[dali]' "
+                          "(or --data.backend=host to decode with Pillow, several times slower)")
+    for key in ("attn_backend", "ce_backend"):
+        reason = triton_unavailable_reason(torch.empty(0, device=device))
+        if getattr(cfg.model, key) == "triton" and reason:
+            fix = ("pip install triton (CUDA builds of torch ship it)" if "not installed" in reason
+                   else f"run on a GPU, or --model.{key}=auto")
+            raise ConfigError(f"model.{key} = 'triton' cannot run here: {reason}; {fix}")
 
 
 def tokenizer(cfg: JobConfig) -> Tokenizer:
@@ -196,5 +214,5 @@ def check_compatible(path: Path, cfg: JobConfig, model_config, *, option: str) -
                           f"{'; '.join(diff)}): change the model options back, or {fix}")
 
 
-__all__ = ["agree", "check_compatible", "check_device", "check_inputs", "check_space", "init_source", "pixel_norm_of",
-           "tokenizer"]
+__all__ = ["agree", "check_backends", "check_compatible", "check_device", "check_inputs", "check_space", "init_source",
+           "pixel_norm_of", "tokenizer"]
