@@ -1,4 +1,5 @@
-"""Image transforms: the patch-grid math both decode paths share, header probing, and the host (Pillow) path.
+"""Image transforms: the patch-grid math both decode paths share, header probing, the pixel normalisations, and the
+host (Pillow) path (:func:`host_decode`, :class:`HostDecoder`: DALI's stand-in in the data pipeline).
 
 The DALI graph (``dali.py``) runs the same steps on the GPU (or its CPU mode): stage 1 resizes the shorter side and
 centre-crops a square; stage 2 keeps the aspect ratio and resizes to the grid :func:`stage2_grid` picks — the very
