@@ -3,6 +3,7 @@ different number of streams on resume, bad shards, rate-limited skip logs, pinne
 """
 
 import io
+import itertools
 import logging
 import shutil
 import threading
@@ -197,13 +198,30 @@ def test_a_bad_shard_is_skipped_counted_and_logged_with_its_path(tmp_path, caplo
     assert "s-000001.tar" in caplog.text and "s-000002.tar" in caplog.text
 
 
-def test_held_out_captions_skip_a_bad_shard_too(tmp_path):
-    from genlip_fast.data.loader import HostSampleStream
+def test_samples_are_the_packs_samples_one_by_one_and_bad_input_is_skipped_alike(tmp_path):
+    """The sample-level view of a stream (held-out captions are read through it): the very samples the stream's
+    packs hold, in the order the packer takes them, decoded and tokenised alike; a bad shard and a bad record are
+    skipped and counted as for packs; reading them does not move the stream."""
+    from genlip_fast.data import pack_samples
 
-    make_shards(tmp_path, 1, 3)
+    make_shards(tmp_path, 3, 5)
     (tmp_path / "s-000001.tar").write_text("not a tar")
-    stream = HostSampleStream(str(tmp_path / "*.tar"), TOK, image_size=32, loop=False)
-    assert len(list(stream)) == 3 and stream.skipped.bad_shards == [str(tmp_path / "s-000001.tar")]
+    (tmp_path / "s-000001.tar.idx").unlink()
+    write_shard(tmp_path / "s-000003.tar", [("s003k0000", {"jpg": b"not an image", "txt": b"x"}),
+                                             ("s003k0001", {"jpg": tiny_jpeg(7), "txt": b"a blue square ."})])
+    cfg = config(tmp_path, shuffle_shards=2)
+    loader = build_data_loader(cfg, TOK, epochs=1)
+    samples = list(loader.samples())
+    assert loader.stats["bad_shards"] == 1 and loader.stats["skipped"] == {"not an image": 1}
+    packs = list(build_data_loader(cfg, TOK, epochs=1))
+    assert [s.key for s in samples] == [k for p in packs for k in p.keys] and len(samples) == 11
+    by_key = {s.key: s for s in samples}
+    for p in packs:
+        direct = pack_samples([by_key[k] for k in p.keys], max_tokens=cfg.pack_tokens)
+        for name in ("patches", "input_ids", "cu_seqlens", "grid_hw", "targets"):
+            assert torch.equal(getattr(p, name), getattr(direct, name)), name
+    assert [s.key for s in itertools.islice(loader.samples(), 4)] == [s.key for s in samples[:4]]
+    loader.close()
 
 
 def test_no_readable_shard_is_one_clear_error(tmp_path):

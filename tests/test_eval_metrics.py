@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from genlip_fast.data.synthetic import SHAPES, generate_probe_set
 from genlip_fast.eval import ImageFolder, caption_metrics, encoder_features, fit_linear_probe, linear_probe, normalize
+from genlip_fast.speak import ImageTransform
 
 
 def test_normalize_drops_case_and_punctuation():
@@ -88,16 +89,19 @@ def test_probe_accuracy_on_separable_data():
 def test_encoder_features_are_per_image_means(tmp_path):
     from genlip_fast.model import GenLIP, get_preset
 
+    from genlip_fast.speak import VisionEncoder
+
     torch.manual_seed(0)
     model = GenLIP(get_preset("tiny", vocab_size=64, attn_backend="reference", ce_backend="reference")).eval()
+    encoder = VisionEncoder(model, drop_text=False)
     g = torch.Generator().manual_seed(1)
     grids = [(2, 3), (4, 4), (1, 1), (3, 2)]
     images = [(torch.randn(h * w, 768, generator=g), (h, w)) for h, w in grids]
     # packs of at most 17 tokens: (6) (16) (1, 6); every image must come out as if encoded alone
-    feats = encoder_features(model, images, max_tokens=17)
+    feats = encoder_features(encoder, images, max_tokens=17)
     assert feats.shape == (4, 128) and feats.dtype == torch.float32
     for i, img in enumerate(images):
-        alone = encoder_features(model, [img], max_tokens=10_000)
+        alone = encoder_features(encoder, [img], max_tokens=10_000)
         torch.testing.assert_close(feats[i], alone[0], rtol=1e-5, atol=1e-5)
     # the plain reference: final-norm states of the image alone, full attention, averaged over its patches
     from genlip_fast.data.packing import pack_images
@@ -112,7 +116,7 @@ def test_image_folder_reads_the_demo_probe_set_and_names_bad_input(tmp_path):
     train = ImageFolder.read(root / "train")
     assert train.classes == sorted(SHAPES) and len(train.paths) == 8
     assert [train.classes[i] for i in train.labels] == [p.parent.name for p in train.paths]
-    images = train.decode(image_size=32)
+    images = train.decode(ImageTransform(image_size=32))
     assert len(images) == 8 and images[0][1] == (2, 2) and images[0][0].shape == (4, 768)
     with pytest.raises(FileExistsError, match="train"):
         generate_probe_set(root, num_train=4, num_val=4)
@@ -134,4 +138,4 @@ def test_image_folder_reads_the_demo_probe_set_and_names_bad_input(tmp_path):
     (bad / "x").mkdir(parents=True)
     (bad / "x" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
-        ImageFolder.read(bad).decode(image_size=32)
+        ImageFolder.read(bad).decode(ImageTransform(image_size=32))

@@ -123,7 +123,7 @@ def test_probe_command_agrees_with_the_trainers_probe(data, runs, capsys, tmp_pa
     _, _, on_dir, on = runs
     probe = data / "probe"
     rc = eval_main(["probe", "--checkpoint", str(on_dir), "--train", str(probe / "train"), "--val",
-                    str(probe / "val"), "--json"])
+                    str(probe / "val"), "--json", "--attn-backend", "reference"])  # as the run (not the interpreter)
     assert rc == 0
     res = json.loads(capsys.readouterr().out)
     assert res["top1"] == on["evals"][-1]["probe_top1"] and res["classes"] == 4 and res["val_images"] == 12
@@ -138,6 +138,33 @@ def test_probe_command_agrees_with_the_trainers_probe(data, runs, capsys, tmp_pa
     rc = eval_main(["probe", "--checkpoint", str(bad), "--train", str(probe / "train"), "--val", str(probe / "val")])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("genlip-eval:") and "Traceback" not in err
+
+
+def test_held_out_samples_come_through_the_training_reader_and_skip_bad_input(data, tmp_path, caplog):
+    """Captions read held-out data sample by sample through the training pipeline (one reader): the samples the
+    held-out packs hold, a bad record and a bad shard skipped and counted as in training."""
+    import logging
+
+    from genlip_fast.data.webdataset import iter_shard, write_shard
+    from genlip_fast.train.evaluate import held_out_packs, held_out_samples
+
+    val = tmp_path / "val"
+    val.mkdir()
+    shutil.copy(data / "val-000000.tar", val)
+    good = next(iter_shard(data / "val-000000.tar"))
+    write_shard(val / "val-000001.tar", [("bad", {"jpg": b"not an image", "txt": b"a cross ."}),
+                                         ("good", good[1])])
+    (val / "val-000002.tar").write_text("not a tar")
+    cfg = tiny_config(data, tmp_path / "out", data__val_shards=f"{val}/val-*.tar")
+    tok = load_tokenizer("demo")
+    with caplog.at_level(logging.WARNING):
+        samples = held_out_samples(cfg, tok, 100)
+    assert len(samples) == 25 and len({s.key for s in samples}) == 25
+    assert "skipped 1 bad samples {'not an image': 1} and 1 unreadable shards" in caplog.text
+    assert "val-000002.tar" in caplog.text
+    packs = held_out_packs(cfg, tok, 100)
+    assert [s.key for s in samples] == [k for p in packs for k in p.keys]  # greedy packing keeps the order
+    assert [s.key for s in held_out_samples(cfg, tok, 3)] == [s.key for s in samples[:3]]  # a fixed order
 
 
 def test_eval_options_are_checked(data, tmp_path):

@@ -183,7 +183,11 @@ def test_authors_run_configs_and_model_options_reach_the_model():
     tok = load_tokenizer("demo")  # only its size is read: the presets keep their 151,936 rows
     for cfg in (s1, s2):
         assert cfg.optim.weight_decay == 0.01 and cfg.train.packs_per_step == 512
-        assert build_model_config(cfg, tok) == get_preset("So/16-official")
+        # their AdamW decays every parameter, their pixels are (u8/255 - 0.5)/0.5; GPU presets name every fast piece
+        assert (cfg.optim.decay, cfg.data.pixel_norm) == ("all", "half")
+        assert (cfg.data.backend, cfg.model.attn_backend, cfg.model.ce_backend) == ("dali", "triton", "triton")
+        assert build_model_config(cfg, tok) == get_preset("So/16-official", attn_backend="triton",
+                                                           ce_backend="triton")
     assert (s1.optim.lr, s2.optim.lr, s1.train.steps, s2.train.steps) == (1e-3, 1e-4, 264000, 12000)
     assert s2.data.stage == 2 and s2.checkpoint.init_from == s1.train.out_dir
     over = load_config("tiny", ["--model.mlp_bias=true", "--model.drop_path_mode=pack",

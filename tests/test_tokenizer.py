@@ -18,6 +18,15 @@ def test_demo_tokenizer_round_trip_and_eot():
     assert tok.encode_batch(["a red circle ."], add_eot=True)[0] == tok.encode("a red circle .", add_eot=True)
 
 
+def test_vocabulary_lookups_are_public():
+    """``speak`` looks up stop words and names special tokens through these (not the wrapped library object)."""
+    tok = load_tokenizer("demo")
+    assert tok.token_to_id("<|endoftext|>") == tok.eot_id and tok.id_to_token(tok.eot_id) == "<|endoftext|>"
+    red = tok.encode("red")[0]
+    assert tok.id_to_token(red) == "red" and tok.token_to_id("red") == red
+    assert tok.token_to_id("<|im_end|>") is None and tok.id_to_token(tok.vocab_size + 5) is None
+
+
 def test_tiny_preset_takes_its_vocab_from_the_tokenizer():
     tok = load_tokenizer("demo")
     cfg = build_model_config(load_config("tiny"), tok)

@@ -26,6 +26,8 @@ class DataConfig:
     """Stage 2: fewest patches per image (small images are upsampled to reach it)."""
     max_patches: int = 1024
     """Stage 2: most patches per image (large images are downsampled to fit)."""
+    pixel_norm: str = "clip"
+    """Pixel normalisation: 'clip' (OpenAI CLIP's mean and std) or 'half' ((u8/255 - 0.5)/0.5, the authors')."""
     pack_tokens: int = 1024
     """Tokens per pack (the paper: 16384)."""
     lookahead: int = 1

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from .transforms import IMAGE_MEAN, IMAGE_STD, patchify, patchify_batch, stage1_geometry, stage2_grid
+from .transforms import PixelStats, patchify, patchify_batch, pixel_stats, stage1_geometry, stage2_grid
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,15 @@ def grid_ops():
 class DaliDecoder:
     """``decoder(list_of_bytes) -> list[(patches, grid_hw) | None]``; ``None`` where an image could not be decoded.
 
-    Patches are float32 ``(grid_h * grid_w, 3 * patch * patch)``, on the GPU when ``device_id`` is not None.
+    Patches are float32 ``(grid_h * grid_w, 3 * patch * patch)``, on the GPU when ``device_id`` is not None,
+    normalised by ``pixel_norm`` (a name of ``transforms.PIXEL_NORMS`` or explicit ``(mean, std)``).
     """
 
     def __init__(self, *, stage: int, image_size: int, patch: int = 16, min_patches: int = 16,
-                 max_patches: int = 1024, batch_size: int = 64, num_threads: int = 4, device_id: int | None = None):
+                 max_patches: int = 1024, pixel_norm: str | PixelStats = "clip", batch_size: int = 64,
+                 num_threads: int = 4, device_id: int | None = None):
         self.stage, self.image_size, self.patch = stage, image_size, patch
+        self.mean, self.std = pixel_stats(pixel_norm)
         self.min_patches, self.max_patches = min_patches, max_patches
         self.batch_size, self.num_threads, self.device_id = batch_size, num_threads, device_id
         self.device = torch.device("cuda", device_id) if device_id is not None else torch.device("cpu")
@@ -101,7 +104,7 @@ class DaliDecoder:
                                 interp_type=types.INTERP_CUBIC, antialias=True)
             out = fn.crop_mirror_normalize(
                 img, dtype=types.FLOAT, output_layout="CHW",
-                mean=[255.0 * m for m in IMAGE_MEAN], std=[255.0 * s for s in IMAGE_STD],
+                mean=[255.0 * m for m in self.mean], std=[255.0 * s for s in self.std],
             )
             pipe.set_outputs(out)
         pipe.build()

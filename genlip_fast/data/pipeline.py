@@ -13,7 +13,8 @@ the rest (and leaves ``patches`` where it is).
 
 Which samples, in which order: :mod:`~genlip_fast.data.sampler` (each stream reads ``data.shuffle_shards`` shards at
 once and draws among them at random). Nothing is read at start but the shard list: a shard's index is loaded when
-the stream reaches it.
+the stream reaches it. :meth:`PackedLoader.samples` hands out the same samples one by one, unpacked — how held-out
+images are read for captioning, so there is one reader for training and evaluation.
 
 The position (``state_dict()``) is the sampler's position just past the last sample the packer took (a few integers
 per open shard), the samples the packer still holds (as (shard, sample) pairs) and its counters. Restoring re-reads
@@ -38,12 +39,11 @@ import torch
 
 from .batch import PackedBatch, Sample
 from .config import DataConfig
-from .loader import HostDecoder
 from .packing import Packer, SampleTooLongError, fit_sample
 from .reader import Record, ShardReader, SkipCounter, Skipped
 from .sampler import EmptyDatasetError, ShardSampler, initial_state, layout_digest, remap_states
 from .tokenizer import Tokenizer
-from .transforms import check_grid_limits
+from .transforms import HostDecoder, check_grid_limits
 from .webdataset import expand_shards
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,19 @@ class PackedLoader:
         d["tokens"] += int(pack.cu_seqlens[-1])
         d["samples"] += pack.num_samples
         return pack
+
+    def samples(self) -> Iterator[Sample]:
+        """This stream's samples one at a time, unpacked: read, checked, decoded and tokenised exactly as for its
+        packs and in the order its packer takes them (the seeded order of :mod:`~genlip_fast.data.sampler`), from
+        the loader's current position, which does not move. For held-out data read sample by sample (captioning):
+        build the loader with ``epochs=1`` for one pass (``epochs=None`` never ends). Bad records and unreadable
+        shards are skipped and counted in :attr:`stats`, as for packs. Runs on the calling thread."""
+        reader, counters = self.reader, {"truncated": 0}
+        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=self.skipped),
+                               self._state["sampler"], seed=self.cfg.seed, epochs=self.epochs)
+        for chunk in self._decoded(sampler, self.skipped, counters):
+            for _, sample, _ in chunk:
+                yield sample
 
     def state_dict(self) -> dict:
         """The stream position after the last pack handed out (plain ints, lists and strings)."""
@@ -295,7 +308,7 @@ class PackedLoader:
         if self._decoder is None:
             c = self.cfg
             kw = dict(stage=c.stage, image_size=c.image_size, patch=c.patch_size, min_patches=c.min_patches,
-                      max_patches=c.max_patches, num_threads=c.num_threads)
+                      max_patches=c.max_patches, pixel_norm=c.pixel_norm, num_threads=c.num_threads)
             if self.kind == "dali":
                 from .dali import DaliDecoder
 
@@ -321,6 +334,46 @@ class PackedLoader:
             out.append(Sample(d[0], d[1], torch.tensor(t, dtype=torch.int64), key=r.name))
         return out
 
+    def _decoded(self, sampler: ShardSampler, skipped: SkipCounter,
+                 counters: dict) -> Iterator[list[tuple[Record, Sample, dict]]]:
+        """The sampler's samples read, checked, decoded and tokenised, one decode batch (``data.batch_size``
+        records) at a time: ``(record, sample, sampler position just past it)`` per good sample, in the sampler's
+        order. Bad records and failed decodes are skipped and counted in ``skipped``. The one path from shards to
+        samples: packs (:meth:`_produce`) and single samples (:meth:`samples`) both come from here."""
+        reader = self.reader
+        reader.keep_open = max(reader.keep_open, sampler.open_shards + 4)
+        while True:
+            t0 = time.perf_counter()
+            chunk: list[tuple[Record | Skipped, dict]] = []
+            n_rec = 0
+            try:
+                for s, i in sampler:
+                    item = reader.read(s, i)
+                    chunk.append((item, sampler.state_dict()))
+                    n_rec += isinstance(item, Record)
+                    if n_rec == self.cfg.batch_size:
+                        break
+            except EmptyDatasetError as e:
+                bad = skipped.bad_shards
+                raise EmptyDatasetError(f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
+                                                  f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
+                                                  if bad else "")) from None
+            if not chunk:
+                return
+            records = [r for r, _ in chunk if isinstance(r, Record)]
+            samples = iter(self._samples(records, skipped, counters) if records else [])
+            good = []
+            for item, position in chunk:
+                if isinstance(item, Skipped):
+                    skipped.skip(item.reason, item.shard, item.key, item.detail)
+                    continue
+                s = next(samples)
+                if s is not None:
+                    good.append((item, s, position))
+            self._work["images"] += len(records)
+            self._work["busy_s"] += time.perf_counter() - t0
+            yield good
+
     def _produce(self, state: dict) -> Iterator[tuple[PackedBatch, dict]]:
         """Packs with the position just after each; runs on the background thread."""
         cfg, reader = self.cfg, self.reader
@@ -329,7 +382,6 @@ class PackedLoader:
         counters = {"truncated": int(state["truncated"])}
         sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped),
                                state["sampler"], seed=cfg.seed, epochs=self.epochs)
-        reader.keep_open = max(reader.keep_open, sampler.open_shards + 4)
         where: dict[int, tuple[int, int]] = {}  # id(sample held by the packer) -> (shard, sample)
 
         # samples the packer held at the saved position: read and decode them again, rebuild the packer
@@ -367,34 +419,10 @@ class PackedLoader:
 
         for pack in packer.ready():
             yield self._hand_out(pack), snapshot(sampler.state_dict())
-        while True:
+        for chunk in self._decoded(sampler, skipped, counters):
             t0 = time.perf_counter()
-            chunk: list[tuple[Record | Skipped, dict]] = []
-            n_rec = 0
-            try:
-                for s, i in sampler:
-                    item = reader.read(s, i)
-                    chunk.append((item, sampler.state_dict()))
-                    n_rec += isinstance(item, Record)
-                    if n_rec == cfg.batch_size:
-                        break
-            except EmptyDatasetError as e:
-                bad = skipped.bad_shards
-                raise EmptyDatasetError(f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
-                                                  f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
-                                                  if bad else "")) from None
-            if not chunk:
-                break
-            records = [r for r, _ in chunk if isinstance(r, Record)]
-            samples = iter(self._samples(records, skipped, counters) if records else [])
             ready = []
-            for item, position in chunk:
-                if isinstance(item, Skipped):
-                    skipped.skip(item.reason, item.shard, item.key, item.detail)
-                    continue
-                s = next(samples)
-                if s is None:
-                    continue
+            for item, s, position in chunk:
                 try:
                     s = packer.place(s)
                 except SampleTooLongError as e:
@@ -403,7 +431,6 @@ class PackedLoader:
                 where[id(s)] = item.sid
                 for pack in packer.ready():
                     ready.append((self._hand_out(pack), snapshot(position)))
-            self._work["images"] += len(records)
             self._work["busy_s"] += time.perf_counter() - t0
             yield from ready
         packer.close_all()

@@ -43,6 +43,16 @@ class Tokenizer:
         out = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
         return [ids + [self.eot_id] for ids in out] if add_eot else out
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of ``token`` as it stands in the vocabulary (special tokens by name, e.g. ``"<|im_end|>"``), or
+        None when the tokenizer has no such entry."""
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of ``token_id`` (its raw form: byte-level pieces stay encoded), or None when the id is
+        outside the vocabulary."""
+        return self._tok.id_to_token(token_id)
+
     def decode(self, ids: list[int]) -> str:
         ids = list(ids)
         if self.eot_id in ids:

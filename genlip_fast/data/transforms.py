@@ -1,4 +1,5 @@
-"""Image transforms: the patch-grid math both decode paths share, header probing, and the host (Pillow) path.
+"""Image transforms: the patch-grid math both decode paths share, header probing, the pixel normalisations, and the
+host (Pillow) path (:func:`host_decode`, :class:`HostDecoder`: DALI's stand-in in the data pipeline).
 
 The DALI graph (``dali.py``) runs the same steps on the GPU (or its CPU mode): stage 1 resizes the shorter side and
 centre-crops a square; stage 2 keeps the aspect ratio and resizes to the grid :func:`stage2_grid` picks — the very
@@ -8,15 +9,40 @@ same function, evaluated on DALI data nodes there and on numbers here.
 from __future__ import annotations
 
 import io
+import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-# OpenAI CLIP statistics, the usual choice for ViT vision encoders fed to MLLMs.
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+log = logging.getLogger(__name__)
+
+PixelStats = tuple[tuple[float, float, float], tuple[float, float, float]]
+"""Per-channel ``(mean, std)`` of pixels scaled to [0, 1]: a patch value is ``(u8 / 255 - mean) / std``."""
+
+PIXEL_NORMS: dict[str, PixelStats] = {
+    # OpenAI CLIP's statistics, the usual choice for ViT vision encoders fed to MLLMs (genlip_fast's default)
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    # (u8 / 255 - 0.5) / 0.5, SigLIP-2's processor: what the authors' runs and released weights use
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+"""The pixel normalisations ``data.pixel_norm`` names. The host decode, the DALI graph and the captioning and
+encoder inputs all take their statistics from here (:func:`pixel_stats`)."""
+
+
+def pixel_stats(pixel_norm: str | PixelStats) -> PixelStats:
+    """A name of :data:`PIXEL_NORMS`, or explicit ``(mean, std)`` (e.g. from a checkpoint's preprocessor config),
+    -> ``(mean, std)`` as float triples; ``ValueError`` naming what is allowed otherwise."""
+    if isinstance(pixel_norm, str):
+        if pixel_norm not in PIXEL_NORMS:
+            raise ValueError(f"pixel normalisation {pixel_norm!r}: choose one of {sorted(PIXEL_NORMS)}")
+        return PIXEL_NORMS[pixel_norm]
+    mean, std = pixel_norm
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"pixel statistics need 3 means and 3 positive stds, got mean {mean}, std {std}")
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 # Elementwise ops the grid math is written in; ``dali.grid_ops()`` gives the same names over DALI data nodes.
 # float32 throughout, so both paths round identically.
@@ -158,52 +184,95 @@ def patchify_batch(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.reshape(B, (H // patch) * (W // patch), C * patch * patch)
 
 
-def normalize(image_u8_hwc: np.ndarray) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> float32 ``(3, H, W)`` normalised by the CLIP mean and std."""
+def normalize(image_u8_hwc: np.ndarray, pixel_norm: str | PixelStats = "clip") -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> float32 ``(3, H, W)``: ``(u8 / 255 - mean) / std`` per channel (:func:`pixel_stats`)."""
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in pixel_stats(pixel_norm))
     x = torch.from_numpy(np.array(image_u8_hwc, copy=True)).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
     return (x - mean) / std
 
 
-def _open_rgb(data: bytes):
+def open_rgb(data: bytes):
+    """Encoded bytes -> an RGB PIL image, EXIF orientation applied (the DALI decoder applies it too)."""
     from PIL import Image, ImageOps
 
     im = Image.open(io.BytesIO(data))
-    im = ImageOps.exif_transpose(im)  # the DALI decoder applies EXIF orientation too
+    im = ImageOps.exif_transpose(im)
     return im.convert("RGB")
 
 
-def decode_resize_crop(data: bytes, size: int, patch: int = 16) -> tuple[torch.Tensor, tuple[int, int]]:
-    """PIL path for stage 1: decode, resize the shorter side to ``size``, centre-crop ``size x size``, normalise,
-    patchify. Returns ``(patches, grid_hw)``; raises ``ValueError`` on bytes that are not a readable image."""
-    from PIL import Image, UnidentifiedImageError
+def resize_image(image, *, stage: int, image_size: int, patch: int = 16, min_patches: int = 16,
+                 max_patches: int = 1024):
+    """An RGB PIL image -> the PIL image the model sees, resized bicubic: stage 1 the shorter side to
+    ``image_size`` and the centre ``image_size`` square (:func:`stage1_geometry`); stage 2 the :func:`stage2_grid`
+    grid times the patch (aspect ratio kept as closely as the grid allows). The one host resize: training's Pillow
+    decode and the captioning / encoder inputs (``genlip_fast.speak.inputs``) both call it."""
+    from PIL import Image
+
+    w, h = image.size
+    if stage == 1:
+        nh, nw, top, left = (int(v) for v in stage1_geometry(h, w, size=image_size))
+        return image.resize((nw, nh), Image.BICUBIC).crop((left, top, left + image_size, top + image_size))
+    gh, gw = grid_for(h, w, stage=2, image_size=0, patch=patch, min_patches=min_patches, max_patches=max_patches)
+    return image.resize((gw * patch, gh * patch), Image.BICUBIC)
+
+
+def to_patches(resized, patch: int, pixel_norm: str | PixelStats = "clip") -> tuple[torch.Tensor, tuple[int, int]]:
+    """A resized image (PIL or uint8 ``(H, W, 3)``, sides multiples of ``patch``) -> normalised
+    ``(patches (grid_h * grid_w, 3 * patch**2) float32, (grid_h, grid_w))``."""
+    x = np.asarray(resized)
+    return patchify(normalize(x, pixel_norm), patch), (x.shape[0] // patch, x.shape[1] // patch)
+
+
+def host_decode(data: bytes, *, stage: int, image_size: int, patch: int = 16, min_patches: int = 16,
+                max_patches: int = 1024, pixel_norm: str | PixelStats = "clip") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pillow decode of one image for ``stage`` (decode, :func:`resize_image`, normalise, patchify) ->
+    ``(patches, grid_hw)``; ``ValueError`` on bytes that are not a readable image, or (stage 1) an image whose
+    shorter side is under one patch."""
+    from PIL import UnidentifiedImageError
 
     try:
-        im = _open_rgb(data)
-        w, h = im.size
-        if min(w, h) < patch:
-            raise ValueError(f"image {w}x{h} is smaller than one {patch}x{patch} patch")
-        nh, nw, top, left = (int(v) for v in stage1_geometry(h, w, size=size))
-        im = im.resize((nw, nh), Image.BICUBIC)
-        im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im)
+        im = open_rgb(data)
+        if stage == 1 and min(im.size) < patch:
+            raise ValueError(f"image {im.size[0]}x{im.size[1]} is smaller than one {patch}x{patch} patch")
+        im = resize_image(im, stage=stage, image_size=image_size, patch=patch, min_patches=min_patches,
+                          max_patches=max_patches)
+        return to_patches(im, patch, pixel_norm)
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"unreadable image: {e}") from e
-    return patchify(normalize(arr), patch), (size // patch, size // patch)
 
 
-def decode_native(data: bytes, patch: int = 16, min_patches: int = 16,
-                  max_patches: int = 1024) -> tuple[torch.Tensor, tuple[int, int]]:
-    """PIL path for stage 2: decode, resize to the :func:`stage2_grid` grid (aspect ratio kept as closely as the
-    grid allows), normalise, patchify. Returns ``(patches, grid_hw)``; ``ValueError`` on unreadable bytes."""
-    from PIL import Image, UnidentifiedImageError
+def decode_resize_crop(data: bytes, size: int, patch: int = 16,
+                       pixel_norm: str | PixelStats = "clip") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Stage 1's :func:`host_decode`: resize the shorter side to ``size``, centre-crop ``size x size``."""
+    return host_decode(data, stage=1, image_size=size, patch=patch, pixel_norm=pixel_norm)
 
-    try:
-        im = _open_rgb(data)
-        w, h = im.size
-        gh, gw = grid_for(h, w, stage=2, image_size=0, patch=patch, min_patches=min_patches, max_patches=max_patches)
-        arr = np.asarray(im.resize((gw * patch, gh * patch), Image.BICUBIC))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"unreadable image: {e}") from e
-    return patchify(normalize(arr), patch), (gh, gw)
+
+def decode_native(data: bytes, patch: int = 16, min_patches: int = 16, max_patches: int = 1024,
+                  pixel_norm: str | PixelStats = "clip") -> tuple[torch.Tensor, tuple[int, int]]:
+    """Stage 2's :func:`host_decode`: native aspect ratio, ``min_patches``..``max_patches`` patches."""
+    return host_decode(data, stage=2, image_size=0, patch=patch, min_patches=min_patches, max_patches=max_patches,
+                       pixel_norm=pixel_norm)
+
+
+class HostDecoder:
+    """The DALI decoder's stand-in: ``decoder(list_of_bytes) -> list[(patches, grid_hw) | None]`` with Pillow
+    (:func:`host_decode`), on a few threads (Pillow releases the GIL while decoding and resizing); ``None`` (logged)
+    where an image cannot be decoded."""
+
+    def __init__(self, *, stage: int, image_size: int, patch: int = 16, min_patches: int = 16,
+                 max_patches: int = 1024, pixel_norm: str | PixelStats = "clip", num_threads: int = 4):
+        self.kw = dict(stage=stage, image_size=image_size, patch=patch, min_patches=min_patches,
+                       max_patches=max_patches, pixel_norm=pixel_stats(pixel_norm))
+        self._pool = ThreadPoolExecutor(max(1, num_threads)) if num_threads > 1 else None
+
+    def _one(self, data: bytes):
+        try:
+            return host_decode(data, **self.kw)
+        except ValueError as e:
+            log.warning("host decode failed: %s", e)
+            return None
+
+    def __call__(self, images: list[bytes]):
+        if self._pool is None or len(images) < 2:
+            return [self._one(b) for b in images]
+        return list(self._pool.map(self._one, images))

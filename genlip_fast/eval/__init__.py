@@ -1,7 +1,8 @@
 """Evaluation of a GenLIP model: captioning metrics and a linear probe of the frozen encoder.
 
 A floor between ``train/`` and ``model/``: the trainer's periodic evaluation (``train/evaluate.py``) and the
-``python -m genlip_fast.eval`` command use it; it imports ``data/`` and calls the model's public methods.
+``python -m genlip_fast.eval`` command use it; it imports ``data/`` and reads features through the vision-encoder
+API (``speak/``).
 """
 
 from .captioning import caption_metrics, normalize

@@ -9,7 +9,10 @@ dependencies for one function): features standardised with the training set's me
 ``l2 / 2 * ||W||^2``, minimised by full-batch L-BFGS in float64 from zeros. The objective is strictly convex in the
 weights, so the fit is deterministic and does not depend on an initialisation or a learning rate.
 
-Images come from ImageFolder-layout folders (``DIR/<class>/<image>``), decoded by the training data transforms.
+Images come from ImageFolder-layout folders (``DIR/<class>/<image>``), turned into patches as the run's training
+data are (:class:`~genlip_fast.speak.ImageTransform`: its geometry and pixel normalisation), and their features
+come from the vision-encoder API (:class:`~genlip_fast.speak.VisionEncoder`), the same path a user of the trained
+encoder takes.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.loader import host_decode
-from ..data.packing import pack_images
 from ..data.reader import IMAGE_EXTS
+from ..speak import ImageTransform, VisionEncoder
+from ..speak.inputs import open_image
 
 log = logging.getLogger(__name__)
 
@@ -72,36 +75,30 @@ class ImageFolder:
                              f"images")
         return cls(root, list(classes), paths, labels)
 
-    def decode(self, *, stage: int = 1, image_size: int = 224, patch: int = 16, min_patches: int = 16,
-               max_patches: int = 1024) -> list[Image]:
-        """Every image through the training transforms (stage 1: resize + centre crop; stage 2: native aspect);
-        an unreadable file is an error naming it (a skipped image would change the accuracy's denominator)."""
+    def decode(self, transform: ImageTransform) -> list[Image]:
+        """Every image through ``transform`` (the run's: stage 1 resize + centre crop or stage 2 native aspect, and
+        its pixel normalisation); an unreadable file is an error naming it (a skipped image would change the
+        accuracy's denominator)."""
         out = []
         for p in self.paths:
             try:
-                out.append(host_decode(p.read_bytes(), stage=stage, image_size=image_size, patch=patch,
-                                       min_patches=min_patches, max_patches=max_patches))
+                out.append(transform(open_image(p)))
             except ValueError as e:
                 raise ValueError(f"probe image {str(p)!r}: {e}") from None
         return out
 
 
 @torch.no_grad()
-def encoder_features(model, images: Sequence[Image], *, max_tokens: int = 16384,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """``(N, d)`` float32 (CPU): each image's final-LayerNorm features from :meth:`GenLIP.encode` (image tokens only,
-    full attention), averaged over its patches. Images are encoded a pack of at most ``max_tokens`` tokens at a time
-    (an image larger than that goes alone). Every rank of a sharded model must call it with the same images.
-
-    The one place the probe reads the encoder: when the vision-encoder API lands, this is the function that calls it.
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+def encoder_features(encoder: VisionEncoder, images: Sequence[Image], *, max_tokens: int = 16384) -> torch.Tensor:
+    """``(N, d)`` float32 (CPU): each image's final-LayerNorm features from the vision encoder (image tokens only,
+    full attention; one packed pass per group), averaged over its patches. Images are encoded a pack of at most
+    ``max_tokens`` tokens at a time (an image larger than that goes alone). Every rank of a sharded model must call
+    it with the same images."""
     feats: list[torch.Tensor] = []
     group: list[Image] = []
 
     def flush():
-        batch = pack_images([p for p, _ in group], [g for _, g in group]).to(device)
-        feats.extend(h.float().mean(0).cpu() for h in model.encode(batch))
+        feats.extend(h.float().mean(0).cpu() for h in encoder([p for p, _ in group], [g for _, g in group]))
         group.clear()
 
     used = 0
@@ -176,12 +173,11 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     return {"top1": probe.accuracy(val_x, val_y), "train_top1": probe.accuracy(train_x, train_y), "chance": chance}
 
 
-def probe_encoder(model, train: ImageFolder, val: ImageFolder, train_images: Sequence[Image],
-                  val_images: Sequence[Image], *, l2: float = 1e-3, max_tokens: int = 16384,
-                  device: torch.device | str | None = None) -> dict[str, float]:
+def probe_encoder(encoder: VisionEncoder, train: ImageFolder, val: ImageFolder, train_images: Sequence[Image],
+                  val_images: Sequence[Image], *, l2: float = 1e-3, max_tokens: int = 16384) -> dict[str, float]:
     """Features of both folders' decoded images (:func:`encoder_features`), then :func:`linear_probe`."""
-    tx = encoder_features(model, train_images, max_tokens=max_tokens, device=device)
-    vx = encoder_features(model, val_images, max_tokens=max_tokens, device=device)
+    tx = encoder_features(encoder, train_images, max_tokens=max_tokens)
+    vx = encoder_features(encoder, val_images, max_tokens=max_tokens)
     return linear_probe(tx, torch.tensor(train.labels), vx, torch.tensor(val.labels), len(train.classes), l2=l2)
 
 

@@ -84,7 +84,7 @@ def caption_main(argv: list[str]) -> int:
     model, inputs, tok, transform = _setup(args)
     prompt = inputs.prompt if args.prompt is None else args.prompt
     prompt_ids = tok.encode(prompt) if prompt else None
-    stop = {tok.eot_id} | {i for s in inputs.stop if (i := tok._tok.token_to_id(s)) is not None}
+    stop = {tok.eot_id} | {i for s in inputs.stop if (i := tok.token_to_id(s)) is not None}
     for start in range(0, len(args.images), args.batch_size):
         names = args.images[start:start + args.batch_size]
         decoded = transform.decode(_read(names), args.decode)

@@ -26,12 +26,14 @@ TEXT_MODULES = ("text_embed", "text_in", "text_out", "lm_head")
 
 class VisionEncoder(nn.Module):
     """The vision part of a :class:`GenLIP` (patch embedding, blocks, final LayerNorm); the text embedding and LM
-    head are dropped. ``transform`` is how images become patches (default: native aspect ratio, CLIP statistics).
+    head are dropped from ``model`` unless ``drop_text=False`` (a model still used whole, e.g. the trainer's, whose
+    probe reads its features through this module). ``transform`` is how images become patches (default: native
+    aspect ratio, CLIP statistics).
     """
 
-    def __init__(self, model: GenLIP, transform: ImageTransform | None = None):
+    def __init__(self, model: GenLIP, transform: ImageTransform | None = None, *, drop_text: bool = True):
         super().__init__()
-        for name in TEXT_MODULES:
+        for name in TEXT_MODULES if drop_text else ():
             setattr(model, name, None)  # an image-only pack never reads them
         self.model = model
         self.transform = transform or ImageTransform(patch_size=model.cfg.patch_size)

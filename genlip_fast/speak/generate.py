@@ -10,7 +10,7 @@ Shapes: B live samples, H query heads and H_kv key/value heads of D channels, L 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -149,6 +149,7 @@ def generate(
     max_new_tokens: int = 32,
     sampling: Sampling | None = None,
     return_logits: bool = False,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ):
     """Captions for several images at once.
 
@@ -159,6 +160,9 @@ def generate(
         prompt_ids: optional tokens after the image (the same for every image), e.g. "Describe the image in detail."
         sampling: greedy by default; temperature / top-p / seed otherwise.
         return_logits: also return each caption's ``(len(caption), V)`` float32 logits, one row per step.
+        agree: called with each step's chosen tokens ``(B,)`` int64; returns the tokens every caller continues with.
+            Ranks of a sharded model pass one that broadcasts rank 0's, so they stop the same samples at the same
+            step and run the same forwards (FSDP gathers each block's weights in every one).
 
     Returns ``list[list[int]]`` (one caption per image, in input order), or ``(captions, logits)``.
     """
@@ -189,6 +193,8 @@ def generate(
     live = list(range(n))
     for step in range(max_new_tokens):
         tokens = sample_next(logits, sampling, generator)
+        if agree is not None:
+            tokens = agree(tokens)
         still, keep = [], []
         for j, (i, t) in enumerate(zip(live, tokens.tolist())):
             out[i].append(t)

@@ -2,38 +2,36 @@
 statistics of the checkpoint at hand.
 
 Geometry comes from :mod:`genlip_fast.data.transforms` (stage 2: native aspect ratio within 16–1024 patches,
-:func:`~genlip_fast.data.transforms.stage2_grid`; stage 1: shorter side to ``image_size`` and a centre crop), so an
-image becomes the same patches here as in training. The decoders normalise with CLIP's mean and std (what
-genlip_fast trains with); weights trained with other statistics (the authors': 0.5 / 0.5) get the patches mapped
-to theirs by :meth:`ImageTransform.renormalize`.
+:func:`~genlip_fast.data.transforms.stage2_grid`; stage 1: shorter side to ``image_size`` and a centre crop) and so
+does normalisation (:func:`~genlip_fast.data.transforms.normalize`, by the checkpoint's ``data.pixel_norm``: CLIP's
+mean and std for genlip_fast runs by default, 0.5 / 0.5 for the authors' weights), so an image becomes the same
+patches here as in training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data.transforms import IMAGE_MEAN, IMAGE_STD, grid_for, normalize, patchify, stage1_geometry
+from ..data.config import DataConfig
+from ..data.transforms import PIXEL_NORMS, grid_for, open_rgb, pixel_stats, resize_image, to_patches
 
-AUTHORS_PIXEL_MEAN = (0.5, 0.5, 0.5)
-AUTHORS_PIXEL_STD = (0.5, 0.5, 0.5)
-"""SigLIP2's processor statistics, which the authors' runs use."""
+AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD = PIXEL_NORMS["half"]
+"""SigLIP2's processor statistics, which the authors' runs use (``data.pixel_norm = "half"``)."""
 
 
 def open_image(src: str | Path | bytes, name: str = ""):
-    """A file (path or bytes) as an RGB PIL image, EXIF orientation applied as the decoders do; a clear error naming
-    the file."""
-    import io
-
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    """A file (path or bytes) as an RGB PIL image, EXIF orientation applied as the decoders do
+    (:func:`~genlip_fast.data.transforms.open_rgb`); a clear error naming the file."""
+    from PIL import UnidentifiedImageError
 
     name = name or (str(src) if not isinstance(src, bytes) else "image bytes")
     try:
-        with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im:
-            return ImageOps.exif_transpose(im).convert("RGB")
+        return open_rgb(src if isinstance(src, bytes) else Path(src).read_bytes())
     except FileNotFoundError:
         raise FileNotFoundError(f"no image file at {src}") from None
     except (UnidentifiedImageError, OSError) as e:
@@ -52,16 +50,25 @@ class ImageTransform:
     """Native aspect ratio: most patches per image."""
     image_size: int | None = None
     """None: native aspect ratio (stage 2, the default); N: shorter side to N and a centre N x N crop (stage 1)."""
-    pixel_mean: tuple[float, float, float] = IMAGE_MEAN
-    """Per-channel mean the weights expect (CLIP's for genlip_fast runs, 0.5 for the authors')."""
-    pixel_std: tuple[float, float, float] = IMAGE_STD
+    pixel_mean: tuple[float, float, float] = PIXEL_NORMS["clip"][0]
+    """Per-channel mean the weights expect (the run's data.pixel_norm: CLIP's by default, 0.5 for the authors')."""
+    pixel_std: tuple[float, float, float] = PIXEL_NORMS["clip"][1]
     """Per-channel std the weights expect."""
 
     def __post_init__(self):
-        self.pixel_mean = tuple(float(m) for m in self.pixel_mean)
-        self.pixel_std = tuple(float(s) for s in self.pixel_std)
+        self.pixel_mean, self.pixel_std = pixel_stats((self.pixel_mean, self.pixel_std))
         if self.image_size is not None and self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of the patch size {self.patch_size}")
+
+    @classmethod
+    def of_data(cls, data: DataConfig | dict, *, stage: int | None = None) -> "ImageTransform":
+        """How a run's ``[data]`` config (a :class:`DataConfig`, or its dict in a checkpoint's job config; fields it
+        lacks take today's defaults) turns images into patches: its patch size and range and ``pixel_norm``;
+        ``stage`` 1 crops to its ``image_size``, 2 keeps the native aspect ratio (default: the run's stage)."""
+        d = {**dataclasses.asdict(DataConfig()), **(data if isinstance(data, dict) else dataclasses.asdict(data))}
+        mean, std = pixel_stats(d["pixel_norm"])
+        return cls(patch_size=d["patch_size"], min_patches=d["min_patches"], max_patches=d["max_patches"],
+                   image_size=d["image_size"] if (stage or d["stage"]) == 1 else None, pixel_mean=mean, pixel_std=std)
 
     def grid(self, height: int, width: int) -> tuple[int, int]:
         """The ``(grid_h, grid_w)`` an ``height x width`` image gets."""
@@ -71,15 +78,8 @@ class ImageTransform:
 
     def resize(self, image):
         """A PIL RGB image -> the PIL image the model sees (resized bicubic; centre-cropped in stage 1)."""
-        from PIL import Image
-
-        w, h = image.size
-        if self.image_size:
-            S = self.image_size
-            nh, nw, top, left = (int(v) for v in stage1_geometry(h, w, size=S))
-            return image.resize((nw, nh), Image.BICUBIC).crop((left, top, left + S, top + S))
-        gh, gw = self.grid(h, w)
-        return image.resize((gw * self.patch_size, gh * self.patch_size), Image.BICUBIC)
+        return resize_image(image, stage=1 if self.image_size else 2, image_size=self.image_size or 0,
+                            patch=self.patch_size, min_patches=self.min_patches, max_patches=self.max_patches)
 
     def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int]]:
         """A PIL image or a uint8 ``(H, W, 3)`` array/tensor -> ``(patches (grid_h * grid_w, 3 * p * p) float32,
@@ -98,9 +98,7 @@ class ImageTransform:
 
     def to_patches(self, resized) -> tuple[torch.Tensor, tuple[int, int]]:
         """An image :meth:`resize` made -> normalised patches and the grid."""
-        x = np.asarray(resized)
-        p = self.patch_size
-        return self.renormalize(patchify(normalize(x), p)), (x.shape[0] // p, x.shape[1] // p)
+        return to_patches(resized, self.patch_size, (self.pixel_mean, self.pixel_std))
 
     def decode(self, images: list[bytes], decoder: str = "pillow") -> list[tuple[torch.Tensor, tuple[int, int]]]:
         """Encoded files -> patches and grids, decoded by Pillow or by NVIDIA DALI (on the GPU when there is one)."""
@@ -114,21 +112,12 @@ class ImageTransform:
             raise RuntimeError("decoder 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130")
         dali = DaliDecoder(stage=1 if self.image_size else 2, image_size=self.image_size or 0, patch=self.patch_size,
                            min_patches=self.min_patches, max_patches=self.max_patches,
-                           batch_size=max(1, len(images)), num_threads=2, device_id=0 if gpu_count() else None)
+                           pixel_norm=(self.pixel_mean, self.pixel_std), batch_size=max(1, len(images)),
+                           num_threads=2, device_id=0 if gpu_count() else None)
         out = dali(images)
         if any(o is None for o in out):
             raise ValueError(f"DALI could not decode image(s) {[i for i, o in enumerate(out) if o is None]}")
-        return [(self.renormalize(p.cpu()), g) for p, g in out]
-
-    def renormalize(self, patches: torch.Tensor) -> torch.Tensor:
-        """Patches normalised with CLIP's statistics (the decoders') -> this transform's; unchanged when they agree."""
-        if (self.pixel_mean, self.pixel_std) == (tuple(IMAGE_MEAN), tuple(IMAGE_STD)):
-            return patches
-        P, C = patches.shape[0], len(self.pixel_mean)
-        old_m, old_s, new_m, new_s = (torch.tensor(v, dtype=torch.float32).view(1, C, 1)
-                                      for v in (IMAGE_MEAN, IMAGE_STD, self.pixel_mean, self.pixel_std))
-        raw = patches.float().view(P, C, -1) * old_s + old_m  # pixels in [0, 1], channels (c, y, x)-major
-        return ((raw - new_m) / new_s).view(P, -1).to(patches.dtype)
+        return [(p.cpu(), g) for p, g in out]
 
     def to_dict(self) -> dict:
         return {"patch_size": self.patch_size, "min_patches": self.min_patches, "max_patches": self.max_patches,

@@ -38,7 +38,7 @@ def patch_top_words(model: GenLIP, patches: torch.Tensor, grid_hw: tuple[int, in
 def token_text(tokenizer: Tokenizer, token_id: int) -> str:
     """How a token reads on its own (special tokens by their name)."""
     text = tokenizer.decode([token_id]).strip()
-    return text or (tokenizer._tok.id_to_token(token_id) or f"<{token_id}>")  # specials decode to ""
+    return text or (tokenizer.id_to_token(token_id) or f"<{token_id}>")  # specials decode to ""
 
 
 def readout_json(name: str, grid_hw: tuple[int, int], probs: torch.Tensor, ids: torch.Tensor,

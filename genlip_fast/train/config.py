@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.config import DataConfig
+from ..data.transforms import PIXEL_NORMS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -54,7 +55,10 @@ class OptimSection:
     eps: float = 1e-8
     """AdamW epsilon."""
     weight_decay: float = 0.05
-    """AdamW decoupled weight decay on matrices (norms, biases, layer scales and embeddings get none)."""
+    """AdamW decoupled weight decay, on the parameters optim.decay names."""
+    decay: str = "matrices"
+    """What weight decay applies to: 'matrices' (norms, biases, layer scales and embeddings get none) or 'all'
+    (every parameter, as the authors' AdamW)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip (0 = off)."""
 
@@ -279,6 +283,8 @@ CHOICES = {
     "parallel.activation_checkpoint": ("none", "full", "ratio"),
     "data.stage": (1, 2),
     "data.backend": ("auto", "dali", "host"),
+    "data.pixel_norm": tuple(PIXEL_NORMS),
+    "optim.decay": ("matrices", "all"),
 }
 
 RANGES = {

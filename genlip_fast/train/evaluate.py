@@ -26,6 +26,7 @@ probe features are computed by every rank on the same inputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -34,14 +35,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..data.batch import PackedBatch, Sample
-from ..data.loader import HostSampleStream
-from ..data.pipeline import build_data_loader
+from ..data.pipeline import PackedLoader, build_data_loader
 from ..data.tokenizer import Tokenizer
 from ..eval import ImageFolder, caption_metrics, probe_encoder
 from ..eval.captioning import scorers
+from ..speak import ImageTransform, VisionEncoder, generate
 from .checkpoint import rng_state, set_rng_state
 from .config import ConfigError, JobConfig
 from .distributed import DistInfo, all_reduce_sum, gathered_root
@@ -49,46 +52,78 @@ from .distributed import DistInfo, all_reduce_sum, gathered_root
 log = logging.getLogger("genlip_fast.train")
 
 
-def held_out_packs(cfg: JobConfig, tokenizer: Tokenizer, n: int) -> list[PackedBatch]:
-    """The first ``n`` packs of ``data.val_shards``, packed as training packs are (Pillow decode, one pass)."""
+def held_out_loader(cfg: JobConfig, tokenizer: Tokenizer) -> PackedLoader:
+    """One pass over ``data.val_shards`` through training's reader, checks, decode and packing, on the calling
+    thread. Pillow decode, so the held-out inputs (and the evaluation's numbers) do not depend on whether DALI is
+    installed; the run's pixel normalisation and geometry."""
     data = dataclasses.replace(cfg.data, train_shards=cfg.data.val_shards, backend="host", prefetch=0)
     try:
-        loader = build_data_loader(data, tokenizer, epochs=1)
+        return build_data_loader(data, tokenizer, epochs=1)
     except FileNotFoundError as e:
         raise ConfigError(f"data.val_shards = {cfg.data.val_shards!r}: {e}") from None
+
+
+def _take(loader: PackedLoader, items, n: int) -> list:
+    """The first ``n`` of ``items`` (the loader's packs or samples); the loader is closed after, and what it skipped
+    is summed up in one line (each bad sample and shard was logged as it was met, as in training)."""
     try:
-        return list(itertools.islice(loader, n))
+        return list(itertools.islice(items, n))
     finally:
         loader.close()
+        st = loader.stats
+        if st["skipped_total"] or st["bad_shards"]:
+            log.warning("held-out data (data.val_shards): skipped %d bad samples %s and %d unreadable shards",
+                        st["skipped_total"], st["skipped"], st["bad_shards"])
+
+
+def held_out_packs(cfg: JobConfig, tokenizer: Tokenizer, n: int) -> list[PackedBatch]:
+    """The first ``n`` packs of ``data.val_shards``, packed as training packs are."""
+    loader = held_out_loader(cfg, tokenizer)
+    return _take(loader, loader, n)
 
 
 def held_out_samples(cfg: JobConfig, tokenizer: Tokenizer, n: int) -> list[Sample]:
-    """The first ``n`` samples of ``data.val_shards`` in a fixed order (for captioning)."""
-    d = cfg.data
-    if not d.val_shards or n <= 0:
+    """The first ``n`` samples of ``data.val_shards`` in the loader's fixed (seeded) order, unpacked (for
+    captioning): the same reader and decode as the held-out packs and as training."""
+    if not cfg.data.val_shards or n <= 0:
         return []
-    try:
-        stream = HostSampleStream(d.val_shards, tokenizer, image_size=d.image_size, patch=d.patch_size, loop=False,
-                                  seed=d.seed, stage=d.stage, min_patches=d.min_patches, max_patches=d.max_patches,
-                                  caption_field=d.caption_field)
-    except FileNotFoundError as e:
-        raise ConfigError(f"data.val_shards = {d.val_shards!r}: {e}") from None
-    return list(itertools.islice(stream, n))
+    loader = held_out_loader(cfg, tokenizer)
+    return _take(loader, loader.samples(), n)
+
+
+@contextlib.contextmanager
+def _whole_root(model: nn.Module):
+    """:func:`gathered_root` once FSDP2 has set the root up. FSDP2 does that in the root's first forward; captions
+    and probe features bypass that forward and may come first (an evaluation before the first step with
+    ``eval.packs = 0``), where on two or more ranks the first block's prefetch would find no communication set up."""
+    if isinstance(model, FSDPModule):
+        model._get_fsdp_state()._lazy_init()  # what the root's first forward does first; a no-op after it
+    with gathered_root(model):
+        yield
+
+
+def _rank0_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Every rank goes on with rank 0's tokens (see :func:`generate_captions`)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tokens, src=0)
+    return tokens
 
 
 def generate_captions(model: nn.Module, samples: list[Sample], tokenizer: Tokenizer, max_new_tokens: int) -> list[str]:
-    """Greedy captions of the samples' images (every rank calls it with the same samples; the results agree).
+    """Greedy captions of the samples' images, through the KV-cache captioner (:func:`genlip_fast.speak.generate`).
 
-    The one place training and evaluation generate text: the KV-cache captioning path replaces this call.
+    Every rank calls it with the same samples. Under FSDP the root's own weights are gathered for the call and each
+    block gathers its weights in every forward, so all ranks must run the same forwards: they decode rank 0's token
+    at each step (one small broadcast), and so agree on every caption and on when each one stops.
     """
     if not samples:
         return []
     was_training = model.training
     model.eval()
     try:
-        with gathered_root(model):
-            out = model.generate([s.patches for s in samples], [s.grid_hw for s in samples], eot_id=tokenizer.eot_id,
-                                 max_new_tokens=max_new_tokens)
+        with torch.no_grad(), _whole_root(model):
+            out = generate(model, [s.patches for s in samples], [s.grid_hw for s in samples],
+                           stop_ids={tokenizer.eot_id}, max_new_tokens=max_new_tokens, agree=_rank0_tokens)
     finally:
         model.train(was_training)
     return [tokenizer.decode(ids) for ids in out]
@@ -152,10 +187,8 @@ class Evaluator:
             try:
                 train = ImageFolder.read(folders[0])
                 val = ImageFolder.read(folders[1], classes=train.classes)
-                d = cfg.data
-                kw = dict(stage=d.stage, image_size=d.image_size, patch=d.patch_size, min_patches=d.min_patches,
-                          max_patches=d.max_patches)
-                self.probe = (train, val, train.decode(**kw), val.decode(**kw))
+                transform = ImageTransform.of_data(cfg.data)  # the run's geometry and pixel normalisation
+                self.probe = (train, val, train.decode(transform), val.decode(transform))
             except (FileNotFoundError, ValueError) as err:
                 raise ConfigError(f"eval.probe_train / eval.probe_val: {err}") from None
 
@@ -201,12 +234,12 @@ class Evaluator:
             row.update({f"val_{k}": v for k, v in scores.items()})
         if self.probe is not None:
             train, val, train_images, val_images = self.probe
-            with gathered_root(model):
-                res = probe_encoder(model, train, val, train_images, val_images, l2=self.cfg.eval.probe_l2,
-                                    max_tokens=self.cfg.data.pack_tokens, device=device)
+            with _whole_root(model):
+                res = probe_encoder(VisionEncoder(model, drop_text=False), train, val, train_images, val_images,
+                                    l2=self.cfg.eval.probe_l2, max_tokens=self.cfg.data.pack_tokens)
             row["probe_top1"], row["probe_train_top1"] = res["top1"], res["train_top1"]
         return row
 
 
-__all__ = ["Evaluator", "caption_heldout", "generate_captions", "held_out_packs", "held_out_samples",
-           "probe_folders"]
+__all__ = ["Evaluator", "caption_heldout", "generate_captions", "held_out_loader", "held_out_packs",
+           "held_out_samples", "probe_folders"]

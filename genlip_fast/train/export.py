@@ -98,14 +98,13 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> GenLI
 
 def inputs_from_meta(meta: dict) -> InputSpec:
     """How a checkpoint's model reads its inputs: stored by an import, or the run's data config (its tokenizer, patch
-    size and patch range; CLIP statistics, which the data pipeline normalises with). Images keep their native
-    aspect ratio (stage 2's rule) unless a fixed size is asked for."""
+    size and patch range, and ``data.pixel_norm``, CLIP's statistics for runs that predate it). Images keep their
+    native aspect ratio (stage 2's rule) unless a fixed size is asked for."""
     if "inputs" in meta:
         return InputSpec.from_dict(meta["inputs"])
     data = meta.get("job_config", {}).get("data", {})
-    image = ImageTransform(patch_size=data.get("patch_size", meta["model_config"].get("patch_size", 16)),
-                           min_patches=data.get("min_patches", 16), max_patches=data.get("max_patches", 1024))
-    return InputSpec(tokenizer=data.get("tokenizer", "demo"), image=image)
+    data = {"patch_size": meta["model_config"].get("patch_size", 16), **data}
+    return InputSpec(tokenizer=data.get("tokenizer", "demo"), image=ImageTransform.of_data(data, stage=2))
 
 
 def load_model(path: str | Path, *, need_text: bool = True) -> tuple[GenLIP, InputSpec]:

@@ -1,4 +1,5 @@
-"""Start-up checks: the device, every input path, the output folders and the room for a checkpoint, before any work.
+"""Start-up checks: the device, the backends, every input path, the output folders and the room for a checkpoint,
+before any work.
 
 Each problem is a :class:`~genlip_fast.train.config.ConfigError` naming the option to change; ``python -m
 genlip_fast.train`` prints it as one line and exits 2. The checks that touch files run on every rank (a node may see
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..data.tokenizer import Tokenizer, load_tokenizer
+from ..data.transforms import PIXEL_NORMS, pixel_stats
 from ..data.webdataset import expand_shards
 from .checkpoint import (
     all_gather_objects,
@@ -54,6 +56,23 @@ def check_device(cfg: JobConfig) -> None:
     if backend == "nccl" and not on_cuda:
         raise ConfigError("parallel.backend = 'nccl' needs CUDA, and this run is on the CPU; use "
                           "--parallel.backend=gloo (or auto)")
+
+
+def check_backends(cfg: JobConfig, device: torch.device) -> None:
+    """An explicitly chosen backend that cannot run here is an error at start, naming what to install (the GPU
+    presets choose them all: a missing piece must not fall back to a slow path for a whole run)."""
+    from ..data.dali import dali_available
+    from ..ops._dispatch import triton_unavailable_reason
+
+    if cfg.data.backend == "dali" and not dali_available():
+        raise ConfigError("data.backend = 'dali' but NVIDIA DALI is not installed: pip install '.[dali]' "
+                          "(or --data.backend=host to decode with Pillow, several times slower)")
+    for key in ("attn_backend", "ce_backend"):
+        reason = triton_unavailable_reason(torch.empty(0, device=device))
+        if getattr(cfg.model, key) == "triton" and reason:
+            fix = ("pip install triton (CUDA builds of torch ship it)" if "not installed" in reason
+                   else f"run on a GPU, or --model.{key}=auto")
+            raise ConfigError(f"model.{key} = 'triton' cannot run here: {reason}; {fix}")
 
 
 def tokenizer(cfg: JobConfig) -> Tokenizer:
@@ -156,8 +175,20 @@ def init_source(cfg: JobConfig) -> Path:
         raise ConfigError(f"checkpoint.init_from = {cfg.checkpoint.init_from!r}: {e}") from None
 
 
+def pixel_norm_of(meta: dict) -> str | None:
+    """The ``data.pixel_norm`` a checkpoint's weights were trained with: its run's (a run before the option:
+    'clip'), or for an imported checkpoint the name of its stored pixel statistics (None when they match none)."""
+    if "inputs" in meta:
+        image = meta["inputs"].get("image", {})
+        stats = pixel_stats((image.get("pixel_mean", PIXEL_NORMS["clip"][0]),
+                             image.get("pixel_std", PIXEL_NORMS["clip"][1])))
+        return next((name for name, known in PIXEL_NORMS.items() if known == stats), None)
+    return (meta.get("job_config") or {}).get("data", {}).get("pixel_norm", "clip")
+
+
 def check_compatible(path: Path, cfg: JobConfig, model_config, *, option: str) -> None:
-    """A checkpoint's model against the one this run builds: the preset, then every field that shapes a weight.
+    """A checkpoint's model against the one this run builds: the preset, the pixel normalisation its weights were
+    trained with (``data.pixel_norm``), then every field that shapes a weight.
     ``option`` names how the checkpoint was chosen (resume or ``checkpoint.init_from``)."""
     meta = read_meta(path)
     saved = (meta.get("job_config") or {}).get("model", {}).get("preset")
@@ -166,6 +197,14 @@ def check_compatible(path: Path, cfg: JobConfig, model_config, *, option: str) -
     if saved is not None and saved != cfg.model.preset:
         raise ConfigError(f"checkpoint {path} was made with preset {saved}, this run asks for {cfg.model.preset}: "
                           f"pass --model.preset={saved} to continue it, or {fix}")
+    saved_norm = pixel_norm_of(meta)
+    if saved_norm is None:
+        log.warning("checkpoint %s was made with pixel statistics %s, which are no data.pixel_norm; this run "
+                    "normalises as %r", path, meta["inputs"].get("image"), cfg.data.pixel_norm)
+    elif saved_norm != cfg.data.pixel_norm:
+        raise ConfigError(f"checkpoint {path} was trained on pixels normalised as data.pixel_norm = {saved_norm!r}, "
+                          f"this run uses {cfg.data.pixel_norm!r}: pass --data.pixel_norm={saved_norm} to go on "
+                          f"with the inputs its weights know, or {fix}")
     want = dataclasses.asdict(model_config)
     have = meta.get("model_config") or {}
     diff = [f"{k} {have[k]!r} vs {v!r}" for k, v in want.items()
@@ -175,4 +214,5 @@ def check_compatible(path: Path, cfg: JobConfig, model_config, *, option: str) -
                           f"{'; '.join(diff)}): change the model options back, or {fix}")
 
 
-__all__ = ["agree", "check_compatible", "check_device", "check_inputs", "check_space", "init_source", "tokenizer"]
+__all__ = ["agree", "check_backends", "check_compatible", "check_device", "check_inputs", "check_space", "init_source",
+           "pixel_norm_of", "tokenizer"]

@@ -11,6 +11,9 @@ One optimizer step (:mod:`~genlip_fast.train.step`)::
 
 Because every token loss enters with weight 1 and the summed gradients are divided by the same global count, the
 update is the same whether a step's packs run on one rank or many: it equals one big batch's token-mean loss.
+
+:func:`train` runs a :class:`Run`, whose :meth:`Run.run` lists the run's parts in order (build, resume, loaders,
+the loop and its :meth:`Run._one_step`, the end).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from .distributed import (
     apply_compile,
     apply_fsdp,
     barrier,
-    broadcast_object,
     init_distributed,
     mixed_precision_policy,
     shutdown,
@@ -53,7 +55,7 @@ from .signals import StopSignals
 from .step import describe_plan, grad_norm_and_clip, padding_pack, plan_batch, train_step
 
 # plan_batch and grad_norm_and_clip live in .step; imported from here by older callers (benchmarks)
-__all__ = ["NonFiniteLossError", "grad_norm_and_clip", "plan_batch", "train"]
+__all__ = ["NonFiniteLossError", "Run", "grad_norm_and_clip", "plan_batch", "train"]
 
 log = logging.getLogger("genlip_fast.train")
 
@@ -79,34 +81,29 @@ def build_model_config(cfg: JobConfig, tokenizer: Tokenizer) -> ModelConfig:
     return get_preset(m.preset, **over)
 
 
-def check_backends(cfg: JobConfig, device: torch.device) -> None:
-    """An explicitly chosen backend that cannot run here is an error at start, naming what to install (the GPU
-    presets choose them all: a missing piece must not fall back to a slow path for a whole run)."""
-    from ..data.dali import dali_available
-    from ..ops._dispatch import triton_unavailable_reason
-
-    if cfg.data.backend == "dali" and not dali_available():
-        raise ConfigError("data.backend = 'dali' but NVIDIA DALI is not installed: pip install '.[dali]' "
-                          "(or --data.backend=host to decode with Pillow, several times slower)")
-    for key in ("attn_backend", "ce_backend"):
-        reason = triton_unavailable_reason(torch.empty(0, device=device))
-        if getattr(cfg.model, key) == "triton" and reason:
-            fix = ("pip install triton (CUDA builds of torch ship it)" if "not installed" in reason
-                   else f"run on a GPU, or --model.{key}=auto")
-            raise ConfigError(f"model.{key} = 'triton' cannot run here: {reason}; {fix}")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases, layer scales and embeddings get no weight decay."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, decay: str = "matrices") -> list[dict]:
+    """AdamW's parameter groups. ``decay="matrices"``: the linear layers' matrices decay; norms, biases, layer
+    scales and the text and patch embeddings get no weight decay. ``"all"``: every parameter decays (the authors'
+    AdamW, torch's default)."""
+    if decay not in ("matrices", "all"):
+        raise ValueError(f"decay must be 'matrices' or 'all', got {decay!r}")
+    decay_params, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() < 2 or "embed" in name:
+        if decay == "matrices" and (p.dim() < 2 or "embed" in name):
             no_decay.append(p)
         else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decay_params.append(p)
+    return [{"params": decay_params, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(cfg: JobConfig, model: nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters with ``[optim]``'s settings (weight decay on what ``optim.decay``
+    names); fused on CUDA."""
+    o = cfg.optim
+    return torch.optim.AdamW(param_groups(model, o.weight_decay, o.decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                             fused=device.type == "cuda")
 
 
 def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
@@ -135,187 +132,260 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
         generate_probe_set(out / "probe", size=cfg.data.image_size, seed=cfg.data.seed)  # eval.probe_* = "demo"
 
 
-
-
 def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Train on this rank (every rank calls it). Returns ``{"losses", "captions", "model", "step", "stopped_by",
-    "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its checkpoint)."""
+    "signal", "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its
+    checkpoint)."""
     preflight.check_device(cfg)
     par = cfg.parallel
     info = init_distributed(cfg.train.device, par.backend, replicate=par.replicate, shard=par.shard,
                             timeout_s=par.collective_timeout_s)
     try:
         with StopSignals() as signals:
-            return _train(cfg, info, signals, progress)
+            return Run(cfg, info, signals, progress).run()
     finally:
         shutdown(info)
 
 
-def _train(cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool) -> dict:
-    device = info.device
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    check_backends(cfg, device)
-    tokenizer = preflight.tokenizer(cfg)
-    ensure_demo_data(cfg, write=info.is_main)
-    barrier()
-    out_dir = Path(cfg.train.out_dir)
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else out_dir / "checkpoints"
-    preflight.check_inputs(cfg, out_dir, ckpt_root)
-    mcfg = build_model_config(cfg, tokenizer)
-    ckpt = Checkpointer(ckpt_root, info.rank, info.world_size, keep=cfg.checkpoint.keep)
-    latest = ckpt.select_resume(fallback=cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
-    init_src = preflight.init_source(cfg) if latest is None and cfg.checkpoint.init_from else None
-    if latest or init_src:
-        preflight.check_compatible(latest or init_src, cfg, mcfg,
-                                   option="resume" if latest else "checkpoint.init_from")
-    if device.type == "cuda":
-        with torch.device(device):
-            model = GenLIP(mcfg)
-    else:
-        model = GenLIP(mcfg)
-    picked = apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint, cfg.parallel.ac_ratio)
-    if cfg.parallel.compile:
-        apply_compile(model)
-    mp = mixed_precision_policy(cfg.parallel.mixed_precision, device)
-    apply_fsdp(model, info.mesh, mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            eps=cfg.optim.eps, fused=device.type == "cuda")
-    # Drop path and anything else random differ per rank from here on.
-    torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * (info.rank + 1))
-    random.seed(cfg.train.seed + info.rank)
+class Run:
+    """One training run on this rank. :meth:`run` is the whole of it, one named step after another::
 
-    preflight.check_space(ckpt_root, estimate_checkpoint_bytes(model, opt), cfg.checkpoint.keep, rank=info.rank)
-    resumed_meta, data_states, rng = None, {}, None
-    if latest is not None:
-        resumed_meta, data_states, rng = ckpt.load(latest, model, opt, device=device)
-        log.info("resuming from %s (step %d)", latest, resumed_meta["step"])
-    elif init_src is not None:
-        load_model_weights(init_src, model)
-        log.info("model weights from %s; optimizer, schedule and data start fresh", init_src)
-    start_step = resumed_meta["step"] if resumed_meta else 0
+        _prepare         checks (backends, inputs, output folders), tokenizer, demo data, model config, and which
+                         checkpoint to continue (or start from); nothing is written before these pass
+        _build_model     GenLIP -> activation checkpointing -> compile -> FSDP2, AdamW; then per-rank seeds
+        _resume          room for a checkpoint; weights and optimizer from the checkpoint (or init_from weights)
+        _build_loaders   the batch plan and one loader per data stream, at the checkpoint's positions; RNG states
+        _open_logs       evaluator, config.json, metrics and the start-up lines
+        _loop            _one_step per optimizer step; evaluation, metrics, checkpoints, stopping
+        _finish          close the loaders (bad-input summary), captions of held-out images
+    """
 
-    plan = plan_batch(cfg, info, tokenizer, resumed_meta)
-    loaders = {s: build_data_loader(cfg.data, tokenizer, rank=s, world_size=plan.data_streams, device=device)
-               for s in plan.streams}
-    if resumed_meta is not None:
-        for s, loader in loaders.items():
+    def __init__(self, cfg: JobConfig, info: DistInfo, signals: StopSignals, progress: bool):
+        self.cfg, self.info, self.signals, self.progress = cfg, info, signals, progress
+        self.device = info.device
+        self.losses: list[float] = []
+        self.stopped_by: str | None = None
+
+    def run(self) -> dict:
+        self._prepare()
+        self._build_model()
+        self._resume()
+        self._build_loaders()
+        self._open_logs()
+        self._loop()
+        return self._finish()
+
+    def _prepare(self) -> None:
+        """Everything checked before anything is built or written; the model config; the checkpoint to continue
+        (``latest``) or to take the weights of (``init_src``)."""
+        cfg, info = self.cfg, self.info
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        preflight.check_backends(cfg, self.device)
+        self.tokenizer = preflight.tokenizer(cfg)
+        ensure_demo_data(cfg, write=info.is_main)
+        barrier()
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        preflight.check_inputs(cfg, self.out_dir, self.ckpt_root)
+        self.mcfg = build_model_config(cfg, self.tokenizer)
+        self.ckpt = Checkpointer(self.ckpt_root, info.rank, info.world_size, keep=cfg.checkpoint.keep)
+        latest = self.ckpt.select_resume(fallback=cfg.checkpoint.fallback) if cfg.checkpoint.resume else None
+        init_src = preflight.init_source(cfg) if latest is None and cfg.checkpoint.init_from else None
+        if latest or init_src:
+            preflight.check_compatible(latest or init_src, cfg, self.mcfg,
+                                       option="resume" if latest else "checkpoint.init_from")
+        self.latest, self.init_src = latest, init_src
+
+    def _build_model(self) -> None:
+        """The same initial weights on every rank, wrapped for training; then each rank's own random streams."""
+        cfg, device = self.cfg, self.device
+        if device.type == "cuda":
+            with torch.device(device):
+                model = GenLIP(self.mcfg)
+        else:
+            model = GenLIP(self.mcfg)
+        self.checkpointed = apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint,
+                                                           cfg.parallel.ac_ratio)
+        if cfg.parallel.compile:
+            apply_compile(model)
+        self.mp = mixed_precision_policy(cfg.parallel.mixed_precision, device)
+        apply_fsdp(model, self.info.mesh, self.mp, reshard_after_forward=cfg.parallel.reshard_after_forward)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = build_optimizer(cfg, model, device)
+        # Drop path and anything else random differ per rank from here on.
+        torch.manual_seed(cfg.train.seed * 1_000_003 + 7919 * (self.info.rank + 1))
+        random.seed(cfg.train.seed + self.info.rank)
+
+    def _resume(self) -> None:
+        """Weights and optimizer state from the checkpoint (or weights only from ``checkpoint.init_from``)."""
+        cfg = self.cfg
+        preflight.check_space(self.ckpt_root, estimate_checkpoint_bytes(self.model, self.opt), cfg.checkpoint.keep,
+                              rank=self.info.rank)
+        self.resumed_meta, self.data_states, self.rng = None, {}, None
+        if self.latest is not None:
+            self.resumed_meta, self.data_states, self.rng = self.ckpt.load(self.latest, self.model, self.opt,
+                                                                           device=self.device)
+            log.info("resuming from %s (step %d)", self.latest, self.resumed_meta["step"])
+        elif self.init_src is not None:
+            load_model_weights(self.init_src, self.model)
+            log.info("model weights from %s; optimizer, schedule and data start fresh", self.init_src)
+        self.start_step = self.resumed_meta["step"] if self.resumed_meta else 0
+
+    def _build_loaders(self) -> None:
+        """The batch plan, this rank's data streams at the checkpoint's positions, and the checkpoint's random
+        states (restored last, after everything that is built from them)."""
+        self.plan = plan = plan_batch(self.cfg, self.info, self.tokenizer, self.resumed_meta)
+        self.loaders = {s: build_data_loader(self.cfg.data, self.tokenizer, rank=s, world_size=plan.data_streams,
+                                             device=self.device) for s in plan.streams}
+        if self.resumed_meta is None:
+            return
+        for s, loader in self.loaders.items():
             if plan.remapped_from is not None:
-                carried = loader.load_remapped(data_states)
+                carried = loader.load_remapped(self.data_states)
                 log.info("data stream %d continues streams %s: %d open shards, %d held samples", s,
                          carried["from_streams"], carried["lanes"], carried["held"])
                 continue
-            if s not in data_states:
-                raise RuntimeError(f"checkpoint {latest} has no data-loader state for stream {s}")
-            loader.load_state_dict(data_states[s])
-        if rng is not None:
-            set_rng_state(rng, device)
+            if s not in self.data_states:
+                raise RuntimeError(f"checkpoint {self.latest} has no data-loader state for stream {s}")
+            loader.load_state_dict(self.data_states[s])
+        if self.rng is not None:
+            set_rng_state(self.rng, self.device)
         else:
             log.warning("world size changed since the checkpoint: random streams (drop path) are reseeded")
 
-    evaluator = Evaluator(cfg, tokenizer, info)  # reads and checks the held-out data and probe folders
-    if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    metrics = MetricsLogger(out_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=start_step,
-                            progress=progress, tensorboard=cfg.train.tensorboard, log_every=cfg.train.log_every)
-    metrics.message(
-        f"{info.world_size} rank(s) on {device.type} ({info.mesh_desc}); precision {mp.param_dtype}; activation "
-        f"checkpointing on {len(picked)}/{len(model.blocks)} blocks"
-        + ("; compiled blocks" if cfg.parallel.compile else ""))
-    metrics.message(describe_dataset(expand_shards(cfg.data.train_shards)))
-    metrics.message(describe_plan(plan, cfg))
-    if plan.remapped_from is not None:
+    def _open_logs(self) -> None:
+        """The evaluator (it reads and checks the held-out data and probe folders), config.json, the metrics
+        logger and the run's first lines; the meta every checkpoint carries."""
+        cfg, info, plan = self.cfg, self.info, self.plan
+        self.evaluator = Evaluator(cfg, self.tokenizer, info)
+        if info.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+        self.metrics = metrics = MetricsLogger(self.out_dir, enabled=info.is_main, total_steps=cfg.train.steps,
+                                               start_step=self.start_step, progress=self.progress,
+                                               tensorboard=cfg.train.tensorboard, log_every=cfg.train.log_every)
         metrics.message(
-            f"data: the checkpoint's {plan.remapped_from} stream positions continue on {plan.data_streams} streams "
-            "(parallel.remap_streams): every sample read before the checkpoint stays read and none is read twice in "
-            "its epoch, and the samples the packers held are packed again; approximated: the order in which the "
-            "open shards' samples are drawn and which samples share a pack differ from an uninterrupted run",
-            logging.WARNING)
-    meta = {"packs_per_step": plan.packs_per_step, "data_streams": plan.data_streams,
-            "samples_per_pack": plan.samples_per_pack, "model_config": _model_config_dict(mcfg),
-            "job_config": to_dict(cfg)}
+            f"{info.world_size} rank(s) on {self.device.type} ({info.mesh_desc}); precision {self.mp.param_dtype}; "
+            f"activation checkpointing on {len(self.checkpointed)}/{len(self.model.blocks)} blocks"
+            + ("; compiled blocks" if cfg.parallel.compile else ""))
+        metrics.message(describe_dataset(expand_shards(cfg.data.train_shards)))
+        metrics.message(describe_plan(plan, cfg))
+        if plan.remapped_from is not None:
+            metrics.message(
+                f"data: the checkpoint's {plan.remapped_from} stream positions continue on {plan.data_streams} "
+                "streams (parallel.remap_streams): every sample read before the checkpoint stays read and none is "
+                "read twice in its epoch, and the samples the packers held are packed again; approximated: the "
+                "order in which the open shards' samples are drawn and which samples share a pack differ from an "
+                "uninterrupted run", logging.WARNING)
+        self.meta = {"packs_per_step": plan.packs_per_step, "data_streams": plan.data_streams,
+                     "samples_per_pack": plan.samples_per_pack, "model_config": _model_config_dict(self.mcfg),
+                     "job_config": to_dict(cfg)}
 
-    def save(step: int) -> Path:
-        states = {s: loader.state_dict() for s, loader in loaders.items()}
-        path = ckpt.save(step, model, opt, data_states=states, meta=meta, device=device)
-        metrics.message(f"checkpoint {path}")
+    def _save(self, step: int) -> Path:
+        """A checkpoint after ``step``: weights, optimizer, data positions, RNG states, meta."""
+        states = {s: loader.state_dict() for s, loader in self.loaders.items()}
+        path = self.ckpt.save(step, self.model, self.opt, data_states=states, meta=self.meta, device=self.device)
+        self.metrics.message(f"checkpoint {path}")
         return path
 
-    pad = padding_pack(mcfg, tokenizer).to(device)
-    peak = device_peak_flops(device)
-    losses: list[float] = []
-    bad_in_a_row = 0
-    stopped_by = None
-    last_ckpt = latest
-    step = start_step
-    if start_step == 0 and evaluator.due(0):
-        metrics.log({"step": 0, **evaluator(0, model)})  # the untrained model: where the eval curves start
-    while step < cfg.train.steps:
+    def _loop(self) -> None:
+        """Optimizer steps until ``train.steps``, a stop signal or ``train.stop_at_step``, with a checkpoint when one
+        is due and at the end; an evaluation first when a fresh run has one due at step 0."""
+        cfg = self.cfg
+        self.pad = padding_pack(self.mcfg, self.tokenizer).to(self.device)
+        self.peak = device_peak_flops(self.device)
+        self.bad_in_a_row = 0
+        self.last_ckpt = self.latest
+        self.step = self.start_step
+        if self.start_step == 0 and self.evaluator.due(0):
+            self.metrics.log({"step": 0, **self.evaluator(0, self.model)})  # the untrained model: where curves start
+        while self.step < cfg.train.steps:
+            self._one_step()
+            self.stopped_by = self._stop_reason()
+            due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
+            if due or self.stopped_by or (self.step == cfg.train.steps and cfg.checkpoint.final):
+                self.last_ckpt = self._save(self.step)
+            if self.stopped_by:
+                self.metrics.message(f"stopped after step {self.step} ({self.stopped_by}); checkpoint saved — rerun "
+                                     f"the same command to continue", logging.WARNING)
+                break
+        self.metrics.close()
+
+    def _one_step(self) -> None:
+        """One optimizer step (:func:`~genlip_fast.train.step.train_step`), the AdamW update unless it was not
+        finite, then the evaluation when one is due and the metrics row."""
+        cfg, plan, opt, step = self.cfg, self.plan, self.opt, self.step
         t_step = time.perf_counter()
         lr = warmup_cosine(step, total_steps=cfg.train.steps, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                            warmup_ratio=cfg.optim.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        st = train_step(model, params, [loaders[k] for k in plan.packs_of(step)], plan.micro_steps(step), pad=pad,
-                        mcfg=mcfg, device=device, max_norm=cfg.optim.grad_clip,
-                        stop_requested=lambda: signals.received is not None)
+        st = train_step(self.model, self.params, [self.loaders[k] for k in plan.packs_of(step)],
+                        plan.micro_steps(step), pad=self.pad, mcfg=self.mcfg, device=self.device,
+                        max_norm=cfg.optim.grad_clip, stop_requested=lambda: self.signals.received is not None)
         loss_value, gnorm_value = st.loss, st.grad_norm
         finite = math.isfinite(loss_value) and math.isfinite(gnorm_value)
         if finite:
             opt.step()
-            bad_in_a_row = 0
+            self.bad_in_a_row = 0
         else:
-            bad_in_a_row += 1
-            metrics.message(f"step {step + 1}: loss {loss_value}, grad norm {gnorm_value}: skipped (no update; "
-                            f"{bad_in_a_row} in a row)", logging.WARNING)
+            self.bad_in_a_row += 1
+            self.metrics.message(f"step {step + 1}: loss {loss_value}, grad norm {gnorm_value}: skipped (no update; "
+                                 f"{self.bad_in_a_row} in a row)", logging.WARNING)
         opt.zero_grad(set_to_none=True)
-        if bad_in_a_row >= cfg.train.max_bad_steps:
+        if self.bad_in_a_row >= cfg.train.max_bad_steps:
             raise NonFiniteLossError(
-                f"{bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a non-finite loss or gradient "
-                f"norm (loss {loss_value}, grad norm {gnorm_value}); stopping. The newest checkpoint that passed its "
-                f"check is {last_ckpt or 'none'}. Check the data, lower optim.lr, or raise train.max_bad_steps.")
-        step += 1
-        losses.append(loss_value)
+                f"{self.bad_in_a_row} optimizer steps in a row (up to step {step + 1}) had a non-finite loss or "
+                f"gradient norm (loss {loss_value}, grad norm {gnorm_value}); stopping. The newest checkpoint that "
+                f"passed its check is {self.last_ckpt or 'none'}. Check the data, lower optim.lr, or raise "
+                f"train.max_bad_steps.")
+        self.step = step = step + 1
+        self.losses.append(loss_value)
+        self.stop_votes = st.stop_votes
 
         dt = time.perf_counter() - t_step
-        evals = evaluator(step, model)  # {} unless due; outside the step's time
-        metrics.log({
+        evals = self.evaluator(step, self.model)  # {} unless due; outside the step's time
+        ws, peak = self.info.world_size, self.peak
+        self.metrics.log({
             "step": step, "loss": loss_value, "lr": lr, "grad_norm": gnorm_value, "skipped": not finite,
             "tokens": st.tokens, "samples": st.samples, "packs": plan.packs_per_step,
             "tokens_per_s": st.tokens / dt, "samples_per_s": st.samples / dt,
-            "mfu": st.flops / (dt * info.world_size * peak) if peak else None,
-            "tflops_per_rank": st.flops / dt / info.world_size / 1e12,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "mfu": st.flops / (dt * ws * peak) if peak else None,
+            "tflops_per_rank": st.flops / dt / ws / 1e12,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
             "data_wait_s": st.data_wait_s, "step_time_s": dt, **evals,
         })
 
-        if st.stop_votes > 0:
-            stopped_by = "signal"
-        elif cfg.train.stop_at_step and step >= cfg.train.stop_at_step and step < cfg.train.steps:
-            stopped_by = "stop_at_step"
-        due = cfg.checkpoint.every and step % cfg.checkpoint.every == 0
-        if due or stopped_by or (step == cfg.train.steps and cfg.checkpoint.final):
-            last_ckpt = save(step)
-        if stopped_by:
-            metrics.message(f"stopped after step {step} ({stopped_by}); checkpoint saved — rerun the same command "
-                            f"to continue", logging.WARNING)
-            break
-    metrics.close()
-    skipped: dict[str, int] = {}
-    bad_shards = 0
-    for loader in loaders.values():
-        loader.close()
-        bad_shards += loader.stats["bad_shards"]
-        for reason, n in loader.stats["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    if skipped or bad_shards:
-        log.warning("skipped %d bad samples and %d unreadable shards on rank %d: %s", sum(skipped.values()),
-                    bad_shards, info.rank, skipped)
-    captions = caption_heldout(model, cfg, tokenizer) if stopped_by is None and step == cfg.train.steps else []
-    return {"losses": losses, "captions": captions, "model": model, "step": step, "stopped_by": stopped_by,
-            "signal": signals.agreed(device) if stopped_by == "signal" else None, "checkpoint": last_ckpt,
-            "evals": evaluator.history}
+    def _stop_reason(self) -> str | None:
+        """Why the run stops after this step before its end: a stop signal any rank voted for, or
+        ``train.stop_at_step``; None to go on."""
+        cfg = self.cfg
+        if self.stop_votes > 0:
+            return "signal"
+        if cfg.train.stop_at_step and cfg.train.stop_at_step <= self.step < cfg.train.steps:
+            return "stop_at_step"
+        return None
+
+    def _finish(self) -> dict:
+        """Close the loaders (what they skipped, one line), caption held-out images after a complete run, and
+        return :func:`train`'s result."""
+        skipped: dict[str, int] = {}
+        bad_shards = 0
+        for loader in self.loaders.values():
+            loader.close()
+            bad_shards += loader.stats["bad_shards"]
+            for reason, n in loader.stats["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        if skipped or bad_shards:
+            log.warning("skipped %d bad samples and %d unreadable shards on rank %d: %s", sum(skipped.values()),
+                        bad_shards, self.info.rank, skipped)
+        done = self.stopped_by is None and self.step == self.cfg.train.steps
+        captions = caption_heldout(self.model, self.cfg, self.tokenizer) if done else []
+        return {"losses": self.losses, "captions": captions, "model": self.model, "step": self.step,
+                "stopped_by": self.stopped_by,
+                "signal": self.signals.agreed(self.device) if self.stopped_by == "signal" else None,
+                "checkpoint": self.last_ckpt, "evals": self.evaluator.history}
 
 
 def _model_config_dict(mcfg: ModelConfig) -> dict:
