@@ -87,6 +87,22 @@ def _prefix_lm_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _load_q_rows(Q, DOU, Lse, Delta, m0, bos, seqlen, stride_qt, stride_qd, stride_ut, stride_ud, Pos, stride_pa,
+                 stride_pt, InvFreq, Axis, HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr,
+                 V_A: tl.constexpr, V_B: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
+                 ROPE: tl.constexpr, ALIGN: tl.constexpr):
+    """What both backward passes read of query block ``m0`` of one head: ``(offs_m, m_ok, tok, qa, qb, doa, dob,
+    lse, delta)``."""
+    offs_m, m_ok, tok = _rows(m0, bos, seqlen, BLOCK_M)
+    qa, qb = _load_qk(Q, tok, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
+                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
+    doa, dob = _load_v(DOU, tok, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
+    lse = tl.load(Lse + tok, mask=m_ok, other=0.0)
+    delta = tl.load(Delta + tok, mask=m_ok, other=0.0)
+    return offs_m, m_ok, tok, qa, qb, doa, dob, lse, delta
+
+
+@triton.jit
 def _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq, Axis,
                  stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt, stride_dqd, stride_pa, stride_pt,
                  bos, seqlen, prefix, offs_n, first_row, m0, QK_SCALE, SM_SCALE,
@@ -95,12 +111,9 @@ def _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos
                  DOT_PREC: tl.constexpr, SPLIT: tl.constexpr, ROW_BOUND: tl.constexpr, ALIGN: tl.constexpr,
                  ONEPASS: tl.constexpr):
     """One query block ``m0`` of one query head (Q, DOU, DQ, Lse, Delta point at it) against this key block."""
-    offs_m, m_ok, tok = _rows(m0, bos, seqlen, BLOCK_M)
-    qa, qb = _load_qk(Q, tok, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
-                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
-    doa, dob = _load_v(DOU, tok, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
-    lse = tl.load(Lse + tok, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + tok, mask=m_ok, other=0.0)
+    offs_m, m_ok, tok, qa, qb, doa, dob, lse, delta = _load_q_rows(
+        Q, DOU, Lse, Delta, m0, bos, seqlen, stride_qt, stride_qd, stride_ut, stride_ud, Pos, stride_pa, stride_pt,
+        InvFreq, Axis, HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M, SPLIT, ROPE, ALIGN)
     st = tl.dot(ka, tl.trans(qa), input_precision=DOT_PREC)
     st = tl.dot(kb, tl.trans(qb), st, input_precision=DOT_PREC)
     pt = tl.exp2(st * QK_SCALE - lse[None, :])
@@ -376,12 +389,9 @@ def _prefix_lm_attn_bwd_dq_kernel(
     Lse += head * stride_lh
     Delta += head * stride_lh
 
-    offs_m, m_ok, tok_m = _rows(m0, bos, seqlen, BLOCK_M)
-    qa, qb = _load_qk(Q, tok_m, m_ok, stride_qt, stride_qd, Pos, stride_pa, stride_pt, InvFreq, Axis,
-                      HEAD_DIM, QK_A, QK_B, SPLIT, ROPE, ALIGN)
-    doa, dob = _load_v(DOU, tok_m, m_ok, stride_ut, stride_ud, HEAD_DIM, V_A, V_B, SPLIT, ALIGN)
-    lse = tl.load(Lse + tok_m, mask=m_ok, other=0.0)
-    delta = tl.load(Delta + tok_m, mask=m_ok, other=0.0)
+    offs_m, m_ok, tok_m, qa, qb, doa, dob, lse, delta = _load_q_rows(
+        Q, DOU, Lse, Delta, m0, bos, seqlen, stride_qt, stride_qd, stride_ut, stride_ud, Pos, stride_pa, stride_pt,
+        InvFreq, Axis, HEAD_DIM, QK_A, QK_B, V_A, V_B, BLOCK_M, SPLIT, ROPE, ALIGN)
     dqa = tl.zeros([BLOCK_M, QK_A], dtype=tl.float32)
     dqb = tl.zeros([BLOCK_M, QK_B], dtype=tl.float32)
     row_end = tl.minimum(seqlen, tl.maximum(prefix, offs_m + 1))
