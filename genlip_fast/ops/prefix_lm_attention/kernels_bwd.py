@@ -212,8 +212,14 @@ def _bwd_kv_block(
     n0 = blk * BLOCK_N
     if n0 >= seqlen:
         return
+    head0 = kv_head * GROUP  # the group's first query head
+    Q += tl.multiple_of(head0 * stride_qh, ALIGN)
     K += tl.multiple_of(kv_head * stride_kh, ALIGN)
     V += tl.multiple_of(kv_head * stride_vh, ALIGN)
+    DOU += tl.multiple_of(head0 * stride_uh, ALIGN)
+    DQ += tl.multiple_of(head0 * stride_dqh, ALIGN)
+    Lse += head0 * stride_lh
+    Delta += head0 * stride_lh
 
     offs_n, n_ok, tok_n = _rows(n0, bos, seqlen, BLOCK_N)
     ka, kb = _load_qk(K, tok_n, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
@@ -234,12 +240,6 @@ def _bwd_kv_block(
     m_ceil = tl.cdiv(seqlen, BLOCK_M) * BLOCK_M
     diag_hi = tl.minimum(diag_hi, m_ceil)
     full_hi = tl.maximum(diag_hi, (seqlen // BLOCK_M) * BLOCK_M)
-    head0 = kv_head * GROUP  # the group's first query head
-    Q += tl.multiple_of(head0 * stride_qh, ALIGN)
-    DOU += tl.multiple_of(head0 * stride_uh, ALIGN)
-    DQ += tl.multiple_of(head0 * stride_dqh, ALIGN)
-    Lse += head0 * stride_lh
-    Delta += head0 * stride_lh
     dka, dkb, dva, dvb = _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq,
                                        Axis, stride_qt, stride_qh, stride_qd, stride_ut, stride_uh, stride_ud,
                                        stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_pa, stride_pt, bos,
