@@ -426,11 +426,24 @@ def test_gpu_bf16_16k_pack_variants(variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["default", "tile_list", "hd80+rope_once+fit_tiles+tile_list"])
-def test_gpu_no_host_sync_and_deterministic(variant):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_bf16_16k_pack_gqa(variant):
+    """qwen3_0.6b's attention: 16 query heads on 8 key/value heads of 128, a stage-1 pack, every variant."""
     prefixes, texts, pad = _stage_layout("stage1")
-    pack = make_pack(prefixes, texts, pad=pad, heads=16, head_dim=72, dtype=torch.bfloat16, gate="elementwise",
-                     fused=True, device="cuda")
+    pack = make_pack(prefixes, texts, pad=pad, heads=16, kv_heads=8, head_dim=128, dtype=torch.bfloat16,
+                     gate="elementwise", fused=True, device="cuda")
+    pack["section"] = [16, 24, 24]
+    check_against_reference(pack, torch.bfloat16, atol=1e-3, variant=variant)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant,kv_heads", [("default", 16), ("tile_list", 16),
+                                              ("hd80+rope_once+fit_tiles+tile_list", 16), ("default", 8),
+                                              ("hd80+rope_once+fit_tiles+tile_list", 2)])
+def test_gpu_no_host_sync_and_deterministic(variant, kv_heads):
+    prefixes, texts, pad = _stage_layout("stage1")
+    pack = make_pack(prefixes, texts, pad=pad, heads=16, kv_heads=kv_heads, head_dim=72, dtype=torch.bfloat16,
+                     gate="elementwise", fused=True, device="cuda")
     pack["section"] = [12, 12, 12]
     first = run(pack, "triton", variant=variant)  # autotunes, builds the frequency tables / tile lists: may sync
     torch.cuda.synchronize()

@@ -15,6 +15,7 @@ from ..data.batch import PackedBatch
 from ..nn import AttendFn, GatedPrefixLMAttention, LinearCrossEntropy
 from .config import ModelConfig
 
+
 def drop_path_per_sample(x: torch.Tensor, p: float, seq_ids: torch.Tensor, num_samples: int) -> torch.Tensor:
     """Stochastic depth per *packed sample*: every token of a dropped sample loses the branch, the rest are scaled
     by ``1 / (1 - p)`` — the same as dropping per batch element when samples are not packed."""
