@@ -87,6 +87,13 @@ def _prefix_lm_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _query_heads(Q, DOU, DQ, Lse, Delta, head, stride_qh, stride_uh, stride_dqh, stride_lh, ALIGN: tl.constexpr):
+    """The query-side pointers moved to query head ``head``."""
+    return (Q + tl.multiple_of(head * stride_qh, ALIGN), DOU + tl.multiple_of(head * stride_uh, ALIGN),
+            DQ + tl.multiple_of(head * stride_dqh, ALIGN), Lse + head * stride_lh, Delta + head * stride_lh)
+
+
+@triton.jit
 def _load_q_rows(Q, DOU, Lse, Delta, m0, bos, seqlen, stride_qt, stride_qd, stride_ut, stride_ud, Pos, stride_pa,
                  stride_pt, InvFreq, Axis, HEAD_DIM: tl.constexpr, QK_A: tl.constexpr, QK_B: tl.constexpr,
                  V_A: tl.constexpr, V_B: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
@@ -166,12 +173,9 @@ def _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Po
         for it in range(0, GROUP * blocks):
             g = it // blocks
             m0 = lo + (it - g * blocks) * BLOCK_M
-            h = g.to(tl.int64)
-            dka, dkb, dva, dvb = _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb,
-                                              Q + tl.multiple_of(h * stride_qh, ALIGN),
-                                              DOU + tl.multiple_of(h * stride_uh, ALIGN),
-                                              DQ + tl.multiple_of(h * stride_dqh, ALIGN),
-                                              Lse + h * stride_lh, Delta + h * stride_lh, Pos,
+            Qg, DOUg, DQg, Lseg, Deltag = _query_heads(Q, DOU, DQ, Lse, Delta, g.to(tl.int64), stride_qh,
+                                                       stride_uh, stride_dqh, stride_lh, ALIGN)
+            dka, dkb, dva, dvb = _bwd_kv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, Qg, DOUg, DQg, Lseg, Deltag, Pos,
                                               InvFreq, Axis, stride_qt, stride_qd, stride_ut, stride_ud, stride_dqt,
                                               stride_dqd, stride_pa, stride_pt, bos, seqlen, prefix, offs_n,
                                               first_row, m0, QK_SCALE, SM_SCALE, HEAD_DIM, QK_A, QK_B, V_A, V_B,
@@ -212,14 +216,15 @@ def _bwd_kv_block(
     n0 = blk * BLOCK_N
     if n0 >= seqlen:
         return
-    head0 = kv_head * GROUP  # the group's first query head
-    Q += tl.multiple_of(head0 * stride_qh, ALIGN)
+    # Where the query-side pointers move to the group's first query head changes register allocation (sm_90 ptxas
+    # -v): before the key block is loaded, MHA's configs are spill-free (after it, hd80's 32x128 w8 s2 at D 72
+    # spills 8/16 B); after it, GQA's are (before it, 32x64 w8 s3 at D 128 spills 8/16 B).
+    head0 = kv_head * GROUP
+    if GROUP == 1:
+        Q, DOU, DQ, Lse, Delta = _query_heads(Q, DOU, DQ, Lse, Delta, head0, stride_qh, stride_uh, stride_dqh,
+                                              stride_lh, ALIGN)
     K += tl.multiple_of(kv_head * stride_kh, ALIGN)
     V += tl.multiple_of(kv_head * stride_vh, ALIGN)
-    DOU += tl.multiple_of(head0 * stride_uh, ALIGN)
-    DQ += tl.multiple_of(head0 * stride_dqh, ALIGN)
-    Lse += head0 * stride_lh
-    Delta += head0 * stride_lh
 
     offs_n, n_ok, tok_n = _rows(n0, bos, seqlen, BLOCK_N)
     ka, kb = _load_qk(K, tok_n, n_ok, stride_kt, stride_kd, Pos, stride_pa, stride_pt, InvFreq, Axis,
@@ -240,6 +245,9 @@ def _bwd_kv_block(
     m_ceil = tl.cdiv(seqlen, BLOCK_M) * BLOCK_M
     diag_hi = tl.minimum(diag_hi, m_ceil)
     full_hi = tl.maximum(diag_hi, (seqlen // BLOCK_M) * BLOCK_M)
+    if GROUP != 1:
+        Q, DOU, DQ, Lse, Delta = _query_heads(Q, DOU, DQ, Lse, Delta, head0, stride_qh, stride_uh, stride_dqh,
+                                              stride_lh, ALIGN)
     dka, dkb, dva, dvb = _bwd_kv_inner(dka, dkb, dva, dvb, ka, kb, va, vb, Q, DOU, DQ, Lse, Delta, Pos, InvFreq,
                                        Axis, stride_qt, stride_qh, stride_qd, stride_ut, stride_uh, stride_ud,
                                        stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_pa, stride_pt, bos,
