@@ -78,6 +78,7 @@ def make_pack(stage: str, heads: int = HEADS, head_dim: int = HEAD_DIM, section=
     pl = torch.tensor(prefixes, dtype=torch.int32, device=dev)
     pos = torch.cat([mrope_position_ids(grids, texts), torch.zeros(3, total - n, dtype=torch.long)], 1).to(dev)
     kv_heads = heads if kv_heads is None else kv_heads
+    kv = None
     if kv_heads == heads:
         proj = torch.randn(total, heads, 4 * head_dim, device=dev, dtype=dtype)
         q, k, v, g = (proj[..., i * head_dim:(i + 1) * head_dim] for i in range(4))
@@ -85,7 +86,7 @@ def make_pack(stage: str, heads: int = HEADS, head_dim: int = HEAD_DIM, section=
         proj = torch.randn(total, heads, 2 * head_dim, device=dev, dtype=dtype)
         kv = torch.randn(total, kv_heads, 2 * head_dim, device=dev, dtype=dtype)
         q, g, k, v = proj[..., :head_dim], proj[..., head_dim:], kv[..., :head_dim], kv[..., head_dim:]
-    return dict(proj=proj, q=q, k=k, v=v, gate=g, cu=cu, pl=pl, pos=pos, prefixes=prefixes, lens=lens,
+    return dict(proj=proj, kv=kv, q=q, k=k, v=v, gate=g, cu=cu, pl=pl, pos=pos, prefixes=prefixes, lens=lens,
                 section=tuple(section), max_seqlen=max(lens), num_samples=len(lens), total=total, heads=heads,
                 kv_heads=kv_heads, head_dim=head_dim,
                 pairs=sum(prefix_lm_pairs(p, n - p) for p, n in zip(prefixes, lens)))

@@ -403,14 +403,19 @@ def _measure(impl, variant, shape, mode, args, packs, reference, compiled, timer
     D = d["head_dim"]
 
     def leaves(grad: bool):
-        # q, k, v as views of one projection output, as the model hands them over (strides and all)
+        # q, k, v as views of one projection output (q of one, k and v of another with grouped-query attention),
+        # as the model hands them over (strides and all)
         proj = d["proj"].detach().clone().requires_grad_(grad)
-        return [proj[..., i * D:(i + 1) * D] for i in range(3)]
+        if d["kv"] is None:
+            return [proj[..., i * D:(i + 1) * D] for i in range(3)]
+        kv = d["kv"].detach().clone().requires_grad_(grad)
+        return [proj[..., :D], kv[..., :D], kv[..., D:]]
 
     dout = d["dout"]
     first_call = None
-    if (impl, variant, D) not in compiled and not args.dry_run:  # the first call compiles (or loads), autotunes
-        compiled.add((impl, variant, D))
+    kernels = (impl, variant, D, d["heads"] // d["kv_heads"])
+    if kernels not in compiled and not args.dry_run:  # the first call compiles (or loads), autotunes
+        compiled.add(kernels)
         t0 = time.perf_counter()
         _run_once(attn, d, leaves(True), dout, "fwd_bwd")
         if not args.dry_run:
