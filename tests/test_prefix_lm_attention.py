@@ -365,12 +365,14 @@ def test_torch_compile_sees_one_op(variant):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["mha", "mqa"])
 @pytest.mark.parametrize("variant", variant_params(ci=("default", "rope_once")))
-def test_opcheck(variant):
+def test_opcheck(variant, kv_heads):
+    """Schema, fake tensors (the shapes of out, k_rot, dk and dv, with grouped-query attention too) and autograd."""
     from genlip_fast.ops.prefix_lm_attention.function import _fwd_op
 
-    pack = make_pack([5], [6], pad=2, head_dim=64, dtype=torch.float32, gate="headwise")
-    args = (pack["q"].requires_grad_(), pack["k"], pack["v"], pack["cu"], pack["pl"], pack["gate"], pack["pos"],
+    pack = make_pack([5], [6], pad=2, head_dim=64, dtype=torch.float32, gate="headwise", kv_heads=kv_heads)
+    args = (pack["q"].requires_grad_(), pack["k"].requires_grad_(), pack["v"], pack["cu"], pack["pl"], pack["gate"], pack["pos"],
             pack["section"], True, 10000.0, 0.125, pack["max_seqlen"], variant)
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
