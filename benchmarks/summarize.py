@@ -4,7 +4,9 @@
 They are printed at the end of ``pytest benchmarks/ --benchmark-only`` (``benchmarks/conftest.py``), and from a
 pytest-benchmark JSON file as the markdown recorded in ``benchmarks/results/``::
 
-    python benchmarks/summarize.py bench.json --command "bash scripts/gpu_check.sh"
+    python benchmarks/summarize.py bench_attention.json bench_data.json ... --command "bash scripts/gpu_check.sh"
+
+and a training run's ``metrics.jsonl`` as the trainer's own numbers (``--train``; ``scripts/gpu_check.sh train``).
 
 Everything is read from the ``extra_info`` the benchmarks record (``_utils.run_benchmark``) and their parameters.
 """
@@ -134,13 +136,44 @@ def markdown(benches: list[dict], command: str) -> list[str]:
     return lines
 
 
+def train_summary(rows: list[dict], skip: int, command: str) -> list[str]:
+    """The trainer's own steps from its ``metrics.jsonl`` rows, as markdown: the medians of tokens/s, MFU, TFLOP/s per
+    rank, step time, data wait and the peak memory over the steps after the first ``skip`` (compile, autotune and
+    the first data)."""
+    steps = [r for r in rows if "loss" in r and r.get("step", 0) > skip]
+    if not steps:
+        return [f"- no training step after step {skip} in the metrics (the run stopped early: see train.txt)"]
+
+    def median(key):
+        vals = sorted(r[key] for r in steps if isinstance(r.get(key), (int, float)))
+        return vals[len(vals) // 2] if vals else None
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    peak = max((r["peak_mem_gib"] for r in steps if isinstance(r.get("peak_mem_gib"), (int, float))), default=None)
+    mfu, wait, step_s = median("mfu"), median("data_wait_s"), median("step_time_s")
+    return [f"- commit: {commit or '?'}; date: {datetime.date.today().isoformat()}; command: `{command}`",
+            f"- steps {steps[0]['step']}-{steps[-1]['step']} (medians; the first {skip} left out); "
+            f"losses {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}",
+            "", "| tokens/s | samples/s | MFU | TFLOP/s per rank | step s | data wait s | peak GiB |",
+            "|---|---|---|---|---|---|---|",
+            f"| {_num(median('tokens_per_s'), ',.0f')} | {_num(median('samples_per_s'), ',.1f')} | "
+            f"{'—' if mfu is None else f'{100 * mfu:.1f}%'} | {_num(median('tflops_per_rank'), '.1f')} | "
+            f"{_num(step_s, '.3f')} | {_num(wait, '.3f')} | {_num(peak, '.2f')} |"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("json_file")
+    ap.add_argument("json_files", nargs="*", help="pytest-benchmark JSON files, one table per benchmark file")
     ap.add_argument("--command", default="pytest benchmarks/ --benchmark-only")
+    ap.add_argument("--train", metavar="METRICS_JSONL", help="summarise a training run's metrics.jsonl instead")
+    ap.add_argument("--skip", type=int, default=10, help="with --train: steps left out at the start")
     a = ap.parse_args()
-    data = json.load(open(a.json_file))
-    print("\n".join(markdown(data.get("benchmarks", []), a.command)))
+    if a.train:
+        rows = [json.loads(line) for line in open(a.train) if line.strip()] if Path(a.train).exists() else []
+        print("\n".join(train_summary(rows, a.skip, a.command)))
+        return
+    benches = [b for f in a.json_files for b in json.load(open(f)).get("benchmarks", [])]
+    print("\n".join(markdown(benches, a.command)))
 
 
 if __name__ == "__main__":

