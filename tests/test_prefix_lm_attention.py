@@ -428,9 +428,10 @@ def test_gpu_bf16_16k_pack_variants(variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if not v.startswith("hd80")] + [VARIANTS[-1]])
 def test_gpu_bf16_16k_pack_gqa(variant):
-    """qwen3_0.6b's attention: 16 query heads on 8 key/value heads of 128, a stage-1 pack, every variant."""
+    """qwen3_0.6b's attention: 16 query heads on 8 key/value heads of 128, a stage-1 pack, every variant that
+    differs at head dim 128 (hd80 changes only dims of a power of two plus at most 16)."""
     prefixes, texts, pad = _stage_layout("stage1")
     pack = make_pack(prefixes, texts, pad=pad, heads=16, kv_heads=8, head_dim=128, dtype=torch.bfloat16,
                      gate="elementwise", fused=True, device="cuda")
