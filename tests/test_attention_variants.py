@@ -164,3 +164,15 @@ def test_config_table_follows_the_head_layout():
     assert cls(72, True, True) == cls(80, True, True) == "split_rope"
     assert cls(72, True, False) == "split"
     assert set(L.GPU_CONFIGS) == set(L.GPU_CONFIGS_FIT) == {"w64", "w128", "split", "split_rope"}
+
+
+def test_grouped_query_attention_drops_the_configs_that_spill_with_it():
+    # GQA_DROP's entries (measured with ptxas for sm_90) leave grouped launches and only them.
+    mha, gqa = L.gpu_table("dkdv", False, Variant(), "w128"), L.gpu_table("dkdv", False, Variant(), "w128", True)
+    assert (32, 64, 8, 2) in mha and (32, 64, 8, 2) not in gqa and (32, 64, 8, 3) in gqa
+    assert (32, 64, 8, 3) not in L.gpu_table("dkdv", False, Variant(tile_list=True), "w128", True)
+    assert L.gpu_table("dq", False, Variant(), "w128", True) == L.gpu_table("dq", False, Variant(), "w128")
+    for cls, kernels in L.GQA_DROP.items():  # every grouped launch keeps candidates
+        for name in kernels:
+            for variant in (Variant(), Variant(tile_list=True), Variant(fit_tiles=True, tile_list=True)):
+                assert L.gpu_table(name, False, variant, cls, True), (cls, name, variant)

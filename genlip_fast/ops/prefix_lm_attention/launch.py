@@ -102,9 +102,11 @@ GPU_CONFIGS_FP32 = {
     "onepass": [(16, 16, 4, 1)],
 }
 # Grouped-query attention (GROUP > 1): the key-block kernel also carries the query head through its loop, which
-# costs some configs their last registers. Dropped there (sm_90 ptxas, 16 query / 8 key-value heads, bf16: at head
-# dim 128, 255 registers and 28/48 B spilled, 248 and no spill with GROUP = 1; at 64, 255 and 16/24 B).
-GQA_DROP = {"w128": {"dkdv": [(32, 64, 8, 2)]}, "w64": {"dkdv": [(64, 64, 4, 2)]}}
+# costs some configs their last registers. Dropped there, for every variant (None) or with one variant part on
+# (sm_90 ptxas, 16 query / 8 key-value heads, bf16): at head dim 128, 32x64 w8 s2 at 255 registers spills 28/48 B
+# (248 and none with GROUP = 1) and, with tile lists, 32x64 w8 s3 spills 8-16/16-20 B; at 64, 64x64 w4 s2 16/24 B.
+GQA_DROP = {"w128": {"dkdv": [((32, 64, 8, 2), None), ((32, 64, 8, 3), "tile_list")]},
+            "w64": {"dkdv": [((64, 64, 4, 2), None)]}}
 _TUNE_KEYS = ["HEAD_DIM", "ROPE", "SPLIT", "ROW_BOUND", "TILE_LIST", "ALIGN", "GROUP"]
 _KERNELS = {
     "fwd": kernels._prefix_lm_attn_fwd_kernel,
@@ -185,7 +187,8 @@ def gpu_table(name: str, fp32: bool, variant: Variant, layout_cls: str, grouped:
     if variant.fit_tiles:
         table += [c for c in GPU_CONFIGS_FIT[layout_cls][name] if c not in table]
     if grouped:
-        table = [c for c in table if c not in GQA_DROP.get(layout_cls, {}).get(name, ())]
+        drop = [c for c, part in GQA_DROP.get(layout_cls, {}).get(name, ()) if part is None or getattr(variant, part)]
+        table = [c for c in table if c not in drop]
     return table
 
 
