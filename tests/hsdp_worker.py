@@ -22,7 +22,8 @@ import torch.distributed as dist
 from genlip_fast.data.batch import Sample
 from genlip_fast.data.packing import pack_samples
 from genlip_fast.model import GenLIP, get_preset
-from genlip_fast.train.distributed import apply_fsdp, build_mesh, mixed_precision_policy, prepare_micro_step
+from genlip_fast.train.distributed import (apply_fsdp, build_mesh, destroy_process_group, mixed_precision_policy,
+                                           prepare_micro_step)
 from genlip_fast.train.scaling import CollectiveRecorder, fsdp_units, step_collectives, summarize
 
 MESHES = [(1, 4), (2, 2), (4, 1)]
@@ -120,7 +121,7 @@ def main() -> None:
     if rank == 0:
         with open(out_json, "w") as f:
             json.dump(report, f, indent=1)
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from torch.distributed.fsdp import fully_shard
 from genlip_fast.data.batch import Sample
 from genlip_fast.data.packing import pack_samples
 from genlip_fast.model import GenLIP, get_preset
-from genlip_fast.train.distributed import apply_fsdp, build_mesh, mixed_precision_policy, prepare_micro_step
+from genlip_fast.train.distributed import (apply_fsdp, build_mesh, destroy_process_group, mixed_precision_policy,
+                                           prepare_micro_step)
 
 
 def pack_of(rank: int):
@@ -64,8 +65,8 @@ def main() -> None:
         with open(out_json, "w") as f:
             json.dump({"max_rel_err": err, "dtensor_params": sharded,
                        "params": len(list(model.parameters()))}, f)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    destroy_process_group()  # after main's model is dropped: see its docstring

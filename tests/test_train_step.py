@@ -21,6 +21,7 @@ from genlip_fast.model import GenLIP, get_preset
 from genlip_fast.train.distributed import (
     all_reduce_sum,
     apply_fsdp,
+    destroy_process_group,
     init_distributed,
     mixed_precision_policy,
     shutdown,
@@ -135,7 +136,7 @@ def _worker(rank, world, init_file, out):
         if rank == 0:
             torch.save(res, out)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def test_two_ranks_streamed_and_padded_equal_the_reference(tmp_path):
