@@ -5,7 +5,6 @@ KV-cache captioner), written to ``OUT_DIR/rank<r>.json``.
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/captions_worker.py OUT_DIR STOP_WORD
 """
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -49,14 +48,9 @@ def sharded_captions(stop_word: str) -> tuple[int, list[str]]:
     """Join the process group (torchrun's, or a single process), shard the model, caption: ``(rank, captions)``."""
     info = init_distributed("cpu", "gloo")
     try:
-        captions = _captions(info, stop_word)
-        # FSDP2 modules sit in reference cycles, and the sharded model holds the process group: free them here, not
-        # in the interpreter's last collection, where a gloo thread still releasing a finished collective's tensors
-        # cannot take the GIL and aborts the process.
-        gc.collect()
-        return info.rank, captions
+        return info.rank, _captions(info, stop_word)
     finally:
-        shutdown(info)
+        shutdown(info)  # collects the sharded model's reference cycles first (distributed.destroy_process_group)
 
 
 if __name__ == "__main__":
