@@ -120,14 +120,19 @@ def terminal_tables(benches: list[dict]) -> list[str]:
     return lines
 
 
+def _provenance() -> str:
+    """``commit: <short hash>; date: <today>`` of the checkout the results are recorded from."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return f"commit: {commit or '?'}; date: {datetime.date.today().isoformat()}"
+
+
 def markdown(benches: list[dict], command: str) -> list[str]:
     """The markdown block recorded in ``benchmarks/results/``: where and how it was measured, then one table per
     file with the remaining ``extra_info`` fields in the last column."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     info = benches[0]["extra_info"] if benches else {}
     lines = [f"- device: {info.get('gpu', info.get('device', '?'))}; torch {info.get('torch', '?')}; "
              f"triton {info.get('triton', '?')}",
-             f"- commit: {commit or '?'}; date: {datetime.date.today().isoformat()}",
+             f"- {_provenance()}",
              f"- command: `{command}`"]
     for name, rows in derived_rows(benches).items():
         lines += ["", f"### {name}", "", "| " + " | ".join(HEADER + ["extra"]) + " |",
@@ -148,10 +153,9 @@ def train_summary(rows: list[dict], skip: int, command: str) -> list[str]:
         vals = sorted(r[key] for r in steps if isinstance(r.get(key), (int, float)))
         return vals[len(vals) // 2] if vals else None
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     peak = max((r["peak_mem_gib"] for r in steps if isinstance(r.get("peak_mem_gib"), (int, float))), default=None)
     mfu, wait, step_s = median("mfu"), median("data_wait_s"), median("step_time_s")
-    return [f"- commit: {commit or '?'}; date: {datetime.date.today().isoformat()}; command: `{command}`",
+    return [f"- {_provenance()}; command: `{command}`",
             f"- steps {steps[0]['step']}-{steps[-1]['step']} (medians; the first {skip} left out); "
             f"losses {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}",
             "", "| tokens/s | samples/s | MFU | TFLOP/s per rank | step s | data wait s | peak GiB |",

@@ -168,7 +168,7 @@ def destroy_process_group() -> None:
     objects. Left to the interpreter's final collection they are torn down after the runtime they need: a 2-rank
     gloo run that had finished its work aborted at exit ("terminate called without an active exception", exit -6,
     no Python frame left) in 4 of 25 runs of ``tests/test_train_step.py``'s 2-rank worker; with these collections
-    0 of 30 (and 0 of 28 with either one alone; 2-core CPU machine, torch 2.13, 2026-11-27). Callers that keep a
+    0 of 30 (and 0 of 15 each with either one alone; 2-core CPU machine, torch 2.13, 2026-11-27). Callers that keep a
     model past this call collect again once they drop it (``python -m genlip_fast.train`` does, before it exits)."""
     gc.collect()
     if dist.is_initialized():
