@@ -38,13 +38,13 @@ from collections.abc import Iterator
 import torch
 
 from .batch import PackedBatch, Sample
-from .config import DataConfig
+from .config import DataConfig, data_sources
 from .packing import Packer, SampleTooLongError, fit_sample
 from .reader import Record, ShardReader, SkipCounter, Skipped
 from .sampler import EmptyDatasetError, ShardSampler, initial_state, layout_digest, remap_states
 from .tokenizer import Tokenizer
 from .transforms import HostDecoder, check_grid_limits
-from .webdataset import expand_shards
+from .specs import expand_spec
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,10 @@ class PackedLoader:
         self.pin = self.device is not None and self.device.type == "cuda"
         self.kind, self.device_id = resolve_backend(cfg.backend)
         self.backend = "host" if self.kind == "host" else ("dali-gpu" if self.device_id is not None else "dali-cpu")
-        shards = expand_shards(cfg.train_shards)
-        self.reader = ShardReader(shards, stage=cfg.stage, patch=cfg.patch_size, caption_field=cfg.caption_field,
-                                  keep_open=cfg.shuffle_shards + 4)
+        (source,) = data_sources(cfg)
+        shards = expand_spec(source.spec)
+        self.reader = ShardReader(shards, stage=cfg.stage, patch=cfg.patch_size, caption=source.rule,
+                                  prompt=source.prompt, keep_open=cfg.shuffle_shards + 4)
         self.digest = layout_digest(shards, cfg.seed)
         self._decoder = None
         self._state = self._initial_state()
@@ -321,6 +322,8 @@ class PackedLoader:
         """Decode and tokenise ``records`` (one batch); ``None`` (counted) where a record failed to decode."""
         decoded = self._get_decoder()([r.image for r in records])
         ids = self.tokenizer.encode_batch([r.caption for r in records], add_eot=True)
+        prompts = sorted({r.prompt for r in records if r.prompt})
+        prompt_ids = dict(zip(prompts, self.tokenizer.encode_batch(prompts))) if prompts else {}
         cap = self.cfg.max_caption_tokens
         out: list[Sample | None] = []
         for r, d, t in zip(records, decoded, ids):
@@ -331,7 +334,8 @@ class PackedLoader:
             if cap and len(t) > cap:
                 t = t[:cap - 1] + [self.tokenizer.eot_id]
                 counters["truncated"] += 1
-            out.append(Sample(d[0], d[1], torch.tensor(t, dtype=torch.int64), key=r.name))
+            prompt = torch.tensor(prompt_ids[r.prompt], dtype=torch.int64) if r.prompt else None
+            out.append(Sample(d[0], d[1], torch.tensor(t, dtype=torch.int64), prompt, key=r.name))
         return out
 
     def _decoded(self, sampler: ShardSampler, skipped: SkipCounter,

@@ -2,19 +2,20 @@
 
 DALI treats a bad image as a critical error that leaves its pipeline unusable, so every record is checked here, on
 the host, from its bytes: an image member of a supported format with a readable header and a complete file, a size
-of at least one patch, and a non-empty caption. A record that fails is skipped — never silently: it is counted by
+of at least one patch, and a non-empty caption where the source's caption rule (:mod:`~genlip_fast.data.captions`)
+looks for it. A record that fails is skipped — never silently: it is counted by
 reason and logged with its shard and key (the first few one by one, then a summary line now and then). A shard that
 is not a readable tar is skipped as a whole, counted and logged with its path.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from .captions import AUTO, CaptionRule, MissingCaption, parse_rule
 from .transforms import BadImage, probe_image, too_small
 from .webdataset import SHARD_ERRORS, load_index, read_members, shard_error
 
@@ -83,6 +84,8 @@ class Record:
     image: bytes
     caption: str
     hw: tuple[int, int]
+    prompt: str | None = None
+    """Text between image and caption that carries no loss (the source's prompt, or the conversation's user turn)."""
 
     @property
     def name(self) -> str:
@@ -100,41 +103,23 @@ class Skipped:
     detail: str = ""
 
 
-def caption_of(fields: dict[str, bytes], caption_field: str = "") -> str | None:
-    """The caption text, or None when it is missing (no .txt, or no .json / field when ``caption_field`` is set)."""
-    if caption_field:
-        if "json" not in fields:
-            return None
-        try:
-            value = json.loads(fields["json"])
-        except ValueError:
-            return None
-        for part in caption_field.split("."):  # "meta.caption" walks nested objects
-            value = value.get(part) if isinstance(value, dict) else None
-        return value if isinstance(value, str) else None
-    if "txt" not in fields:
-        return None
-    return fields["txt"].decode("utf-8", errors="replace")
-
-
-def check_fields(fields: dict[str, bytes], *, stage: int, patch: int, caption_field: str = "",
-                 ) -> tuple[bytes, str, tuple[int, int]]:
-    """``(image bytes, caption, (h, w))`` of a good record, or :class:`BadImage` whose ``reason`` says why not."""
+def check_fields(fields: dict[str, bytes], *, stage: int, patch: int, rule: CaptionRule | None = None,
+                 ) -> tuple[bytes, str, str | None, tuple[int, int]]:
+    """``(image bytes, caption, prompt or None, (h, w))`` of a good record (``rule``: where the caption is; default
+    ``auto``), or :class:`BadImage` whose ``reason`` says why not."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         other = next((e for e in OTHER_IMAGE_EXTS if e in fields), None)
         raise BadImage("unsupported format", other) if other else BadImage("missing image")
-    caption = caption_of(fields, caption_field)
-    if caption is None:
-        raise BadImage("missing caption", caption_field or "txt")
-    caption = caption.strip()
-    if not caption:
-        raise BadImage("empty caption")
+    try:
+        found = (rule or parse_rule(AUTO)).caption(fields)
+    except MissingCaption as e:
+        raise BadImage(e.reason, e.detail) from None
     image = fields[ext]
     _, h, w = probe_image(image)
     if too_small(h, w, stage=stage, patch=patch):
         raise BadImage("image smaller than a patch", f"{w}x{h}")
-    return image, caption, (h, w)
+    return image, found.text, found.prompt, (h, w)
 
 
 class ShardReader:
@@ -144,12 +129,15 @@ class ShardReader:
     reached — for its sample count when a stream opens it, or to read a record — and kept for the few shards being
     read (LRU), as are open file handles. So start-up reads no shard at all. A shard that cannot be indexed (not a
     tar, a broken header, unreadable) counts as empty: it is reported with its path to the ``skipped`` counter.
+    Every record's caption is found by ``caption`` (a rule); ``prompt`` (if not '') is every record's prompt, unless
+    the rule takes one from the record's conversation.
     """
 
-    def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption_field: str = "",
-                 keep_open: int = 8):
+    def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption: CaptionRule | None = None,
+                 prompt: str = "", keep_open: int = 8):
         self.shards = list(shards)
-        self.stage, self.patch, self.caption_field, self.keep_open = stage, patch, caption_field, keep_open
+        self.stage, self.patch, self.keep_open = stage, patch, keep_open
+        self.rule, self.prompt = caption or parse_rule(AUTO), prompt
         self._index: OrderedDict[int, list] = OrderedDict()
         self._bad: dict[int, str] = {}
         self._files: OrderedDict[int, object] = OrderedDict()
@@ -201,8 +189,7 @@ class ShardReader:
         except OSError as e:
             return Skipped((s, i), shard, key, "unreadable shard", str(e))
         try:
-            image, caption, hw = check_fields(fields, stage=self.stage, patch=self.patch,
-                                              caption_field=self.caption_field)
+            image, caption, prompt, hw = check_fields(fields, stage=self.stage, patch=self.patch, rule=self.rule)
         except BadImage as e:
             return Skipped((s, i), shard, key, e.reason, e.detail)
-        return Record((s, i), shard, key, image, caption, hw)
+        return Record((s, i), shard, key, image, caption, hw, prompt or self.prompt or None)

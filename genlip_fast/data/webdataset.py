@@ -7,7 +7,6 @@ byte offset and size of every member), so a reader can start at any sample with 
 
 from __future__ import annotations
 
-import glob
 import io
 import json
 import os
@@ -24,6 +23,19 @@ SHARD_ERRORS = (OSError, EOFError, tarfile.TarError)
 def shard_error(e: BaseException) -> str:
     """Why a shard was skipped, for logs and manifests."""
     return f"not a readable tar ({type(e).__name__}: {e})"
+
+
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+def _refuse_compressed(path: str | os.PathLike) -> None:
+    """A compressed file under a .tar name is read raw by offset, so it cannot be indexed: say what it is."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    kind = next((k for magic, k in _COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+    if kind:
+        raise tarfile.ReadError(f"{os.fspath(path)!r} is {kind}-compressed; a shard must be a plain tar "
+                                f"(decompress it: {kind} -dc FILE > FILE.tar)")
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -58,9 +70,11 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, 
 
 
 def scan_shard(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """``[(key, {ext: (data_offset, size)})]`` in tar order, from the tar headers only."""
+    """``[(key, {ext: (data_offset, size)})]`` in tar order, from the tar headers only. A compressed file is refused
+    (its offsets would be those of the decompressed stream, which the reader does not read)."""
+    _refuse_compressed(path)
     out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(path, "r:") as tar:
         for m in tar:
             if not m.isfile():
                 continue
@@ -123,26 +137,3 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
             fields[ext] = tar.extractfile(m).read()
     if key is not None:
         yield key, fields
-
-
-def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Shard paths from a path, a glob, a folder (its ``*.tar``), a comma-separated list or a list of those;
-    sorted within each entry, must be non-empty."""
-    if isinstance(spec, (str, os.PathLike)):
-        specs = [s for s in str(spec).split(",") if s.strip()] if isinstance(spec, str) else [spec]
-    else:
-        specs = list(spec)
-    out: list[str] = []
-    for s in specs:
-        s = str(s).strip()
-        if os.path.isdir(s):
-            out += sorted(glob.glob(os.path.join(s, "*.tar")))
-        elif any(c in s for c in "*?["):
-            out += sorted(glob.glob(s))
-        elif os.path.isfile(s):
-            out.append(s)
-        else:
-            raise FileNotFoundError(f"no shard at {s!r}")
-    if not out:
-        raise FileNotFoundError(f"no .tar shards matched {spec!r}")
-    return out

@@ -21,7 +21,8 @@ import torch
 
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
-from ..data.webdataset import expand_shards
+from ..data.config import data_sources
+from ..data.specs import ShardSpecError, expand_spec
 from .checkpoint import (
     all_gather_objects,
     format_bytes,
@@ -118,13 +119,15 @@ def check_inputs(cfg: JobConfig, out_dir: Path, ckpt_root: Path) -> None:
     """Training and held-out shards, the output and checkpoint folders (writable), and a fresh run not writing
     among an earlier run's checkpoints. Every rank calls it; all raise together."""
     problems = []
-    for option, spec in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
-        if option == "data.train_shards" or spec:
-            try:
-                expand_shards(spec)
-            except FileNotFoundError as e:
-                hint = " (--data.val_shards='' captions nothing)" if option == "data.val_shards" else ""
-                problems.append(f"{option} = {spec!r}: {e}{hint}")
+    d = cfg.data
+    specs = [(f"data.sources[{i}].path" if d.sources else "data.train_shards", s.spec)
+             for i, s in enumerate(data_sources(d))]
+    for option, spec in specs + ([("data.val_shards", d.val_shards)] if d.val_shards else []):
+        try:
+            expand_spec(spec)
+        except (ShardSpecError, OSError) as e:  # nothing there, compressed shards; a store that cannot be listed
+            hint = " (--data.val_shards='' evaluates and captions nothing)" if option == "data.val_shards" else ""
+            problems.append(f"{option} = {spec!r}: {e}{hint}")
     ckpt_option = "checkpoint.dir" if cfg.checkpoint.dir else "train.out_dir (checkpoints go to its checkpoints/)"
     for path, option in ((out_dir, "train.out_dir"), (ckpt_root, ckpt_option)):
         if option == "train.out_dir" or nearest_existing(ckpt_root) != nearest_existing(out_dir):

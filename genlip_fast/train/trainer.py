@@ -31,7 +31,8 @@ from torch import nn
 from ..data.manifest import describe_dataset
 from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer
-from ..data.webdataset import expand_shards
+from ..data.config import data_sources
+from ..data.specs import NoShardsError, ShardSpecError, expand_spec
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
 from . import preflight
@@ -107,8 +108,8 @@ def build_optimizer(cfg: JobConfig, model: nn.Module, device: torch.device) -> t
 
 
 def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
-    """Generate the demo shapes dataset when ``data.generate_demo_data`` is on and ``data.train_shards`` matches
-    nothing yet; otherwise a missing shard is a ``ConfigError`` naming the path.
+    """Generate the demo shapes dataset when ``data.generate_demo_data`` is on and ``data.train_shards`` (one
+    source) matches nothing yet. Other problems with the training data are left to ``preflight.check_inputs``.
 
     Every rank checks (reads only, so all ranks fail alike); only ``write=True`` (rank 0) generates. The generator
     writes only into a new or empty folder and never over a file (``data.synthetic.demo_folder``), so a mistyped path
@@ -116,12 +117,16 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     """
     from ..data.synthetic import demo_folder, generate_probe_set, generate_shards
 
-    try:
-        expand_shards(cfg.data.train_shards)
+    d = cfg.data
+    if not d.generate_demo_data or d.sources or ";" in d.train_shards:
         return
-    except FileNotFoundError as e:
-        if not cfg.data.generate_demo_data:
-            raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
+    try:
+        expand_spec(d.train_shards)
+        return
+    except NoShardsError:
+        pass  # the demo's place: generated below if it is a new or empty folder
+    except (ShardSpecError, OSError):
+        return
     try:
         out = demo_folder(cfg.data.train_shards, cfg.data.val_shards)
     except ValueError as e:
@@ -269,7 +274,8 @@ class Run:
             f"{info.world_size} rank(s) on {self.device.type} ({info.mesh_desc}); precision {self.mp.param_dtype}; "
             f"activation checkpointing on {len(self.checkpointed)}/{len(self.model.blocks)} blocks"
             + ("; compiled blocks" if cfg.parallel.compile else ""))
-        metrics.message(describe_dataset(expand_shards(cfg.data.train_shards)))
+        for source in data_sources(cfg.data):
+            metrics.message(describe_dataset(expand_spec(source.spec)))
         metrics.message(describe_plan(plan, cfg))
         if plan.remapped_from is not None:
             metrics.message(
