@@ -34,9 +34,9 @@ from genlip_fast.train.checkpoint import (
     load_dcp,
     verify_checkpoint,
 )
-from genlip_fast.train.export import load_checkpoint_model
-from genlip_fast.train.manifest import describe, read_manifest, write_manifest
-from genlip_fast.train.testing import tiny_config, tiny_overrides
+from genlip_fast.checkpoint.export import load_checkpoint_model
+from genlip_fast.checkpoint.manifest import describe, read_manifest, write_manifest
+from tiny_run import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import NonFiniteLossError, train
 
 REPO = Path(__file__).resolve().parent.parent

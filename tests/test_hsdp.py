@@ -23,7 +23,7 @@ import torch
 from genlip_fast.train.checkpoint import latest_checkpoint
 from genlip_fast.train.config import ConfigError
 from genlip_fast.train.distributed import mesh_shape
-from genlip_fast.train.testing import tiny_config, tiny_overrides
+from tiny_run import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from genlip_fast.data import Sample, pack_samples
 from genlip_fast.model import GenLIP, count_parameters, get_preset
 from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_mask
-from genlip_fast.train.official import (
+from genlip_fast.checkpoint.official import (
     OfficialFormatError,
     config_from_official,
     config_to_official,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from genlip_fast.train.export import load_checkpoint_model
-from genlip_fast.train.testing import tiny_config, tiny_overrides
+from genlip_fast.checkpoint.export import load_checkpoint_model
+from tiny_run import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import train
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from genlip_fast.train.testing import tiny_config
+from tiny_run import tiny_config
 from genlip_fast.train.trainer import train
 
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "tiny.json"

@@ -20,7 +20,7 @@ from genlip_fast.model.model import drop_path_per_pack, drop_path_per_sample
 from genlip_fast.train.checkpoint import latest_checkpoint
 from genlip_fast.train.config import CONFIG_DIR, ConfigError, load_config
 from genlip_fast.train.step import describe_plan, plan_batch
-from genlip_fast.train.testing import tiny_config
+from tiny_run import tiny_config
 from genlip_fast.train.trainer import train
 
 TOK = load_tokenizer("demo")

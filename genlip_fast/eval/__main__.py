@@ -29,7 +29,7 @@ def load_for_eval(checkpoint: str, *, stage: int | None = None, image_size: int 
     override it; an exported file, without a data config, defaults to stage 1 at 224)."""
     # The checkpoint readers live with the trainer (genlip_fast.load_encoder reads through them too).
     from ..speak import VisionEncoder
-    from ..train.export import inputs_from_meta, load_checkpoint_model, load_model
+    from ..checkpoint.export import inputs_from_meta, load_checkpoint_model, load_model
 
     path = Path(checkpoint)
     if path.is_file():
@@ -49,7 +49,7 @@ def load_for_eval(checkpoint: str, *, stage: int | None = None, image_size: int 
 def _probe(args) -> int:
     import torch
 
-    from ..train.checkpoint import CheckpointError
+    from ..checkpoint.safe_load import CheckpointError
     from .probe import ImageFolder, probe_encoder
 
     try:

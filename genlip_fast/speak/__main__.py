@@ -41,7 +41,7 @@ def _common(ap: argparse.ArgumentParser) -> None:
 
 def _setup(args):
     from ..data.tokenizer import load_tokenizer
-    from ..train.export import load_model
+    from ..checkpoint.export import load_model
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -97,7 +97,7 @@ def caption_main(argv: list[str]) -> int:
 
 
 def readout_main(argv: list[str]) -> int:
-    from .inputs import open_image
+    from ..data.inputs import open_image
     from .readout import draw_readout, patch_top_words, readout_json
 
     ap = argparse.ArgumentParser(prog="python -m genlip_fast.speak readout",

@@ -19,7 +19,7 @@ from torch import nn
 from ..data.batch import PackedBatch
 from ..data.packing import pack_images
 from ..model import GenLIP
-from .inputs import ImageTransform
+from ..data.inputs import ImageTransform
 
 TEXT_MODULES = ("text_embed", "text_in", "text_out", "lm_head")
 

@@ -46,8 +46,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .distributed import broadcast_object
-from .manifest import MANIFEST, check_files, describe, read_manifest, write_manifest
-from .safe_load import (
+from ..checkpoint.manifest import MANIFEST, check_files, describe, read_manifest, write_manifest
+from ..checkpoint.safe_load import (
     DCP_METADATA,
     CheckpointError,
     from_plain,

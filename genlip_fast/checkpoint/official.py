@@ -33,7 +33,7 @@ import torch
 
 from ..model import GenLIP, ModelConfig
 from ..model.config import AUTHORS_CODE
-from ..speak.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, InputSpec
+from ..data.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def import_official(src: str | Path, out: str | Path) -> dict:
 
     import torch.distributed.checkpoint as dcp
 
-    from .checkpoint import META
+    from ..train.checkpoint import META
     from .manifest import describe, write_manifest
 
     model, inputs = load_official(src)

@@ -26,8 +26,8 @@ import torch
 
 from ..model import GenLIP, ModelConfig
 from ..speak.encoder import VisionEncoder
-from ..speak.inputs import ImageTransform, InputSpec
-from .checkpoint import load_dcp, read_meta, require_passing, resolve_checkpoint
+from ..data.inputs import ImageTransform, InputSpec
+from ..train.checkpoint import load_dcp, read_meta, require_passing, resolve_checkpoint
 
 TEXT_PREFIXES = ("text_embed.", "text_in.", "text_out.", "lm_head.")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
