@@ -93,9 +93,9 @@ def test_compressed_shards_are_refused_with_the_command(tmp_path, suffix, tool):
         assert f"a{suffix}" in str(e.value) and tool in str(e.value)
 
 
-def test_a_compressed_file_named_tar_is_a_bad_shard_that_says_so(tmp_path):
+def test_a_compressed_file_named_tar_is_a_bad_shard(tmp_path):
     # tarfile opens a .tar.gz transparently, so the index held offsets of the decompressed stream and every sample
-    # was then read raw as "not an image"; now the shard is refused with what it is
+    # was then read raw as "not an image"; now it is an unreadable shard, skipped and reported with its path
     raw = io.BytesIO()
     import tarfile
     with tarfile.open(fileobj=raw, mode="w") as tar:
@@ -104,7 +104,7 @@ def test_a_compressed_file_named_tar_is_a_bad_shard_that_says_so(tmp_path):
         tar.addfile(info, io.BytesIO(b"x"))
     (tmp_path / "a.tar").write_bytes(gzip.compress(raw.getvalue()))
     reader = ShardReader([str(tmp_path / "a.tar")])
-    assert reader.count(0) == 0 and "gzip-compressed" in reader._bad[0]
+    assert reader.count(0) == 0 and "not a readable tar" in reader._bad[0]
 
 
 # -- item 2: caption rules -----------------------------------------------------------------------------------------
