@@ -109,6 +109,19 @@ class GenLIP(nn.Module):
         self.lm_head = LinearCrossEntropy(text_dim, cfg.vocab_size, reduction="sum", impl=cfg.ce_backend)
         self.reset_parameters()
 
+    def set_backends(self, attn: str | None = None, ce: str | None = None) -> "GenLIP":
+        """Switch the attention / LM-head implementations of the built model, in its config and its modules alike
+        (the modules read theirs when built): a checkpoint's training choice need not fit the machine loading it."""
+        if attn is not None:
+            self.cfg.attn_backend = attn
+            for block in self.blocks:
+                block.attn.impl = attn
+        if ce is not None:
+            self.cfg.ce_backend = ce
+            if self.lm_head is not None:  # a vision encoder drops it
+                self.lm_head.impl = ce
+        return self
+
     def reset_parameters(self) -> None:
         """The authors' init: xavier-uniform attention projections (N(0, 0.02) with ``attn_init="normal"``), zero
         biases, N(0, 0.02) elsewhere, norms at 1."""
