@@ -190,7 +190,8 @@ class GenLIPVisionModel(PreTrainedModel):
         """
         if output_attentions:
             raise ValueError("GenLIPVisionModel does not return attention weights (output_attentions)")
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         flat = pixel_values.dim() == 2
         if flat:
@@ -202,7 +203,8 @@ class GenLIPVisionModel(PreTrainedModel):
             grids = [(h, w) for _, h, w in grids_thw]
             lengths = [h * w for h, w in grids]
             if sum(lengths) != pixel_values.shape[0]:
-                raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says {sum(lengths)}")
+                raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches, image_grid_thw says "
+                                 f"{sum(lengths)}")
             patches = nn.utils.rnn.pad_sequence(list(pixel_values.split(lengths)), batch_first=True)  # (B, L, Cpp)
         else:
             if pixel_values.dim() != 4:
