@@ -116,12 +116,14 @@ def test_shards_as_input_with_a_layer_and_parquet_metadata(setup, tmp_path):
     samples.insert(1, ("broken", {"jpg": b"\xff\xd8\xffnot really"}))
     write_shard(tmp_path / "a-000.tar", samples[:2])
     write_shard(tmp_path / "a-001.tar", samples[2:])
+    (tmp_path / "a-002.tar").write_bytes(b"not a tar at all" * 64)
     out = tmp_path / "out"
     assert run(tmp_path / "a-*.tar", "--checkpoint", root / "ckpt", "--out", out, "--layer", "0", "--norm",
                "--meta", "parquet", "--out-dtype", "float16") == 0
-    feats, _, rows = read_out(out, 2, "parquet")
-    assert [r["key"] for r in rows] == ["k0", "broken", "k1", "k2"] and rows[1]["row"] is None
+    feats, _, rows = read_out(out, 3, "parquet")
+    assert [r["key"] for r in rows] == ["k0", "broken", "k1", "k2", ""] and rows[1]["row"] is None
     assert rows[0]["source"].endswith("a-000.tar") and rows[2]["source"].endswith("a-001.tar")
+    assert "not a readable tar" in rows[4]["error"]  # a bad shard is recorded and the run goes on
     images = [Image.open(io.BytesIO(s[1]["png"])) for s in samples if s[0] != "broken"]
     with torch.no_grad():
         want = enc.encode(images, layers=[0], norm=True).pooled[0]

@@ -35,7 +35,7 @@ import torch
 
 from ..data.inputs import open_image
 from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS
-from ..data.webdataset import SHARD_ERRORS, expand_shards, load_index, read_members
+from ..data.webdataset import SHARD_ERRORS, expand_shards, load_index, read_members, shard_error
 from .encoder import VisionEncoder
 
 FORMAT = "genlip-features/1"
@@ -63,6 +63,8 @@ class Part:
 
 
 def _shard_items(path: str) -> list[Item]:
+    """The images of one shard; a shard that cannot be indexed is one item whose reading fails, so its output shard
+    records why and the run goes on."""
     def reader(members):
         def read() -> bytes:
             with open(path, "rb") as f:
@@ -76,7 +78,9 @@ def _shard_items(path: str) -> list[Item]:
     try:
         index = load_index(path)
     except SHARD_ERRORS as e:
-        raise ValueError(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
+        def unreadable(reason=shard_error(e)) -> bytes:
+            raise ValueError(reason)
+        return [Item("", path, unreadable)]
     return [Item(key, path, reader(members)) for key, members in index]
 
 
@@ -199,7 +203,8 @@ def extract(encoder: VisionEncoder, job: FeatureJob, spec: str, out_dir: str | P
     else:
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     counts = {"written": 0, "skipped": 0, "encoded": 0, "failed": 0}
-    with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(desc="features", unit="img", disable=not progress) as bar:
+    with (ThreadPoolExecutor(max(1, workers)) as pool,
+          tqdm(desc="features", unit="img", total=described.get("images"), disable=not progress) as bar):
         for part in parts:
             files = {"features": out / f"features-{part.index:05d}.npy",
                      "meta": out / f"meta-{part.index:05d}.{job.meta}"}
