@@ -118,4 +118,3 @@ def origin(path: str | Path) -> dict:
         return {"form": "exported", "path": str(p.resolve()), "step": None if step is None else int(step)}
     ckpt = resolve_checkpoint(p)
     return {"form": "checkpoint", "path": str(ckpt.resolve()), "step": read_meta(ckpt)["step"]}
-
