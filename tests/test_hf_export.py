@@ -339,8 +339,9 @@ def test_exported_authors_checkpoint_names_the_stock_processor(tmp_path):
 
 @pytest.mark.slow
 def test_transformers_4x_loads_the_export_too():
-    """The same tests under transformers 4.x, in the interpreter named by GENLIP_TRANSFORMERS4_PYTHON (a venv with
-    torch and ``transformers>=4.55,<5``; see the README's tests paragraph)."""
+    """The same tests under transformers 4.x, in the interpreter named by GENLIP_TRANSFORMERS4_PYTHON: a venv made
+    with ``python3 -m venv /tmp/t4 && /tmp/t4/bin/pip install torch==2.13.0 'transformers>=4.57,<5' pillow pytest``
+    (the README's tests paragraph)."""
     python = os.environ.get("GENLIP_TRANSFORMERS4_PYTHON")
     if not python:
         pytest.skip("set GENLIP_TRANSFORMERS4_PYTHON to a python with transformers 4.x")
