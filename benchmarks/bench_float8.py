@@ -5,6 +5,9 @@
 - one So/16 block (fused attention) on a stage-1 pack (16K tokens, ~60 samples), its linears in float8 as the
   trainer converts them (``genlip_fast.train.float8.convert``), all of them or the MLP only.
 
+Variants: bf16, ``tensorwise``, ``rowwise`` (and the block with ``tensorwise`` on the MLP only). Without FSDP the
+float8 weight is cast inside each linear; the trainer's tensorwise casts each shard before FSDP2 all-gathers it.
+
     python -m pytest benchmarks/bench_float8.py --benchmark-only --benchmark-json=float8.json
 
 Each reports median ms, useful TFLOP/s (bf16-equivalent work) and peak memory; ``summarize.py`` adds the speed-up
@@ -26,11 +29,11 @@ from genlip_fast.train import float8
 from genlip_fast.train.flops import block_linear_weights, prefix_lm_pairs
 
 TOKENS = 16384
-VARIANTS = [  # (name, train.float8, train.float8_filter)
+VARIANTS = [  # (name, train.float8, train.float8_filter); rowwise_with_gw_hp left out: every row compiles, and the
+    # file must finish inside the GPU check's time limit for it (its JSON is written at the end)
     pytest.param("bf16", "off", "all", id="bf16"),
     pytest.param("tensorwise", "tensorwise", "all", id="tensorwise"),
     pytest.param("rowwise", "rowwise", "all", id="rowwise"),
-    pytest.param("rowwise_with_gw_hp", "rowwise_with_gw_hp", "all", id="rowwise_with_gw_hp"),
 ]
 LINEARS = ["attn.q_proj", "attn.k_proj", "mlp.w1", "mlp.w2"]
 """One of each shape in So/16's block (1152 -> 2304 with the gate, 1152 -> 1152 as v and o, 1152 -> 3072 as w3,
@@ -69,8 +72,8 @@ def test_float8_linear_so16(benchmark, linear, name, recipe, filter):
                   recipe=recipe, linear=linear, tokens=TOKENS)
 
 
-@pytest.mark.parametrize("name,recipe,filter", VARIANTS[:2] + [
-    pytest.param("tensorwise MLP only", "tensorwise", "mlp", id="tensorwise-mlp")] + VARIANTS[2:])
+@pytest.mark.parametrize("name,recipe,filter", VARIANTS + [
+    pytest.param("tensorwise MLP only", "tensorwise", "mlp", id="tensorwise-mlp")])
 def test_float8_block_so16_stage1_pack(benchmark, name, recipe, filter):
     block, cfg = so16_block(recipe, filter)
     host = stage1_pack()
