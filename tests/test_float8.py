@@ -369,16 +369,37 @@ def test_hundred_steps_of_float8_stay_within_a_band_of_high_precision(shapes, tm
     assert hp[-20:].mean() < 0.5 * hp[:5].mean()  # it learns
     for mode, losses in runs.items():
         f8 = torch.tensor(losses)
-        assert abs(f8[-20:].mean() / hp[-20:].mean() - 1) < 0.03, (mode, f8[-20:].mean(), hp[-20:].mean())
-        assert ((f8 - hp).abs() / hp).max() < 0.1, (mode, f8, hp)
+        # measured (2-core CPU, torch 2.13, torchao 0.18): at most 0.15% over the last 20 steps, 2.5% at any step
+        assert abs(f8[-20:].mean() / hp[-20:].mean() - 1) < 0.01, (mode, f8[-20:].mean(), hp[-20:].mean())
+        assert ((f8 - hp).abs() / hp).max() < 0.05, (mode, f8, hp)
+
+
+def test_compiled_blocks_take_float8_gathered_weights_only_as_one_graph():
+    """torch.compile refuses float8-gathered weights (tensor subclasses) into a graph whose outputs alias; a block
+    with the reference attention breaks into such graphs (measured: the trainer failed at its first step), so there
+    the weights are gathered unconverted, and the start-up line says why."""
+    cpu = torch.device("cpu")
+    assert float8.all_gather_blocked(False, "reference", cpu) is None
+    assert float8.all_gather_blocked(True, "triton", cpu) is None  # one graph (the CPU runs it interpreted)
+    why = float8.all_gather_blocked(True, "reference", cpu)
+    assert why.startswith("parallel.compile with the reference attention")
+    model = OneLinear(nn.Linear(32, 48))
+    res = float8.convert(model, "tensorwise", gather_blocked_by=why)
+    assert not res.fsdp_float8_all_gather and type(model.blocks[0]["lin"].weight) is nn.Parameter
+    assert f"FSDP2 all-gathers them unconverted ({why})" in res.describe()
 
 
 @pytest.mark.slow
-def test_compiled_float8_trainer_matches_eager(shapes, f8_run, tmp_path):
-    """``parallel.compile`` (inductor on the CPU) with float8: the first steps as the eager run's."""
-    _, eager = f8_run
-    res = _run(shapes, tmp_path, train__float8="tensorwise", parallel__compile=True, train__stop_at_step=2)
-    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(eager[:2]), rtol=1e-4, atol=0)
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_compiled_float8_trainer_matches_eager(shapes, f8_run, tmp_path, recipe):
+    """``parallel.compile`` (inductor on the CPU; the reference attention, so tensorwise gathers unconverted): the
+    first steps as the eager run's."""
+    kw = dict(train__float8=recipe, train__stop_at_step=2)
+    eager = f8_run[1][:2] if recipe == "tensorwise" else _run(shapes, tmp_path / "eager", **kw)["losses"]
+    res = _run(shapes, tmp_path / "compiled", parallel__compile=True, **kw)
+    # Inductor fuses the amax and scale computations: a last-bit difference in a scale moves float8 roundings.
+    # Measured: 3.3e-4 relative at step 2 (tensorwise), within 1e-4 (rowwise).
+    torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(eager), rtol=1e-3, atol=0)
 
 
 @pytest.mark.slow

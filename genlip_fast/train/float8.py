@@ -9,7 +9,8 @@ its in/out maps stay in the run's precision. A linear whose in or out width is n
 
 Recipes (torchao's names): ``tensorwise`` (one scale per tensor; the weights are all-gathered by FSDP2 in float8,
 their scales computed for all linears in one all-reduce after each optimizer step), ``rowwise`` (one scale per row,
-all three GEMMs in float8) and ``rowwise_with_gw_hp`` (rowwise; the weight gradient in high precision).
+all three GEMMs in float8) and ``rowwise_with_gw_hp`` (rowwise; the weight gradient in high precision). Compiled
+blocks take float8-gathered weights only when each block is one graph (:func:`all_gather_blocked`).
 
 Token counts: the weight-gradient GEMM ``grad_out.T @ x`` contracts over the pack's T tokens, and the GPU's
 ``_scaled_mm`` needs that inner dimension to be a multiple of 16 (the CPU's does not check). The trainer pads every
@@ -102,6 +103,25 @@ def select_linears(model: nn.Module, filter: str = "all") -> tuple[list[str], di
     return converted, skipped
 
 
+def all_gather_blocked(compile: bool, attn_backend: str, device: torch.device) -> str | None:
+    """Why FSDP2 cannot all-gather tensorwise weights in float8 for this run, or None.
+
+    torch.compile (2.13) refuses a graph that takes tensor-subclass inputs (the float8-gathered weights) and returns
+    outputs aliasing one another. A compiled block is one graph with the fused attention (a custom op); the
+    reference attention reads sample lengths back to the host, which splits the block into graphs whose outputs
+    are the attention projections' views (q and the gate share one buffer). Then the weights are gathered in the
+    run's precision and cast to float8 inside each linear: the same float8 values, more bytes moved."""
+    if not compile:
+        return None
+    from ..ops._dispatch import resolve_impl
+
+    impl = resolve_impl(attn_backend, torch.empty(0, device=device), extra=("flex",))
+    if impl == "triton":
+        return None
+    return (f"parallel.compile with the {impl} attention: torch.compile takes float8-gathered weights only into a block "
+            f"that is one graph, as with the fused attention")
+
+
 class Float8ShapeError(ValueError):
     """A float8 linear was given a token count the GPU's float8 GEMM refuses."""
 
@@ -146,6 +166,8 @@ class Float8Linears:
     """Block linears the filter left out."""
     emulate: bool = False
     """GEMMs emulated in fp32 (see :func:`convert`)."""
+    gather_blocked_by: str | None = None
+    """Why tensorwise weights are not all-gathered in float8 (:func:`all_gather_blocked`), or None."""
 
     @property
     def enabled(self) -> bool:
@@ -155,7 +177,7 @@ class Float8Linears:
     def fsdp_float8_all_gather(self) -> bool:
         """FSDP2 all-gathers the converted weights in float8 (tensorwise: one scale per weight, known before the
         gather)."""
-        return self.enabled and self.recipe == "tensorwise"
+        return self.enabled and self.recipe == "tensorwise" and self.gather_blocked_by is None
 
     @property
     def token_multiple(self) -> int:
@@ -185,6 +207,8 @@ class Float8Linears:
             line += "; skipped: " + "; ".join(f"{_compact(n)}: {why}" for why, n in reasons.items())
         if self.fsdp_float8_all_gather:
             line += "; FSDP2 all-gathers them in float8"
+        elif self.recipe == "tensorwise" and self.gather_blocked_by:
+            line += f"; FSDP2 all-gathers them unconverted ({self.gather_blocked_by})"
         if self.token_multiple > 1:
             line += f"; packs padded to a multiple of {self.token_multiple} tokens"
         if self.emulate:
@@ -192,7 +216,8 @@ class Float8Linears:
         return line
 
 
-def convert(model: nn.Module, recipe: str = "off", filter: str = "all", *, emulate: bool = False) -> Float8Linears:
+def convert(model: nn.Module, recipe: str = "off", filter: str = "all", *, emulate: bool = False,
+            gather_blocked_by: str | None = None) -> Float8Linears:
     """Swap the block linears ``filter`` picks (:func:`select_linears`) for torchao's ``Float8Linear`` with
     ``recipe`` (one of :data:`RECIPES`; ``"off"`` changes nothing), in place. Call it on the plain model, before
     activation checkpointing, compile and FSDP2; then call :meth:`Float8Linears.after_optimizer_step` after every
@@ -202,6 +227,8 @@ def convert(model: nn.Module, recipe: str = "off", filter: str = "all", *, emula
     dequantized operands instead of ``torch._scaled_mm``. The trainer emulates on the CPU, whose ``_scaled_mm`` is
     a reference kernel (torch 2.13's, through oneDNN, ran a 256x128x352 GEMM in 0.4 s on the 2-core development
     machine, 2026-12-07: ~30 MFLOP/s).
+
+    ``gather_blocked_by``: a reason tensorwise weights must not be all-gathered in float8 (:func:`all_gather_blocked`).
     """
     if recipe not in RECIPES:
         raise ConfigError(f"train.float8 = {recipe!r}; choose one of {list(RECIPES)}")
@@ -214,7 +241,7 @@ def convert(model: nn.Module, recipe: str = "off", filter: str = "all", *, emula
 
     converted, skipped = select_linears(model, filter)
     result = Float8Linears(recipe, converted, skipped, len(block_linears(model)) - len(converted) - len(skipped),
-                           emulate)
+                           emulate, gather_blocked_by)
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
                                  enable_fsdp_float8_all_gather=result.fsdp_float8_all_gather)
     chosen = set(converted)
@@ -226,5 +253,5 @@ def convert(model: nn.Module, recipe: str = "off", filter: str = "all", *, emula
     return result
 
 
-__all__ = ["Float8Linears", "Float8ShapeError", "GEMM_MULTIPLE", "RECIPES", "block_linears", "convert",
-           "select_linears", "unavailable_reason"]
+__all__ = ["Float8Linears", "Float8ShapeError", "GEMM_MULTIPLE", "RECIPES", "all_gather_blocked", "block_linears",
+           "convert", "select_linears", "unavailable_reason"]

@@ -206,8 +206,9 @@ class Run:
                 model = GenLIP(self.mcfg)
         else:
             model = GenLIP(self.mcfg)
-        self.float8 = float8.convert(model, cfg.train.float8, cfg.train.float8_filter,  # before wrapping it
-                                     emulate=device.type != "cuda")
+        self.float8 = float8.convert(  # before wrapping it
+            model, cfg.train.float8, cfg.train.float8_filter, emulate=device.type != "cuda",
+            gather_blocked_by=float8.all_gather_blocked(cfg.parallel.compile, cfg.model.attn_backend, device))
         self.checkpointed = apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint,
                                                            cfg.parallel.ac_ratio)
         if cfg.parallel.compile:
