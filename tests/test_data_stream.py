@@ -4,7 +4,6 @@ different number of streams on resume, bad shards, rate-limited skip logs, pinne
 
 import io
 import itertools
-import json
 import logging
 import re
 import shutil
@@ -35,6 +34,7 @@ from genlip_fast.data.sampler import (
 )
 from genlip_fast.data.tokenizer import load_tokenizer
 from genlip_fast.data.webdataset import write_shard
+from tiny_run import stage2_layout_shard
 
 TOK = load_tokenizer("demo")
 
@@ -274,14 +274,6 @@ def test_no_readable_shard_is_one_clear_error(tmp_path):
     loader.close()
 
 
-def stage2_layout_shard(path, n: int) -> None:
-    """The authors' stage-2 layout: ``jpg`` + ``json`` whose ``conversations`` holds the caption (no ``caption``
-    key, no ``txt``): every record lacks a caption the default reader looks for."""
-    conv = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle ."}]
-    write_shard(path, [(f"c{i:04d}", {"jpg": tiny_jpeg(i), "json": json.dumps({"conversations": conv}).encode()})
-                       for i in range(n)])
-
-
 def corrupt_jpeg(i: int) -> bytes:
     return b"\xff\xd8\xff\xe0" + bytes((i + j) % 256 for j in range(300)) + b"\xff\xd9"
 
@@ -316,6 +308,27 @@ def test_a_pass_without_a_usable_sample_is_one_clear_error_in_bounded_memory(tmp
     assert skips["missing caption"] >= 48 and skips["corrupt image"] >= 16 and "\n" not in msg  # a pass or more
     assert "missing caption (looked for the .txt member; data.caption_field names a .json field" in msg
     assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+def test_a_stream_whose_share_of_an_epoch_is_unusable_says_so_though_other_streams_have_samples(tmp_path):
+    """Two streams of one lane each over a good and a bad shard: the stream dealt the bad shard in epoch 0 has gone a
+    whole pass without a sample (its rank would hold every other one up for that long) and raises, naming itself,
+    though epoch 1 deals it the good shard (seed 0); the other stream streams on."""
+    make_shards(tmp_path, 1, 6)
+    stage2_layout_shard(tmp_path / "s-000001.tar", 6)
+    errors, packs = {}, {}
+    for rank in range(2):
+        loader = guard(build_data_loader(config(tmp_path, shuffle_shards=1, pack_tokens=64), TOK, rank=rank,
+                                         world_size=2))
+        try:
+            packs[rank] = keys_of(next(loader))  # 5 samples: less than a pass
+        except NoUsableSampleError as e:
+            errors[rank] = str(e)
+        loader.close()
+    (bad, msg), = errors.items()
+    assert len(packs) == 1 and all(k.startswith("s000") for k in packs[1 - bad])
+    assert msg.startswith(f"no usable sample in a whole pass over data stream {bad} of 2: 1 shard of 6 samples "
+                          f"({tmp_path / 's-000001.tar'}), ")
 
 
 def test_a_few_usable_samples_among_many_bad_ones_still_stream_and_resume_exactly(tmp_path):

@@ -71,17 +71,16 @@ class DataWaitInterrupted(RuntimeError):
 
 
 class _PassTally:
-    """What a stream read since its last usable sample, as counts (reasons, shard indices): :meth:`check` raises
-    :class:`NoUsableSampleError` once that is a whole pass (:class:`~genlip_fast.data.sampler.PassWatch`)."""
+    """What a stream read since its last usable sample, as counts (reasons, shard indices), and the check that no
+    whole pass (:class:`~genlip_fast.data.sampler.PassWatch`) goes without one: :meth:`used` (per sample the caller
+    takes) and :meth:`check` (between decode batches) raise :class:`NoUsableSampleError`, worded by ``describe``."""
 
-    def __init__(self, sampler: ShardSampler, skipped: SkipCounter, reader: ShardReader):
-        self.watch, self.skipped, self.reader = PassWatch(sampler), skipped, reader
-        self.last: dict | None = None
+    def __init__(self, sampler: ShardSampler, skipped: SkipCounter, reader: ShardReader,
+                 describe: Callable[[_PassTally], str]):
+        self.watch, self.skipped, self.reader, self.describe = PassWatch(sampler), skipped, reader, describe
+        self.fresh = False
+        self.failed: str | None = None
         self._restart()
-
-    def used(self, position: dict) -> None:
-        """The caller used a sample; ``position``: the sampler's state just past it."""
-        self.last = position
 
     def _restart(self) -> None:
         self.counts, self.bad = dict(self.skipped.counts), len(self.skipped.bad_shards)
@@ -94,18 +93,28 @@ class _PassTally:
             self.shards.add(shard)
             self.size += self.reader.count(shard)
 
-    def check(self, describe) -> None:
-        """Between two decode batches: restart the tally after a used sample, or raise when a whole pass went
-        without one (``describe(self)`` words the error)."""
-        if self.last is not None:
-            self.watch.usable(self.last)
-            self.last = None
+    def used(self, position: dict) -> None:
+        """The caller takes a sample; ``position``: the sampler's state just past it. A whole pass that ended since
+        the sample taken before it (a stream whose share of an epoch had none) is raised by the next :meth:`check`,
+        after what the caller made of the samples before it."""
+        if self.watch.passed(position) and self.failed is None:
+            self.failed = self.describe(self)
+        self.watch.usable(position)
+        self.fresh = True
+
+    def check(self) -> None:
+        """Between two decode batches: raise when a whole pass went by without a sample taken, or start counting
+        afresh after one was."""
+        if self.failed is None and not self.fresh and self.watch.passed():
+            self.failed = self.describe(self)
+        if self.failed is not None:
+            raise NoUsableSampleError(self.failed)
+        if self.fresh:
+            self.fresh = False
             self._restart()
-        elif self.watch.passed():
-            raise NoUsableSampleError(describe(self))
 
     def skips(self) -> dict[str, int]:
-        """Skipped samples by reason since the last used one."""
+        """Skipped samples by reason since counting started afresh."""
         now = self.skipped.counts
         return {r: now[r] - self.counts.get(r, 0) for r in now if now[r] > self.counts.get(r, 0)}
 
@@ -225,7 +234,7 @@ class PackedLoader:
         reader, counters = self.reader, {"truncated": 0}
         sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=self.skipped),
                                self._state["sampler"], seed=self.cfg.seed, epochs=self.epochs)
-        tally = _PassTally(sampler, self.skipped, reader)
+        tally = _PassTally(sampler, self.skipped, reader, self._no_usable_sample)
         for chunk in self._decoded(sampler, tally, counters):
             for _, sample, position in chunk:
                 tally.used(position)
@@ -427,12 +436,14 @@ class PackedLoader:
         endless = sampler.epochs is None
         while True:
             if endless:
-                tally.check(self._no_usable_sample)
+                tally.check()
             t0 = time.perf_counter()
             chunk: list[tuple[Record | Skipped, dict | None]] = []
             n_rec = 0
             try:
                 for s, i in sampler:
+                    if endless and not n_rec and tally.watch.passed():
+                        break  # a whole pass without a usable sample: the check above raises (this draw with it)
                     item = reader.read(s, i)
                     tally.read(s)
                     good = isinstance(item, Record)
@@ -440,14 +451,14 @@ class PackedLoader:
                     n_rec += good
                     if n_rec == self.cfg.batch_size or len(chunk) == MAX_READS:
                         break
-                    if endless and not n_rec and tally.watch.passed():  # nothing to decode: check now
-                        break
             except EmptyDatasetError as e:
                 bad = skipped.bad_shards
                 raise EmptyDatasetError(f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
                                                   f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
                                                   if bad else "")) from None
             if not chunk:
+                if endless:
+                    continue  # a pass ended at the first draw: the check raises
                 return
             records = [r for r, _ in chunk if isinstance(r, Record)]
             samples = iter(self._samples(records, skipped, counters) if records else [])
@@ -530,7 +541,7 @@ class PackedLoader:
 
         for pack in packer.ready():
             yield self._hand_out(pack), snapshot(sampler.state_dict())
-        tally = _PassTally(sampler, skipped, reader)
+        tally = _PassTally(sampler, skipped, reader, self._no_usable_sample)
         for chunk in self._decoded(sampler, tally, counters):
             t0 = time.perf_counter()
             ready = []

@@ -199,9 +199,10 @@ class PassWatch:
         self._epoch = max((lane[_EPOCH] + (0 if lane[_SLOT] == lane[_OFF] == 0 else 1) for lane in lanes),
                           default=0)
 
-    def passed(self) -> bool:
-        """Whether every lane has gone past that epoch since the last usable sample."""
-        lanes = [lane for lane in self.sampler.lanes if lane[_LAST] < 0]
+    def passed(self, position: dict | None = None) -> bool:
+        """Whether every lane has gone past that epoch since the last usable sample: now, or at ``position`` (the
+        state just past a sample: true means the pass ended before that sample)."""
+        lanes = [lane for lane in (position["lanes"] if position else self.sampler.lanes) if lane[_LAST] < 0]
         return bool(lanes) and all(lane[_EPOCH] > self._epoch for lane in lanes)
 
 
