@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from genlip_fast.checkpoint import export, load_checkpoint_model, load_exported
 from genlip_fast.data.batch import Sample
 from genlip_fast.data.packing import pack_samples, pad_tokens
 from genlip_fast.model import GenLIP, get_preset
@@ -26,11 +27,9 @@ from genlip_fast.model.config import PRESETS
 from genlip_fast.train import float8
 from genlip_fast.train.__main__ import main as train_main
 from genlip_fast.train.config import CONFIG_DIR, ConfigError, load_config
-from genlip_fast.train.export import export, load_checkpoint_model, load_exported
-from genlip_fast.train.testing import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import train
-
 from test_train_distributed import losses_of, torchrun
+from tiny_run import tiny_config, tiny_overrides
 
 RECIPES = ["tensorwise", "rowwise", "rowwise_with_gw_hp"]
 PER_BLOCK = ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.w1", "mlp.w3", "mlp.w2"]

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import genlip_fast
+from genlip_fast.checkpoint import load_checkpoint_model, load_model
 from genlip_fast.convert import main as convert_main
 from genlip_fast.data.synthetic import render
 from genlip_fast.speak.__main__ import main as speak_main
-from genlip_fast.train.export import load_checkpoint_model, load_model
-from genlip_fast.train.testing import tiny_config
 from genlip_fast.train.trainer import train
+from tiny_run import tiny_config
 
 REF = ["--attn-backend", "reference"]  # the tests run Triton in its (slow) interpreter; "auto" would pick it
 
@@ -45,7 +45,7 @@ def test_caption_cli_prints_one_caption_per_image(run_dir, image_files, capsys):
     assert all(len(line.split(": ", 1)[1].split()) >= 1 for line in lines)
     # the same captions as the recompute oracle on the same patches
     model, inputs = load_model(run_dir)
-    model.cfg.attn_backend = "reference"
+    model.set_backends(attn="reference")
     from genlip_fast.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(inputs.tokenizer)
@@ -104,7 +104,7 @@ def test_load_encoder_features_for_every_input_kind(run_dir, image_files):
 
     enc = genlip_fast.load_encoder(run_dir, dtype=torch.float32, device="cpu", attn_backend="reference")
     model, inputs = load_model(run_dir)
-    model.cfg.attn_backend = "reference"
+    model.set_backends(attn="reference")
     pil = Image.open(image_files[1]).convert("RGB")
     arr = np.asarray(Image.open(image_files[0]).convert("RGB").resize((100, 40)))  # 2.5:1 -> a wide grid
     pre, grid = inputs.image(pil)
@@ -139,7 +139,7 @@ def test_readme_encoder_example_runs_as_written(run_dir, capsys):
 
 
 def test_exported_files_caption_and_vision_only_ones_encode(run_dir, image_files, tmp_path, capsys):
-    from genlip_fast.train.export import export
+    from genlip_fast.checkpoint import export
 
     full, vision = tmp_path / "full.safetensors", tmp_path / "vision.safetensors"
     export(run_dir, full)
