@@ -90,7 +90,7 @@ def test_mixture_holds_its_weights_within_binomial_noise_over_10000_draws():
     counts = [0, 0, 0]
     for _ in range(10_000):
         next(m)
-        counts[m.last_source] += 1
+        counts[m.current] += 1
     n = sum(counts)
     for k, w in enumerate(weights):
         p = w / sum(weights)
@@ -101,11 +101,11 @@ def test_mixture_holds_its_weights_within_binomial_noise_over_10000_draws():
 def test_mixture_position_continues_exactly_and_sources_stay_apart():
     sizes, weights = [3, 2], [2.0, 1.0]
     whole = mixture(sizes, weights, epochs=2)
-    drawn = [(next(whole), whole.last_source) for _ in range(40)]
+    drawn = [(next(whole), whole.current) for _ in range(40)]
     first = mixture(sizes, weights, epochs=2)
-    head = [(next(first), first.last_source) for _ in range(17)]
+    head = [(next(first), first.current) for _ in range(17)]
     again = mixture(sizes, weights, epochs=2, state=json.loads(json.dumps(first.state_dict())))  # a checkpoint
-    assert head + [(next(again), again.last_source) for _ in range(23)] == drawn
+    assert head + [(next(again), again.current) for _ in range(23)] == drawn
     for (shard, _), k in drawn:  # global shard indices: source 1's shards follow source 0's
         assert (shard < 3) == (k == 0)
     # finite epochs: every sample of every source exactly twice, then the stream ends
@@ -125,3 +125,106 @@ def test_mixture_remaps_to_another_number_of_streams_reading_every_sample_once_p
            for t in range(3)]
     seen += [x for m in new for x in m]
     assert sorted(seen) == [(s, i) for s in range(7) for i in range(7)]  # nothing skipped, nothing twice
+
+
+# -- the mixture in the loader and the trainer ---------------------------------------------------------------------
+
+MIX = '[{path="%s/blip3o", weight=2}, {path="%s/stage2/{000000..000003}.tar", caption="conv+prompt"}]'
+
+
+def mix_config(layouts, out, **kw):
+    from genlip_fast.train.config import load_config
+    from tiny_run import tiny_overrides
+
+    over = [o for o in tiny_overrides(layouts, out, **kw) if not o.startswith("--data.train_shards=")]
+    return load_config("tiny", over + [f"--data.sources={MIX % (layouts, layouts)}"])
+
+
+def test_a_txt_and_conversation_mixture_trains_resumes_exactly_and_reports_its_sources(layouts, tmp_path):
+    from genlip_fast.train.trainer import train
+
+    straight = train(mix_config(layouts, tmp_path / "a", steps=4), progress=False)["losses"]
+    first = train(mix_config(layouts, tmp_path / "b", steps=4, train__stop_at_step=2), progress=False)
+    second = train(mix_config(layouts, tmp_path / "b", steps=4), progress=False)
+    assert first["losses"] + second["losses"] == straight  # bitwise: the mixture's position is in the checkpoint
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:  # every sample handed out is counted under its source, across the restart
+        assert r["source_blip3o_samples"] + r["source_stage2_samples"] > 0
+        assert r["source_blip3o_skipped"] == r["source_stage2_skipped"] == 0
+    assert rows[-1]["source_blip3o_samples"] > rows[-1]["source_stage2_samples"] > 0  # weights 2 : 1
+
+
+def test_mixture_loader_prompts_counts_and_a_source_with_no_usable_sample(layouts, tmp_path):
+    from genlip_fast.data.config import DataConfig, SourceConfig
+    from genlip_fast.data.pipeline import build_data_loader
+    from genlip_fast.data.sampler import NoUsableSampleError
+    from genlip_fast.data.tokenizer import load_tokenizer
+    from tiny_run import recap_layout_shard
+
+    tok = load_tokenizer("demo")
+    blip, s2 = SourceConfig(path=f"{layouts}/blip3o"), SourceConfig(path=f"{layouts}/stage2", caption="conv+prompt")
+    cfg = DataConfig(sources=[blip, s2], backend="host", pack_tokens=256, shuffle_shards=2, batch_size=8)
+    loader = build_data_loader(cfg, tok)
+    pack = next(loader)
+    stats = loader.stats["sources"]
+    assert stats["blip3o"]["samples"] + stats["stage2"]["samples"] == pack.num_samples == loader.stats["samples"]
+    prompt = tok.encode("Describe the image in detail.")
+    text = [pack.input_ids[a + int(p):b].tolist() for a, b, p in
+            zip(pack.cu_seqlens[:-1].tolist(), pack.cu_seqlens[1:].tolist(), pack.prefix_lens.tolist())]
+    from_s2 = [k for k in pack.keys if "stage2" in k]
+    assert sum(t[:len(prompt)] == prompt for t in text) == len(from_s2) > 0  # the human turn, as a prompt
+    loader.close()
+    # a source whose every record lacks a caption stops the stream, naming it, while the other delivers
+    recap_layout_shard(tmp_path / "recap" / "r-000000.tar", 8)
+    cfg = DataConfig(sources=[blip, SourceConfig(path=f"{tmp_path}/recap", name="recap")], backend="host",
+                     pack_tokens=256, shuffle_shards=1, batch_size=8)
+    loader = build_data_loader(cfg, tok)
+    with pytest.raises(NoUsableSampleError) as e:
+        for _ in range(40):
+            next(loader)
+    loader.close()
+    assert e.value.option == "data.sources[1]"
+    assert str(e.value).startswith("no usable sample in a whole pass over source 'recap': 1 shard of 8 samples")
+    assert "missing caption (looked for txt, json conversations" in str(e.value)
+
+
+def test_mixture_positions_remap_onto_another_number_of_streams(layouts):
+    from genlip_fast.data.config import DataConfig, SourceConfig
+    from genlip_fast.data.pipeline import build_data_loader
+    from genlip_fast.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("demo")
+    cfg = DataConfig(sources=[SourceConfig(path=f"{layouts}/blip3o", weight=3), SourceConfig(path=f"{layouts}/stage1")],
+                     backend="host", pack_tokens=256, shuffle_shards=2, batch_size=8, prefetch=0)
+    seen = []
+    old = [build_data_loader(cfg, tok, rank=t, world_size=2, epochs=1) for t in range(2)]
+    for loader in old:
+        seen += [k for _ in range(2) for k in next(loader).keys]
+    states = {t: json.loads(json.dumps(loader.state_dict())) for t, loader in enumerate(old)}
+    for t in range(3):
+        new = build_data_loader(cfg, tok, rank=t, world_size=3, epochs=1)
+        new.load_remapped(states)
+        seen += [k for pack in new for k in pack.keys]
+    assert len(seen) == len(set(seen)) == 2 * 4 * 16  # both sources, every sample once
+
+
+def test_a_version_2_position_continues_as_a_one_source_run(layouts):
+    # checkpoints written before sources (data position format 2) continue exactly
+    from genlip_fast.data.config import DataConfig
+    from genlip_fast.data.pipeline import build_data_loader
+    from genlip_fast.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("demo")
+    cfg = DataConfig(train_shards=f"{layouts}/blip3o", backend="host", pack_tokens=256, shuffle_shards=2,
+                     batch_size=8, prefetch=0)
+    a = build_data_loader(cfg, tok)
+    next(a)
+    state = a.state_dict()
+    want = [next(a).keys for _ in range(2)]
+    v2 = {k: v for k, v in state.items() if k not in ("sources", "weights")}
+    v2.update(version=2, skipped={}, bad_shards=[])
+    b = build_data_loader(cfg, tok)
+    b.load_state_dict(v2)
+    assert [next(b).keys for _ in range(2)] == want
+    assert b.stats["sources"]["blip3o"]["samples"] == a.stats["samples"] == b.stats["samples"]

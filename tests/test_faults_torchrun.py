@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from genlip_fast.checkpoint import list_checkpoints, verify_checkpoint
-from tiny_run import stage2_layout_shard, tiny_overrides
+from tiny_run import recap_layout_shard, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,7 +110,7 @@ def test_a_stream_with_no_usable_sample_stops_every_rank_with_one_line(shapes, t
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(shapes / "train-000000.tar", data / "s-000000.tar")
-    stage2_layout_shard(data / "s-000001.tar", 6)
+    recap_layout_shard(data / "s-000001.tar", 6)
     with _torchrun(tmp_path, tiny_overrides(shapes, tmp_path / "run", steps=4, parallel__data_streams=2,
                                             data__shuffle_shards=1, data__train_shards=str(data))) as proc:
         log = proc.communicate(timeout=240)[0]

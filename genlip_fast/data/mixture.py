@@ -43,7 +43,8 @@ def mixture_initial_state(num_sources: int, *, seed: int = 0, stream: int = 0, s
 
 class MixtureSampler:
     """The sample order of one stream over several sources: ``next()`` is a ``(global shard, sample)`` pair and
-    :attr:`last_source` the source it came from; ``state_dict()`` is where it stands.
+    :attr:`current` the source it came from (or the source whose sampler raised); ``state_dict()`` is where it
+    stands.
 
     Args:
         sizes: shards per source, in source order (source ``k``'s shard ``i`` is global shard ``start_k + i``).
@@ -68,7 +69,7 @@ class MixtureSampler:
         self.key = [int(x) for x in state["key"]]
         self.draws = int(state["draws"])
         self.done = [False] * len(sizes)
-        self.last_source = -1
+        self.current = -1
         self._block: tuple[int, np.ndarray] | None = None
 
     def state_dict(self) -> dict:
@@ -84,13 +85,12 @@ class MixtureSampler:
 
     def __next__(self) -> tuple[int, int]:
         while not all(self.done):
-            k = self.pick(self._uniform())
+            k = self.current = self.pick(self._uniform())
             try:
                 shard, i = next(self.samplers[k])
             except StopIteration:  # this source finished its epochs; the others go on
                 self.done[k] = True
                 continue
-            self.last_source = k
             return self.starts[k] + shard, i
         raise StopIteration
 

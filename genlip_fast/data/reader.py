@@ -10,9 +10,11 @@ is not a readable tar is skipped as a whole, counted and logged with its path.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .captions import AUTO, CaptionRule, MissingCaption, parse_rule
@@ -90,6 +92,8 @@ class Record:
     hw: tuple[int, int]
     prompt: str | None = None
     """Text between image and caption that carries no loss (the source's prompt, or the conversation's user turn)."""
+    source: int = 0
+    """The index of the source (``[[data.sources]]``) the shard belongs to."""
 
     @property
     def name(self) -> str:
@@ -105,6 +109,7 @@ class Skipped:
     key: str
     reason: str
     detail: str = ""
+    source: int = 0
 
 
 def check_fields(fields: dict[str, bytes], *, stage: int, patch: int, rule: CaptionRule | None = None,
@@ -134,17 +139,38 @@ class ShardReader:
     read (LRU), as are open file handles. So start-up reads no shard at all. A shard that cannot be indexed (not a
     tar, a broken header, unreadable) counts as empty: it is reported with its path to the ``skipped`` counter.
     Every record's caption is found by ``caption`` (a rule); ``prompt`` (if not '') is every record's prompt, unless
-    the rule takes one from the record's conversation.
+    the rule takes one from the record's conversation. Several sources (:meth:`of_sources`) are read as one list of
+    shards, each source's after the one before, each with its own rule and prompt.
     """
 
     def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption: CaptionRule | None = None,
                  prompt: str = "", keep_open: int = 8):
         self.shards = list(shards)
         self.stage, self.patch, self.keep_open = stage, patch, keep_open
-        self.rule, self.prompt = caption or parse_rule(AUTO), prompt
+        self.starts = [0]
+        """The index of each source's first shard."""
+        self.rules, self.prompts = [caption or parse_rule(AUTO)], [prompt]
         self._index: OrderedDict[int, list] = OrderedDict()
         self._bad: dict[int, str] = {}
         self._files: OrderedDict[int, object] = OrderedDict()
+
+    @classmethod
+    def of_sources(cls, shards: Sequence[Sequence[str]], rules: Sequence[CaptionRule], prompts: Sequence[str],
+                   **kw) -> ShardReader:
+        """A reader of several sources: ``shards[k]``, ``rules[k]`` and ``prompts[k]`` are source ``k``'s."""
+        reader = cls([s for part in shards for s in part], **kw)
+        reader.starts = [sum(len(p) for p in shards[:k]) for k in range(len(shards))]
+        reader.rules, reader.prompts = list(rules), list(prompts)
+        return reader
+
+    @property
+    def sizes(self) -> list[int]:
+        """Shards per source."""
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], len(self.shards)])]
+
+    def source_of(self, shard: int) -> int:
+        """The source shard ``shard`` belongs to."""
+        return bisect.bisect_right(self.starts, shard) - 1
 
     def _shard_index(self, i: int) -> list:
         if i in self._bad:
@@ -187,13 +213,13 @@ class ShardReader:
     def read(self, s: int, i: int) -> Record | Skipped:
         """Sample ``i`` of shard ``s``, read and checked."""
         key, members = self._shard_index(s)[i]
-        shard = self.shards[s]
+        shard, k = self.shards[s], self.source_of(s)
         try:
             fields = read_members(self._file(s), members)
         except OSError as e:
-            return Skipped((s, i), shard, key, "unreadable shard", str(e))
+            return Skipped((s, i), shard, key, "unreadable shard", str(e), k)
         try:
-            image, caption, prompt, hw = check_fields(fields, stage=self.stage, patch=self.patch, rule=self.rule)
+            image, caption, prompt, hw = check_fields(fields, stage=self.stage, patch=self.patch, rule=self.rules[k])
         except BadImage as e:
-            return Skipped((s, i), shard, key, e.reason, e.detail)
-        return Record((s, i), shard, key, image, caption, hw, prompt or self.prompt or None)
+            return Skipped((s, i), shard, key, e.reason, e.detail, k)
+        return Record((s, i), shard, key, image, caption, hw, prompt or self.prompts[k] or None, k)

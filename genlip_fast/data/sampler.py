@@ -36,7 +36,9 @@ _BLOCK = 4096  # random numbers drawn per RNG call
 
 
 class EmptyDatasetError(ValueError):
-    """No shard holds a readable sample."""
+    """No shard holds a readable sample. ``option`` is the config option of the data it concerns."""
+
+    option = "data.train_shards"
 
 
 class NoUsableSampleError(EmptyDatasetError):

@@ -246,6 +246,7 @@ class Run:
     def _build_loaders(self) -> None:
         """The batch plan, this rank's data streams at the checkpoint's positions, and the checkpoint's random
         states (restored last, after everything that is built from them)."""
+        self.sources = data_sources(self.cfg.data)
         self.plan = plan = plan_batch(self.cfg, self.info, self.tokenizer, self.resumed_meta)
         self.loaders = {s: build_data_loader(self.cfg.data, self.tokenizer, rank=s, world_size=plan.data_streams,
                                              device=self.device) for s in plan.streams}
@@ -284,8 +285,10 @@ class Run:
             + ("; compiled blocks" if cfg.parallel.compile else ""))
         if cfg.train.float8 != "off":
             metrics.message(self.float8.describe())
-        for source in data_sources(cfg.data):
-            metrics.message(describe_dataset(expand_spec(source.spec)))
+        for source in self.sources:
+            line = describe_dataset(expand_spec(source.spec))
+            metrics.message(line if len(self.sources) == 1 else
+                            f"source {source.name!r} (weight {source.weight:g}, caption {source.rule.text}): {line}")
         metrics.message(describe_plan(plan, cfg))
         if plan.remapped_from is not None:
             metrics.message(
@@ -362,7 +365,7 @@ class Run:
         st = train_step(self.model, self.params, [self.loaders[k] for k in plan.packs_of(step)],
                         plan.micro_steps(step), pad=self.pad, mcfg=self.mcfg, device=self.device,
                         max_norm=cfg.optim.grad_clip, token_multiple=self.float8.token_multiple,
-                        stop_requested=lambda: self.signals.received is not None)
+                        stop_requested=lambda: self.signals.received is not None, counts=self._source_counts)
         if st.interrupted:
             opt.zero_grad(set_to_none=True)
             return False
@@ -397,7 +400,7 @@ class Run:
             "mfu": st.flops / (dt * ws * peak) if peak else None,
             "tflops_per_rank": st.flops / dt / ws / 1e12,
             "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
-            "data_wait_s": st.data_wait_s, "step_time_s": dt, **evals,
+            "data_wait_s": st.data_wait_s, "step_time_s": dt, **self._source_row(st.counts), **evals,
         })
         return True
 
@@ -411,19 +414,38 @@ class Run:
             return "stop_at_step"
         return None
 
+    def _source_counts(self) -> list[float]:
+        """This rank's samples handed out and records skipped so far, per source (for a mixture; [] otherwise)."""
+        if len(self.sources) == 1:
+            return []
+        stats = [loader.stats["sources"] for loader in self.loaders.values()]
+        return ([float(sum(st[s.name]["samples"] for st in stats)) for s in self.sources]
+                + [float(sum(st[s.name]["skipped_total"] for st in stats)) for s in self.sources])
+
+    def _source_row(self, counts: list[float]) -> dict:
+        """``source_NAME_samples`` / ``source_NAME_skipped`` over all ranks since the run began (a mixture's)."""
+        n = len(counts) // 2
+        return {**{f"source_{s.name}_samples": int(counts[k]) for k, s in enumerate(self.sources[:n])},
+                **{f"source_{s.name}_skipped": int(counts[n + k]) for k, s in enumerate(self.sources[:n])}}
+
     def _finish(self) -> dict:
         """Close the loaders (what they skipped, one line), caption held-out images after a complete run, and
         return :func:`train`'s result."""
         skipped: dict[str, int] = {}
+        by_source: dict[str, dict[str, int]] = {s.name: {} for s in self.sources}
         bad_shards = 0
         for loader in self.loaders.values():
             loader.close()
-            bad_shards += loader.stats["bad_shards"]
-            for reason, n in loader.stats["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
+            stats = loader.stats
+            bad_shards += stats["bad_shards"]
+            for name, src in stats["sources"].items():
+                for reason, n in src["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+                    by_source[name][reason] = by_source[name].get(reason, 0) + n
         if skipped or bad_shards:
             log.warning("skipped %d bad samples and %d unreadable shards on rank %d: %s", sum(skipped.values()),
-                        bad_shards, self.info.rank, skipped)
+                        bad_shards, self.info.rank, skipped if len(self.sources) == 1 else
+                        {name: counts for name, counts in by_source.items() if counts})
         done = self.stopped_by is None and self.step == self.cfg.train.steps
         captions = caption_heldout(self.model, self.cfg, self.tokenizer) if done else []
         return {"losses": self.losses, "captions": captions, "model": self.model, "step": self.step,
