@@ -33,17 +33,17 @@ import logging
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
 from .batch import PackedBatch, Sample
 from .config import DataConfig, data_sources
-from .mixture import mixture_initial_state, remap_mixture
+from .dali import resolve_backend
 from .packing import Packer, SampleTooLongError, fit_sample
+from .position import checked_position, initial_position, remapped_position, sum_counts
 from .reader import Record, ShardReader, SkipCounter, Skipped
-from .sampler import EmptyDatasetError, initial_state, layout_digest, remap_states
+from .sampler import EmptyDatasetError, layout_digest
 from .specs import expand_spec
 from .stream import PassTally, SourceStream
 from .tokenizer import Tokenizer
@@ -51,7 +51,6 @@ from .transforms import HostDecoder, check_grid_limits
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 3
 _END = object()
 MAX_READS = 1024
 """Records read (good or bad) between two decode batches at most: bounds the memory and the time between two
@@ -68,26 +67,6 @@ class DataWaitInterrupted(RuntimeError):
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-def resolve_backend(name: str) -> tuple[str, int | None]:
-    """``(kind, device_id)``: ``("dali", 0)`` on a GPU, ``("dali", None)`` for DALI's CPU mode, ``("host", None)``."""
-    from .dali import dali_available, gpu_count
-
-    if name not in ("auto", "dali", "host"):
-        raise ValueError(f"data backend must be 'auto', 'dali' or 'host', got {name!r}")
-    if name == "host":
-        return "host", None
-    if not dali_available():
-        if name == "dali":
-            raise ImportError("data.backend='dali' but NVIDIA DALI is not installed: pip install '.[dali]'")
-        warnings.warn("NVIDIA DALI is not installed: decoding images on the host with Pillow, which is much slower "
-                      "(pip install '.[dali]')", RuntimeWarning, stacklevel=3)
-        return "host", None
-    if gpu_count() > 0:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        return "dali", device
-    return "dali", None
 
 
 class PackedLoader:
@@ -197,7 +176,7 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`state_dict` of the same stream of a loader on the same shards and
         seed, with the same number of streams)."""
-        state = self._check_saved(state)
+        state = checked_position(state, self.digest)
         for k in ("stream", "streams"):
             if state[k] != self._state[k]:
                 raise ValueError(f"the saved data position belongs to another layout ({k} {state[k]!r}, this loader "
@@ -215,54 +194,25 @@ class PackedLoader:
 
     def load_remapped(self, states: dict[int, dict]) -> dict:
         """Continue the saved positions of *every* stream of another layout (``{stream: state}``, any number of
-        streams) as this stream of this layout (:func:`~genlip_fast.data.sampler.remap_states`, for each source of
-        a mixture): the old streams' open shards are dealt to the new streams in turn and go on from their exact
-        positions (a mixture's draws start a new generation), and the samples old
-        stream ``t``'s packer held go to new stream ``t % streams``, packed as they were held (an old packer's open
-        pack is closed when two meet). No sample is skipped or read twice; the order of the draws and which samples
-        share a pack differ from an uninterrupted run. Returns what was carried over: ``{"from_streams"`` (whose
-        held samples), ``"lanes"`` (old open shards taken over), ``"held"}``."""
-        old = [self._check_saved(states[t]) for t in sorted(states)]
+        streams) as this stream of this layout (:func:`~genlip_fast.data.position.remapped_position`): the old
+        streams' open shards go on from their exact positions, and the samples their packers held are packed as
+        they were held. No sample is skipped or read twice; the order of the draws and which samples share a pack
+        differ from an uninterrupted run. Returns what was carried over: ``{"from_streams"`` (whose held samples),
+        ``"lanes"`` (old open shards taken over), ``"held"}``."""
+        old = [checked_position(states[t], self.digest) for t in sorted(states)]
         if sorted(states) != list(range(old[0]["streams"])):
             raise ValueError(f"load_remapped needs the positions of all {old[0]['streams']} saved streams, got "
                              f"{sorted(states)}")
-        remap = remap_states if len(self.sources) == 1 else remap_mixture
-        sampler = remap([st["sampler"] for st in old], stream=self.rank, streams=self.world_size,
-                        lanes_per_stream=self.cfg.shuffle_shards, seed=self.cfg.seed)
-        mine = [st for t, st in enumerate(old) if t % self.world_size == self.rank]
-        opened = [b for st in mine for b in st["open"] if b]
-        closed = [b for st in mine for b in st["closed"]] + opened[:-1]
-        sources = [{"taken": sum(int(st["sources"][k]["taken"]) for st in mine),
-                    "skipped": _sum_counts(st["sources"][k]["skipped"] for st in mine),
-                    "bad_shards": sorted({p for st in old for p in st["sources"][k]["bad_shards"]})}
-                   for k in range(len(self.sources))]
-        state = {**self._initial_state(), "sampler": sampler, "closed": closed, "open": opened[-1:],
-                 "min_len": min([self.cfg.pack_tokens] + [int(st["min_len"]) for st in mine]),
-                 "truncated": sum(int(st["truncated"]) for st in mine), "sources": sources}
+        state, carried = remapped_position(old, stream=self.rank, streams=self.world_size, **self._layout())
         self.load_state_dict(state)
+        mine = [st for t, st in enumerate(old) if t % self.world_size == self.rank]
         self._delivered = {k: sum(int(st.get("delivered", {}).get(k, 0)) for st in mine) for k in self._delivered}
-        lanes = [sampler] if len(self.sources) == 1 else sampler["sources"]
-        return {"from_streams": [t for t in range(len(old)) if t % self.world_size == self.rank],
-                "lanes": sum(len(x["lanes"]) - self.cfg.shuffle_shards for x in lanes),
-                "held": sum(len(b) for b in closed + opened[-1:])}
+        return carried
 
-    def _check_saved(self, state: dict) -> dict:
-        """``state`` checked against this loader, in this version's format (a version-2 position, from before
-        sources, is a one-source position with its counts as the source's)."""
-        if state.get("version") == 2 and "sources" not in state:
-            taken = int(state.get("delivered", {}).get("samples", 0))
-            state = {**state, "version": STATE_VERSION,
-                     "sources": [{"taken": taken, "skipped": state["skipped"], "bad_shards": state["bad_shards"]}]}
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"the saved data position has format version {state.get('version')!r}; this loader "
-                             f"reads versions 2 and {STATE_VERSION} (streams that read several shards at once). A "
-                             "data position written before that cannot be continued: start a new run from the "
-                             "checkpoint's weights (checkpoint.init_from) instead")
-        if state["digest"] != self.digest:
-            raise ValueError(f"the saved data position belongs to another dataset (digest {state['digest']!r}, "
-                             f"this loader has {self.digest!r}): the same sources, shards (paths, in order) and "
-                             "data.seed are needed to continue")
-        return state
+    def _layout(self) -> dict:
+        """What a position of this loader is made of, besides its stream."""
+        return dict(lanes_per_stream=self.cfg.shuffle_shards, seed=self.cfg.seed, pack_tokens=self.cfg.pack_tokens,
+                    weights=[src.weight for src in self.sources], digest=self.digest)
 
     def _sync_counts(self) -> None:
         """The per-source counters from the position (``self._state``), as of its pack."""
@@ -273,7 +223,7 @@ class PackedLoader:
     @property
     def stats(self) -> dict:
         d, w, counters = self._delivered, self._work, self._counters
-        skipped = _sum_counts(c.counts for c in counters)
+        skipped = sum_counts(c.counts for c in counters)
         return {
             "backend": self.backend,
             "packs": d["packs"],
@@ -303,14 +253,7 @@ class PackedLoader:
 
     # -- the work -------------------------------------------------------------------------------------------
     def _initial_state(self) -> dict:
-        kw = dict(seed=self.cfg.seed, stream=self.rank, streams=self.world_size,
-                  lanes_per_stream=self.cfg.shuffle_shards)
-        n = len(self.sources)
-        sampler = initial_state(**kw) if n == 1 else mixture_initial_state(n, **kw)
-        return {"version": STATE_VERSION, "digest": self.digest, "stream": self.rank, "streams": self.world_size,
-                "sampler": sampler, "closed": [], "open": [], "min_len": self.cfg.pack_tokens, "truncated": 0,
-                "sources": [{"taken": 0, "skipped": {}, "bad_shards": []} for _ in range(n)],
-                "weights": [src.weight for src in self.sources]}
+        return initial_position(stream=self.rank, streams=self.world_size, **self._layout())
 
     def _stream(self, position: dict, skipped: list[SkipCounter]) -> SourceStream:
         """This stream's samples from ``position`` on, its skips counted in ``skipped`` (one counter per source)."""
@@ -468,30 +411,15 @@ class PackedLoader:
         return f"data.sources[{k}]" if self.cfg.sources else "data.train_shards"
 
     def _no_usable_sample(self, k: int, tally: PassTally) -> str:
-        """The one-line account of a pass of source ``k`` without a usable sample: the shards, the records read, why
-        each was skipped (a record read twice in the pass, as lanes that finish first go on, counts twice)."""
-        skips = tally.skips()
-        shards = [self.reader.shards[i] for i in sorted(tally.shards)]
-        reasons = []
-        for reason, n in sorted(skips.items(), key=lambda kv: -kv[1]):
-            detail = tally.skipped.details.get(reason, "")
-            if reason in ("missing caption", "empty caption"):
-                option = f"{self._option(k)}.caption" if self.cfg.sources and self.cfg.sources[k].caption else \
-                    "data.caption"
-                detail = f"looked for {self.sources[k].rule.describe()}; {option} says where"
-            reasons.append(f"{n} {reason}" + (f" ({detail[:120]})" if detail else ""))
-        bad = tally.skipped.bad_shards[tally.bad:]
-        if bad:
-            reasons.append(f"{len(bad)} shard{'s' * (len(bad) != 1)} not a readable tar ({', '.join(bad[:3])}"
-                           f"{' ...' if len(bad) > 3 else ''})")
-        where = "the data" if self.world_size == 1 else f"data stream {self.rank} of {self.world_size}"
+        """The one-line account of a pass of source ``k`` without a usable sample (:meth:`PassTally.summary`)."""
+        stream = f"data stream {self.rank} of {self.world_size}"
         if len(self.sources) > 1:
-            where = f"source {self.sources[k].name!r}" + (
-                f" of data stream {self.rank} of {self.world_size}" if self.world_size > 1 else "")
-        listed = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
-        return (f"no usable sample in a whole pass over {where}: {len(shards)} shard{'s' * (len(shards) != 1)} "
-                f"of {tally.size} samples" + (f" ({listed})" if shards else "")
-                + f", {sum(skips.values())} records read: " + ", ".join(reasons or ["none"]))
+            where = f"source {self.sources[k].name!r}" + (f" of {stream}" if self.world_size > 1 else "")
+        else:
+            where = "the data" if self.world_size == 1 else stream
+        own = self.cfg.sources and self.cfg.sources[k].caption
+        return tally.summary(where, f"looked for {self.sources[k].rule.describe()}; "
+                                    f"{f'{self._option(k)}.caption' if own else 'data.caption'} says where")
 
     def _produce(self, state: dict) -> Iterator[tuple[PackedBatch, dict]]:
         """Packs with the position just after each; runs on the background thread."""
@@ -570,12 +498,3 @@ def build_data_loader(cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, w
                       epochs: int | None = None, device: torch.device | str | None = None) -> PackedLoader:
     """The loader of data stream ``rank`` of ``world_size``; see :class:`PackedLoader`."""
     return PackedLoader(cfg, tokenizer, rank=rank, world_size=world_size, epochs=epochs, device=device)
-
-
-def _sum_counts(counts) -> dict[str, int]:
-    """``{reason: n}`` dicts added up."""
-    out: dict[str, int] = {}
-    for c in counts:
-        for reason, n in c.items():
-            out[reason] = out.get(reason, 0) + int(n)
-    return out

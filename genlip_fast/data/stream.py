@@ -69,6 +69,26 @@ class PassTally:
         now = self.skipped.counts
         return {r: now[r] - self.counts.get(r, 0) for r in now if now[r] > self.counts.get(r, 0)}
 
+    def summary(self, where: str, caption_hint: str) -> str:
+        """One line on a pass over ``where`` without a usable sample: the shards, the records read, why each was
+        skipped (a record read twice in the pass, as lanes that finish first go on, counts twice); a missing
+        caption is explained by ``caption_hint`` (what the rule looked for)."""
+        skips = self.skips()
+        shards = [self.reader.shards[i] for i in sorted(self.shards)]
+        reasons = []
+        for reason, n in sorted(skips.items(), key=lambda kv: -kv[1]):
+            detail = caption_hint if reason in ("missing caption", "empty caption") else \
+                self.skipped.details.get(reason, "")
+            reasons.append(f"{n} {reason}" + (f" ({detail[:120]})" if detail else ""))
+        bad = self.skipped.bad_shards[self.bad:]
+        if bad:
+            reasons.append(f"{len(bad)} shard{'s' * (len(bad) != 1)} not a readable tar ({', '.join(bad[:3])}"
+                           f"{' ...' if len(bad) > 3 else ''})")
+        listed = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        return (f"no usable sample in a whole pass over {where}: {len(shards)} shard{'s' * (len(shards) != 1)} "
+                f"of {self.size} samples" + (f" ({listed})" if shards else "")
+                + f", {sum(skips.values())} records read: " + ", ".join(reasons or ["none"]))
+
 
 class SourceStream:
     """The samples of one stream, in order, over the reader's sources, from a saved sampler position.
