@@ -204,6 +204,8 @@ def test_rules_describe_what_they_look_for():
 # -- the sources in the config ----------------------------------------------------------------------------------------
 
 def test_sources_from_train_shards_toml_and_the_command_line(tmp_path, caplog):
+    with pytest.raises(ValueError, match="no training data: set data.train_shards"):
+        data_sources(DataConfig())
     two = data_sources(DataConfig(train_shards="/d/blip3o/{00..09}.tar; /d/s2/ "))  # the authors' "p1;p2"
     assert [(s.name, s.spec, s.weight) for s in two] == [("blip3o", "/d/blip3o/{00..09}.tar", 1.0), ("s2", "/d/s2/", 1.0)]
     toml = tmp_path / "mix.toml"

@@ -115,12 +115,15 @@ def _default_name(spec: str) -> str:
 def data_sources(cfg: DataConfig) -> list[Source]:
     """The training sources ``cfg`` names: ``data.sources``, or ``data.train_shards`` (one source; ``'p1;p2'`` is
     two of equal weight). Raises ``ValueError`` naming the option for a rule that does not parse, a weight that is
-    not > 0, a source without a path, or both train_shards and sources set. Reads no file."""
+    not > 0, a source without a path, both train_shards and sources set, or neither. Reads no file."""
     default_rule = caption_rule_text(cfg)
     if cfg.sources and cfg.train_shards:
         raise ValueError(f"data.train_shards = {cfg.train_shards!r} and [[data.sources]] are both set: use one "
                          "(train_shards is the one-source form; list every source under [[data.sources]])")
     entries = cfg.sources or [SourceConfig(path=p.strip()) for p in cfg.train_shards.split(";") if p.strip()]
+    if not entries:
+        raise ValueError("no training data: set data.train_shards (a path, glob, brace range or folder of shards) "
+                         "or list [[data.sources]]")
     out: list[Source] = []
     for i, e in enumerate(entries):
         where = f"data.sources[{i}]" if cfg.sources else "data.train_shards"

@@ -295,8 +295,9 @@ def _nothing_found(part: str, patterns: list[str], missing: list[str], searched:
     if missing:
         shown = ", ".join(repr(m) for m in missing[:3]) + (" ..." if len(missing) > 3 else "")
         if len(patterns) > 1:
-            what.append(f"{len(missing):,} of the {len(patterns):,} paths its braces name do not exist ({shown}); "
-                        "a glob (*) takes whatever is there")
+            count = (f"none of the {len(patterns):,} paths its braces name exists" if len(missing) == len(patterns)
+                     else f"{len(missing):,} of the {len(patterns):,} paths its braces name do not exist")
+            what.append(f"{count} ({shown}); a glob (*) takes whatever is there")
         else:
             what.append(f"no file or folder {shown}")
     for s, meta in searched[:3]:
@@ -310,7 +311,7 @@ def _nothing_found(part: str, patterns: list[str], missing: list[str], searched:
     return f"no shard at {part!r}: " + "; ".join(what)
 
 
-def _refuse_compressed(spec: str, shards: list[str]) -> None:
+def _refuse_compressed(shards: list[str]) -> None:
     bad = [s for s in shards if _suffix(s) in COMPRESSED_SUFFIXES]
     if not bad:
         return
@@ -319,7 +320,7 @@ def _refuse_compressed(spec: str, shards: list[str]) -> None:
     folder = _parent(bad[0]) or "."
     shown = ", ".join(repr(b) for b in bad[:3]) + (" ..." if len(bad) > 3 else "")
     raise CompressedShardsError(
-        f"{spec!r}: {len(bad)} of its {len(shards)} shards are compressed tars ({shown}). A sample is read by its "
+        f"{len(bad)} of the {len(shards)} shards are compressed tars ({shown}). A sample is read by its "
         f"byte offset in the tar, which a compressed file does not have, so these cannot be read with exact resume. "
         f"Decompress them once (the originals stay), e.g.  for f in {folder}/*{suffix}; do {tool} -dc \"$f\" > "
         f"{target}; done  then point at the .tar files")
@@ -348,5 +349,5 @@ def expand_spec(spec: str) -> list[str]:
             out.append(s)
     if twice:
         log.warning("%r names %d shard(s) more than once; each is read once", spec, twice)
-    _refuse_compressed(spec, out)
+    _refuse_compressed(out)
     return out

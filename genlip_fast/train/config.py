@@ -481,7 +481,8 @@ def validate(cfg: JobConfig) -> JobConfig:
                           f"needs both folders (or neither)")
     d = cfg.data
     try:
-        data_sources(d)
+        if d.train_shards or d.sources:  # no data at all is found where the data is needed (preflight)
+            data_sources(d)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if d.min_patches > d.max_patches:

@@ -123,8 +123,11 @@ def check_inputs(cfg: JobConfig, out_dir: Path, ckpt_root: Path) -> None:
     among an earlier run's checkpoints. Every rank calls it; all raise together."""
     problems = []
     d = cfg.data
-    specs = [(f"data.sources[{i}].path" if d.sources else "data.train_shards", s.spec)
-             for i, s in enumerate(data_sources(d))]
+    try:
+        specs = [(f"data.sources[{i}].path" if d.sources else "data.train_shards", s.spec)
+                 for i, s in enumerate(data_sources(d))]
+    except ValueError as e:
+        specs, problems = [], [str(e)]
     for option, spec in specs + ([("data.val_shards", d.val_shards)] if d.val_shards else []):
         try:
             expand_spec(spec)
