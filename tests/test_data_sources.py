@@ -9,10 +9,20 @@ import math
 import random
 
 import pytest
-from PIL import Image
 
+from genlip_fast.data.config import DataConfig, SourceConfig
+from genlip_fast.data.mixture import MixtureSampler, mixture_initial_state, remap_mixture
+from genlip_fast.data.pipeline import build_data_loader
+from genlip_fast.data.sampler import NoUsableSampleError
 from genlip_fast.data.synthetic import render
+from genlip_fast.data.tokenizer import load_tokenizer
 from genlip_fast.data.webdataset import write_shard
+from genlip_fast.train.__main__ import main
+from genlip_fast.train.config import load_config
+from genlip_fast.train.trainer import train
+from tiny_run import recap_layout_shard, tiny_overrides
+
+TOK = load_tokenizer("demo")
 
 
 def _jpeg(im) -> bytes:
@@ -61,7 +71,6 @@ def test_the_readme_brace_command_trains_the_tiny_preset_on_the_authors_stage1_s
                                                                                         caplog):
     # issue 25: "--data.train_shards='/shared/s1/{000000..099999}.tar'" stopped with FileNotFoundError, and the
     # tiny preset pointed at other shards stopped at its demo probe set; the authors' json captions need no option
-    from genlip_fast.train.__main__ import main
 
     spec = f"{layouts}/stage1/{{000000..000003}}.tar"
     with caplog.at_level(logging.INFO, logger="genlip_fast.train"):
@@ -77,7 +86,6 @@ def test_the_readme_brace_command_trains_the_tiny_preset_on_the_authors_stage1_s
 # -- the mixture's draws -------------------------------------------------------------------------------------------
 
 def mixture(sizes, weights, *, per_shard=7, stream=0, streams=1, lanes=4, seed=0, state=None, epochs=None):
-    from genlip_fast.data.mixture import MixtureSampler, mixture_initial_state
 
     state = state or mixture_initial_state(len(sizes), seed=seed, stream=stream, streams=streams,
                                            lanes_per_stream=lanes)
@@ -114,7 +122,6 @@ def test_mixture_position_continues_exactly_and_sources_stay_apart():
 
 
 def test_mixture_remaps_to_another_number_of_streams_reading_every_sample_once_per_epoch():
-    from genlip_fast.data.mixture import MixtureSampler, remap_mixture
 
     sizes, weights = [4, 3], [1.0, 1.0]
     old = [mixture(sizes, weights, stream=t, streams=2, lanes=2, epochs=1) for t in range(2)]
@@ -133,15 +140,12 @@ MIX = '[{path="%s/blip3o", weight=2}, {path="%s/stage2/{000000..000003}.tar", ca
 
 
 def mix_config(layouts, out, **kw):
-    from genlip_fast.train.config import load_config
-    from tiny_run import tiny_overrides
 
     over = [o for o in tiny_overrides(layouts, out, **kw) if not o.startswith("--data.train_shards=")]
     return load_config("tiny", over + [f"--data.sources={MIX % (layouts, layouts)}"])
 
 
 def test_a_txt_and_conversation_mixture_trains_resumes_exactly_and_reports_its_sources(layouts, tmp_path):
-    from genlip_fast.train.trainer import train
 
     straight = train(mix_config(layouts, tmp_path / "a", steps=4), progress=False)["losses"]
     first = train(mix_config(layouts, tmp_path / "b", steps=4, train__stop_at_step=2), progress=False)
@@ -156,20 +160,14 @@ def test_a_txt_and_conversation_mixture_trains_resumes_exactly_and_reports_its_s
 
 
 def test_mixture_loader_prompts_counts_and_a_source_with_no_usable_sample(layouts, tmp_path):
-    from genlip_fast.data.config import DataConfig, SourceConfig
-    from genlip_fast.data.pipeline import build_data_loader
-    from genlip_fast.data.sampler import NoUsableSampleError
-    from genlip_fast.data.tokenizer import load_tokenizer
-    from tiny_run import recap_layout_shard
 
-    tok = load_tokenizer("demo")
     blip, s2 = SourceConfig(path=f"{layouts}/blip3o"), SourceConfig(path=f"{layouts}/stage2", caption="conv+prompt")
     cfg = DataConfig(sources=[blip, s2], backend="host", pack_tokens=256, shuffle_shards=2, batch_size=8)
-    loader = build_data_loader(cfg, tok)
+    loader = build_data_loader(cfg, TOK)
     pack = next(loader)
     stats = loader.stats["sources"]
     assert stats["blip3o"]["samples"] + stats["stage2"]["samples"] == pack.num_samples == loader.stats["samples"]
-    prompt = tok.encode("Describe the image in detail.")
+    prompt = TOK.encode("Describe the image in detail.")
     text = [pack.input_ids[a + int(p):b].tolist() for a, b, p in
             zip(pack.cu_seqlens[:-1].tolist(), pack.cu_seqlens[1:].tolist(), pack.prefix_lens.tolist())]
     from_s2 = [k for k in pack.keys if "stage2" in k]
@@ -179,7 +177,7 @@ def test_mixture_loader_prompts_counts_and_a_source_with_no_usable_sample(layout
     recap_layout_shard(tmp_path / "recap" / "r-000000.tar", 8)
     cfg = DataConfig(sources=[blip, SourceConfig(path=f"{tmp_path}/recap", name="recap")], backend="host",
                      pack_tokens=256, shuffle_shards=1, batch_size=8)
-    loader = build_data_loader(cfg, tok)
+    loader = build_data_loader(cfg, TOK)
     with pytest.raises(NoUsableSampleError) as e:
         for _ in range(40):
             next(loader)
@@ -190,20 +188,16 @@ def test_mixture_loader_prompts_counts_and_a_source_with_no_usable_sample(layout
 
 
 def test_mixture_positions_remap_onto_another_number_of_streams(layouts):
-    from genlip_fast.data.config import DataConfig, SourceConfig
-    from genlip_fast.data.pipeline import build_data_loader
-    from genlip_fast.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer("demo")
     cfg = DataConfig(sources=[SourceConfig(path=f"{layouts}/blip3o", weight=3), SourceConfig(path=f"{layouts}/stage1")],
                      backend="host", pack_tokens=256, shuffle_shards=2, batch_size=8, prefetch=0)
     seen = []
-    old = [build_data_loader(cfg, tok, rank=t, world_size=2, epochs=1) for t in range(2)]
+    old = [build_data_loader(cfg, TOK, rank=t, world_size=2, epochs=1) for t in range(2)]
     for loader in old:
         seen += [k for _ in range(2) for k in next(loader).keys]
     states = {t: json.loads(json.dumps(loader.state_dict())) for t, loader in enumerate(old)}
     for t in range(3):
-        new = build_data_loader(cfg, tok, rank=t, world_size=3, epochs=1)
+        new = build_data_loader(cfg, TOK, rank=t, world_size=3, epochs=1)
         new.load_remapped(states)
         seen += [k for pack in new for k in pack.keys]
     assert len(seen) == len(set(seen)) == 2 * 4 * 16  # both sources, every sample once
@@ -211,20 +205,16 @@ def test_mixture_positions_remap_onto_another_number_of_streams(layouts):
 
 def test_a_version_2_position_continues_as_a_one_source_run(layouts):
     # checkpoints written before sources (data position format 2) continue exactly
-    from genlip_fast.data.config import DataConfig
-    from genlip_fast.data.pipeline import build_data_loader
-    from genlip_fast.data.tokenizer import load_tokenizer
 
-    tok = load_tokenizer("demo")
     cfg = DataConfig(train_shards=f"{layouts}/blip3o", backend="host", pack_tokens=256, shuffle_shards=2,
                      batch_size=8, prefetch=0)
-    a = build_data_loader(cfg, tok)
+    a = build_data_loader(cfg, TOK)
     next(a)
     state = a.state_dict()
     want = [next(a).keys for _ in range(2)]
     v2 = {k: v for k, v in state.items() if k not in ("sources", "weights")}
     v2.update(version=2, skipped={}, bad_shards=[])
-    b = build_data_loader(cfg, tok)
+    b = build_data_loader(cfg, TOK)
     b.load_state_dict(v2)
     assert [next(b).keys for _ in range(2)] == want
     assert b.stats["sources"]["blip3o"]["samples"] == a.stats["samples"] == b.stats["samples"]

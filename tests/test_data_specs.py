@@ -5,12 +5,13 @@ import gzip
 import io
 import json
 import logging
+import tarfile
 
 import pytest
 
 from genlip_fast.data.captions import MissingCaption, RuleError, parse_rule
-from genlip_fast.data.config import DataConfig, SourceConfig, data_sources
-from genlip_fast.data.reader import ShardReader, Skipped
+from genlip_fast.data.config import DataConfig, data_sources
+from genlip_fast.data.reader import ShardReader
 from genlip_fast.data.specs import CompressedShardsError, NoShardsError, expand_braces, expand_spec
 from genlip_fast.train.config import ConfigError, load_config
 
@@ -97,7 +98,6 @@ def test_a_compressed_file_named_tar_is_a_bad_shard(tmp_path):
     # tarfile opens a .tar.gz transparently, so the index held offsets of the decompressed stream and every sample
     # was then read raw as "not an image"; now it is an unreadable shard, skipped and reported with its path
     raw = io.BytesIO()
-    import tarfile
     with tarfile.open(fileobj=raw, mode="w") as tar:
         info = tarfile.TarInfo("k.txt")
         info.size = 1
