@@ -11,6 +11,7 @@ from PIL import Image
 
 from genlip_fast.data.convert import convert
 from genlip_fast.data.reader import ShardReader, check_fields
+from genlip_fast.data.storage import open_source
 from genlip_fast.data.transforms import BadImage, check_grid_limits, probe_image, stage2_grid
 from genlip_fast.data.webdataset import load_index, read_members, scan_shard, write_shard
 
@@ -60,9 +61,10 @@ def test_index_sidecar_matches_the_tar_and_reads_any_sample(tmp_path):
     assert side["num_samples"] == 5
     idx = load_index(path)
     assert idx == scan_shard(path)
-    with open(path, "rb") as f:
-        key, members = idx[3]
-        assert key == "k3" and read_members(f, members) == samples[3][1]
+    src = open_source(str(path))
+    key, members = idx[3]
+    assert key == "k3" and read_members(src, members) == samples[3][1]
+    src.close()
     (tmp_path / "b.tar").write_bytes(path.read_bytes())  # no sidecar: indexed by scanning headers
     assert load_index(tmp_path / "b.tar") == idx
 

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 import torch
 
 from .batch import PackedBatch, Sample
+from . import storage
 from .config import DataConfig
 from .packing import Packer, SampleTooLongError, fit_sample
 from .reader import Record, ShardReader, SkipCounter, Skipped
@@ -105,9 +106,10 @@ class PackedLoader:
         self.pin = self.device is not None and self.device.type == "cuda"
         self.kind, self.device_id = resolve_backend(cfg.backend)
         self.backend = "host" if self.kind == "host" else ("dali-gpu" if self.device_id is not None else "dali-cpu")
+        storage.configure(cfg.storage_options)
         shards = expand_shards(cfg.train_shards)
         self.reader = ShardReader(shards, stage=cfg.stage, patch=cfg.patch_size, caption_field=cfg.caption_field,
-                                  keep_open=cfg.shuffle_shards + 4)
+                                  keep_open=cfg.shuffle_shards + 4, image_column=cfg.image_column)
         self.digest = layout_digest(shards, cfg.seed)
         self._decoder = None
         self._state = self._initial_state()
@@ -157,10 +159,8 @@ class PackedLoader:
         the loader's current position, which does not move. For held-out data read sample by sample (captioning):
         build the loader with ``epochs=1`` for one pass (``epochs=None`` never ends). Bad records and unreadable
         shards are skipped and counted in :attr:`stats`, as for packs. Runs on the calling thread."""
-        reader, counters = self.reader, {"truncated": 0}
-        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=self.skipped),
-                               self._state["sampler"], seed=self.cfg.seed, epochs=self.epochs)
-        for chunk in self._decoded(sampler, self.skipped, counters):
+        counters = {"truncated": 0}
+        for chunk in self._decoded(self._sampler(self._state["sampler"], self.skipped), self.skipped, counters):
             for _, sample, _ in chunk:
                 yield sample
 
@@ -304,6 +304,13 @@ class PackedLoader:
                     self._thread.join(0.05)
         self._thread, self._gen, self._q = None, None, None
 
+    def _sampler(self, position: dict, skipped: SkipCounter) -> ShardSampler:
+        """This stream's sampler from ``position``, with the reader fetching ahead of it (remote shards)."""
+        reader = self.reader
+        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped), position,
+                               seed=self.cfg.seed, epochs=self.epochs)
+        return reader.read_ahead(sampler, self.cfg.read_ahead)
+
     def _get_decoder(self):
         if self._decoder is None:
             c = self.cfg
@@ -380,8 +387,7 @@ class PackedLoader:
         packer = Packer(cfg.pack_tokens, lookahead=cfg.lookahead, truncate=cfg.truncate_captions)
         skipped = SkipCounter(counts=dict(state["skipped"]), bad_shards=list(state["bad_shards"]))
         counters = {"truncated": int(state["truncated"])}
-        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped),
-                               state["sampler"], seed=cfg.seed, epochs=self.epochs)
+        sampler = self._sampler(state["sampler"], skipped)
         where: dict[int, tuple[int, int]] = {}  # id(sample held by the packer) -> (shard, sample)
 
         # samples the packer held at the saved position: read and decode them again, rebuild the packer

@@ -130,6 +130,19 @@ _MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
 _OTHER_FORMATS = {b"GIF8": "gif", b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff", b"\x00\x00\x00\x0cjP": "jp2"}
 
 
+def image_ext(data: bytes) -> str | None:
+    """The member extension encoded image bytes would carry (``jpg``, ``png``, ``webp``, or an unsupported format's,
+    e.g. ``gif``) from the magic number; None when the bytes are no image format known here. For images stored
+    without a file name (a Parquet column)."""
+    if data.startswith(_MAGIC["jpeg"]):
+        return "jpg"
+    if data.startswith(_MAGIC["png"]):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((name for m, name in _OTHER_FORMATS.items() if data.startswith(m)), None)
+
+
 def probe_image(data: bytes) -> tuple[str, int, int]:
     """``(format, height, width)`` from the header alone, or :class:`BadImage`.
 
