@@ -142,3 +142,131 @@ def test_tiny_preset_trains_from_parquet_and_resumes_exactly(shapes, tmp_path):
     first = train(tiny_config(data, tmp_path / "b", train__stop_at_step=2, **over), progress=False)["losses"]
     second = train(tiny_config(data, tmp_path / "b", **over), progress=False)["losses"]
     assert len(straight) == 4 and first + second == straight
+
+
+# -- the converter ------------------------------------------------------------------------------------------------
+def shard_samples(res) -> list[dict]:
+    """Every sample of the converter's shards: its members (``txt`` decoded, ``json`` parsed)."""
+    from genlip_fast.data.webdataset import iter_shard
+
+    out = []
+    for shard in res["shards"]:
+        for _, f in iter_shard(shard):
+            out.append({**f, "txt": f["txt"].decode(), **({"json": json.loads(f["json"])} if "json" in f else {})})
+    return out
+
+
+def snapshot(root):
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_convert_llava_json_array_with_images_elsewhere(tmp_path, caplog):
+    """LLaVA pretraining JSON: one array of {id, image, conversations}; images under --images, not beside the JSON.
+    Bad records are left out, counted, and logged with the file and the record's number."""
+    from genlip_fast.data.convert import convert
+
+    (tmp_path / "images" / "00000").mkdir(parents=True)
+    for i in range(4):
+        (tmp_path / "images" / "00000" / f"{i}.jpg").write_bytes(jpeg(i))
+    turns = lambda cap: [{"from": "human", "value": "<image>\nDescribe the image."},  # noqa: E731
+                         {"from": "gpt", "value": cap}]
+    records = [{"id": "0", "image": "00000/0.jpg", "conversations": turns("a dog on a beach")},
+               {"id": "1", "image": "00000/1.jpg", "conversations": [{"role": "user", "content": "hi"},
+                                                                    {"role": "assistant", "content": "a cat"}]},
+               {"id": "2", "image": "00000/2.jpg", "conversations": [{"from": "human", "value": "<image>"}]},
+               {"id": "3", "image": "00000/missing.jpg", "conversations": turns("gone")},
+               "not a record",
+               {"id": "5", "image": "00000/3.jpg", "conversations": turns("a red bus")}]
+    src = tmp_path / "meta" / "blip_laion_cc_sbu_558k.json"
+    src.parent.mkdir()
+    src.write_text(json.dumps(records))
+    before = snapshot(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        res = convert(src, tmp_path / "out", images=tmp_path / "images")
+    assert res["samples"] == 3
+    assert res["skipped"] == {"missing caption": 1, "unreadable file": 1, "not a record": 1}
+    got = shard_samples(res)
+    assert [s["txt"] for s in got] == ["a dog on a beach", "a cat", "a red bus"]
+    assert got[0]["jpg"] == jpeg(0) and got[0]["json"] == records[0]  # the whole record kept beside the caption
+    assert f"skipping record 2 in {src}: missing caption" in caplog.text
+    assert f"skipping record 3 in {src}: unreadable file" in caplog.text and "missing.jpg" in caplog.text
+    assert snapshot(tmp_path / "images") == {p: b for p, b in before.items() if "images" in p.parts}
+
+
+def test_convert_coco_captions_joined_to_their_images(tmp_path):
+    """COCO keeps annotations/ beside train2017/: --images says where the file names start; one sample per caption
+    or the first caption of each image."""
+    from genlip_fast.data.convert import convert
+
+    (tmp_path / "coco" / "train2017").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations").mkdir()
+    for i in (1, 2, 3):
+        (tmp_path / "coco" / "train2017" / f"{i:012d}.jpg").write_bytes(jpeg(i))
+    body = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3)],
+            "annotations": [{"id": 10, "image_id": 2, "caption": "two birds"},
+                            {"id": 11, "image_id": 1, "caption": "a train"},
+                            {"id": 12, "image_id": 2, "caption": "birds on a wire"},
+                            {"id": 13, "image_id": 99, "caption": "no such image"}]}
+    src = tmp_path / "coco" / "annotations" / "captions_train2017.json"
+    src.write_text(json.dumps(body))
+    every = convert(src, tmp_path / "all", images=tmp_path / "coco" / "train2017")
+    assert [(s["txt"], s["jpg"] == jpeg(s["json"]["image"]["id"])) for s in shard_samples(every)] == [
+        ("a train", True), ("two birds", True), ("birds on a wire", True)]
+    assert every["skipped"] == {"missing caption": 1}  # image 3 has no caption
+    first = convert(src, tmp_path / "first", images=tmp_path / "coco" / "train2017", captions="first")
+    assert [s["txt"] for s in shard_samples(first)] == ["a train", "two birds"]
+
+
+def test_convert_tsv_csv_jsonl_and_parquet_listings(tmp_path):
+    """open_clip's filepath<TAB>title, another separator, JSONL whose caption is a list (never its Python text),
+    and Parquet listings of local paths or of the images themselves."""
+    from genlip_fast.data.convert import convert
+
+    (tmp_path / "img").mkdir()
+    for i in range(3):
+        (tmp_path / "img" / f"{i}.png").write_bytes(jpeg(i, fmt="PNG"))
+    (tmp_path / "train.tsv").write_text("filepath\ttitle\n" + "".join(f"img/{i}.png\ta photo, number {i}\n"
+                                                                     for i in range(3)))
+    res = convert(tmp_path / "train.tsv", tmp_path / "tsv")
+    assert [s["txt"] for s in shard_samples(res)] == [f"a photo, number {i}" for i in range(3)]
+    assert shard_samples(res)[1]["png"] == jpeg(1, fmt="PNG")
+    (tmp_path / "semi.txt").write_text("path;text\n" + "".join(f"{tmp_path}/img/{i}.png;cap {i}\n" for i in range(3)))
+    assert convert(tmp_path / "semi.txt", tmp_path / "semi", separator=";")["samples"] == 3  # absolute paths
+    rows = [{"image": "img/0.png", "caption": ["first of two", "second of two"]},
+            {"image": "img/1.png", "caption": {"en": "a dict is no caption"}},
+            {"image": "img/2.png", "caption": "plain"}]
+    (tmp_path / "list.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken\n")
+    res = convert(tmp_path / "list.jsonl", tmp_path / "jsonl")
+    assert [s["txt"] for s in shard_samples(res)] == ["first of two", "second of two", "plain"]
+    assert res["skipped"] == {"caption is not text": 1, "not a record": 1}
+    res = convert(tmp_path / "list.jsonl", tmp_path / "jsonl1", captions="first")
+    assert [s["txt"] for s in shard_samples(res)] == ["first of two", "plain"]
+    write_parquet(tmp_path / "paths.parquet", {"file_name": [f"img/{i}.png" for i in range(3)],
+                                               "text": [f"p{i}" for i in range(3)]})
+    res = convert(tmp_path / "paths.parquet", tmp_path / "pq_paths")
+    assert [s["txt"] for s in shard_samples(res)] == ["p0", "p1", "p2"]
+    write_parquet(tmp_path / "bytes.parquet", {"jpg": pa.array([jpeg(5), b"garbage bytes"], pa.binary()),
+                                               "caption": ["b0", "b1"]})
+    res = convert(tmp_path / "bytes.parquet", tmp_path / "pq_bytes")
+    assert [s["txt"] for s in shard_samples(res)] == ["b0"] and res["skipped"] == {"not an image": 1}
+
+
+def test_convert_refuses_what_it_cannot_use_in_one_line(tmp_path, capsys):
+    from genlip_fast.data.convert import main
+
+    (tmp_path / "x.json").write_text(json.dumps({"info": {}, "licenses": []}))
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "nope.jpg", "caption": "c"}) + "\n")
+    (tmp_path / "cols.csv").write_text("a,b\n1,2\n")
+    cases = {"x.json": "neither a JSON array of records", "bad.jsonl": "no usable record (unreadable file: 1",
+             "cols.csv": "no image column among the usual names"}
+    for name, message in cases.items():
+        assert main([str(tmp_path / name), str(tmp_path / f"out-{name}")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("python -m genlip_fast.data.convert: error: ") and message in err[0]
+        assert str(tmp_path / name) in err[0]
+    (tmp_path / "img.jpg").write_bytes(jpeg(0))
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"image": "img.jpg", "caption": "c"}) + "\n")
+    assert main([str(tmp_path / "ok.jsonl"), str(tmp_path / "out")]) == 0
+    written = snapshot(tmp_path / "out")
+    assert main([str(tmp_path / "ok.jsonl"), str(tmp_path / "out")]) == 2  # never over existing shards
+    assert "already holds train-*.tar shards" in capsys.readouterr().err and snapshot(tmp_path / "out") == written

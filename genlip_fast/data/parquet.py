@@ -48,7 +48,7 @@ def _is_binary(t: pa.DataType) -> bool:
         or pa.types.is_binary_view(t)
 
 
-def _image_kind(t: pa.DataType) -> str | None:
+def image_kind(t: pa.DataType) -> str | None:
     """``"binary"``, ``"struct"`` (``{bytes, path}``) or None for a column type."""
     if _is_binary(t):
         return "binary"
@@ -64,12 +64,12 @@ def find_image_column(schema: pa.Schema, where: str, name: str = "") -> tuple[st
     if name:
         if name not in names:
             raise ShardError(f"{where}: no column {name!r} (data.image_column); columns: {', '.join(names)}")
-        kind = _image_kind(schema.field(name).type)
+        kind = image_kind(schema.field(name).type)
         if kind is None:
             raise ShardError(f"{where}: column {name!r} holds {schema.field(name).type}, not encoded images "
                              "(binary, or structs {bytes, path})")
         return name, kind
-    found = [(n, k) for n in names if (k := _image_kind(schema.field(n).type))]
+    found = [(n, k) for n in names if (k := image_kind(schema.field(n).type))]
     if len(found) > 1:
         preferred = [f for f in found if f[0].lower() in IMAGE_COLUMNS]
         preferred.sort(key=lambda f: IMAGE_COLUMNS.index(f[0].lower()))
