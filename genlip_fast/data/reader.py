@@ -210,6 +210,11 @@ class ShardReader:
             self._open.popitem(last=False)[1].close()
         return shard
 
+    @property
+    def bad_shards(self) -> dict[str, str]:
+        """``{path: why}`` of the shards found unusable so far."""
+        return {self.shards[i]: why for i, why in sorted(self._bad.items())}
+
     def count(self, i: int, skipped: SkipCounter | None = None) -> int:
         """Samples in shard ``i`` (opens it); 0 for a bad shard, which is reported to ``skipped``."""
         shard = self._shard(i)
