@@ -125,3 +125,270 @@ def test_loader_startup(benchmark):
                                 device=f"CPU ({os.cpu_count()} cores)")
     print(f"\n{STARTUP_SHARDS} shards: start-up {benchmark.stats.stats.median:.2f} s (last round: manifest "
           f"{times['manifest_s']:.2f} s, loader {times['loader_s']:.2f} s)")
+
+
+# -- the host path: what one core does per sample besides decoding (issue 25 item 7) --------------------------------
+#
+# On a GPU machine DALI decodes and resizes on the GPU; what stays on the host, per sample, is: reading its members
+# (an index lookup and one read), the checks and the caption, tokenization, and packing (positions, targets, index
+# tensors: the batch assembly). This measures that work on one core, in a child process pinned to one CPU with one
+# thread per library, for stage 1 (~30-token captions, 196 patches) and stage 2 (~230-token captions, native grids);
+# and what the loader's thread costs a training loop that shares the interpreter lock with it.
+HOST_GOAL = {1: 2500, 2: 500}
+"""samples/s one core must sustain: 4x what one GPU consumes (issue 25)."""
+HOST_NUM = int(os.environ.get("BENCH_HOST_SAMPLES", "1024"))
+HOST_SECONDS = float(os.environ.get("BENCH_HOST_SECONDS", "3"))
+HOST_STAGES = {
+    1: dict(words=28, sizes=[(500, 375), (375, 500)], lookahead=1),
+    2: dict(words=228, sizes=[(500, 375), (375, 500), (1024, 768), (768, 1024), (640, 640), (1280, 320)],
+            lookahead=64),
+}
+CAPTION_WORDS = (
+    "a an the of in on at with and near under over beside behind front small large red blue green white black "
+    "yellow old young man woman child dog cat bird horse car bus train bicycle street road building house tree grass "
+    "sky cloud water river beach mountain table chair plate food cup window door sign light person people group "
+    "standing sitting walking running holding looking playing wearing shirt hat jacket field park city snow rain "
+    "sunny dark bright wooden metal glass stone brick colorful background foreground left right top bottom center "
+    "next across").split()
+
+
+def caption_shards(stage: int) -> str:
+    """``HOST_NUM`` photo-sized JPEGs with captions of the stage's length (Qwen tokens: ~30 / ~230), cached."""
+    import random
+
+    from genlip_fast.data.manifest import shard_entry, update_manifest
+    from genlip_fast.data.synthetic import photo_jpeg
+    from genlip_fast.data.webdataset import write_shard
+
+    spec = HOST_STAGES[stage]
+    root = CACHE / f"host-stage{stage}-{HOST_NUM}"
+    if not (root / "done").is_file():
+        shutil.rmtree(root, ignore_errors=True)
+        rng = random.Random(stage)
+        entries = {}
+        for start in range(0, HOST_NUM, 256):
+            samples = []
+            for i in range(start, min(HOST_NUM, start + 256)):
+                w, h = spec["sizes"][i % len(spec["sizes"])]
+                n = max(1, int(rng.gauss(spec["words"], spec["words"] / 5)))
+                caption = " ".join(rng.choice(CAPTION_WORDS) for _ in range(n)).capitalize() + "."
+                samples.append((f"h{i:07d}", {"jpg": photo_jpeg(w, h, i), "txt": caption.encode()}))
+            path = root / f"host-{start // 256:06d}.tar"
+            entries[path.name] = shard_entry(path, write_shard(path, samples))
+        update_manifest(root, entries)
+        (root / "done").write_text("ok")
+    return str(root / "host-*.tar")
+
+
+class GridOnly:
+    """Stands in for the GPU decoder: each image's patch grid from its JPEG frame header, and patches of width 0
+    (on a GPU machine they are made, and stay, on the GPU), so nothing of the decode is on the host's bill."""
+
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+
+    def __call__(self, images: list[bytes]):
+        import torch
+
+        from genlip_fast.data.transforms import grid_for, jpeg_size
+
+        c, out = self.cfg, []
+        for data in images:
+            h, w = jpeg_size(data)
+            gh, gw = grid_for(h, w, stage=c.stage, image_size=c.image_size, patch=c.patch_size,
+                              min_patches=c.min_patches, max_patches=c.max_patches)
+            out.append((torch.empty(gh * gw, 0), (gh, gw)))
+        return out
+
+
+def host_loader(stage: int, prefetch: int = 0):
+    """The real loader on the stage's caption shards, Qwen tokenizer, with :class:`GridOnly` for the decoder."""
+    from genlip_fast.data.pipeline import PackedLoader
+
+    cfg = DataConfig(train_shards=caption_shards(stage), backend="host", stage=stage, image_size=224,
+                     pack_tokens=16384, lookahead=HOST_STAGES[stage]["lookahead"], batch_size=64, num_threads=1,
+                     prefetch=prefetch)
+
+    class HostPathLoader(PackedLoader):
+        def _get_decoder(self):
+            return GridOnly(self.cfg)
+
+    return HostPathLoader(cfg, load_tokenizer("qwen"))
+
+
+def measure_host_path(stage: int, seconds: float = HOST_SECONDS) -> dict:
+    """Samples per second of CPU time (and of wall time) through the whole host path, on the calling thread; then
+    each part alone over the same records: read + check, tokenize, pack + assemble."""
+    import time
+
+    import torch
+
+    from genlip_fast.data.batch import Sample
+    from genlip_fast.data.packing import Packer
+
+    loader = host_loader(stage)
+    for _ in range(2):
+        next(loader)  # warm: shards opened, first packs made
+    n, c0, w0 = 0, time.process_time(), time.perf_counter()
+    while time.process_time() - c0 < seconds:
+        n += next(loader).num_samples
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    reader, tok = loader.reader, loader.tokenizer
+    pairs = [(s, i) for s in range(len(reader.shards)) for i in range(reader.count(s))]
+
+    def rate(fn, count):
+        c = time.process_time()
+        fn()
+        return count / (time.process_time() - c)
+
+    records = []
+    read_rate = rate(lambda: records.extend(reader.read(s, i) for s, i in pairs), len(pairs))
+    captions = [r.caption for r in records]
+    ids = []
+    tok_rate = rate(lambda: [ids.extend(tok.encode_batch(captions[k:k + 64], add_eot=True))
+                             for k in range(0, len(captions), 64)], len(captions))
+    grids = GridOnly(loader.cfg)([r.image for r in records])
+    samples = [Sample(p, g, torch.tensor(t, dtype=torch.int64)) for (p, g), t in zip(grids, ids)]
+    packer = Packer(16384, lookahead=HOST_STAGES[stage]["lookahead"])
+    pack_rate = rate(lambda: [None for s in samples for _ in packer.add(s)], len(samples))
+    loader.close()
+    return {"stage": stage, "samples": n, "samples_per_s": n / cpu, "wall_samples_per_s": n / wall,
+            "read_check_per_s": read_rate, "tokenize_per_s": tok_rate, "pack_assemble_per_s": pack_rate,
+            "caption_tokens": sum(map(len, ids)) / len(ids), "goal": HOST_GOAL[stage]}
+
+
+def pinned(args: list[str], cpus: set[int] | None) -> dict:
+    """Run this file's ``args`` command in a child process pinned to ``cpus`` (None: not pinned), one thread per
+    library; returns the JSON it prints."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run([sys.executable, __file__, *args], env=env, check=True, capture_output=True, text=True,
+                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def one_cpu() -> set[int]:
+    return {sorted(os.sched_getaffinity(0))[-1]}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_host_path_one_core(benchmark, stage):
+    """Host work per sample without decode and resize, on one core: the goal is HOST_GOAL samples/s."""
+    caption_shards(stage)
+    res = {}
+    benchmark.pedantic(lambda: res.update(pinned(["host-path", str(stage)], one_cpu())), rounds=1, iterations=1)
+    benchmark.extra_info.update(res, device=f"CPU (1 of {os.cpu_count()} cores)")
+    print(f"\nstage {stage} host path on one core: {res['samples_per_s']:.0f} samples/s of CPU time "
+          f"({res['wall_samples_per_s']:.0f}/s wall), goal {res['goal']}; alone: read+check "
+          f"{res['read_check_per_s']:.0f}/s, tokenize {res['tokenize_per_s']:.0f}/s ({res['caption_tokens']:.0f} "
+          f"tokens), pack+assemble {res['pack_assemble_per_s']:.0f}/s")
+
+
+GPU_SAMPLES_PER_S = {1: 625, 2: 125}
+"""What one GPU consumes (the goal's quarter): the step the loop-cost measurement models takes a pack's samples at
+this rate."""
+DISPATCH_SHARE = 0.3
+"""Share of a step the training thread spends dispatching work (small torch ops: each takes the interpreter lock,
+and releases it inside the op); the rest it waits for the GPU with the lock released."""
+
+
+def _paced_producer(stage: int, go, stop) -> None:
+    """A loader in another process making one pack per ``go`` signal: the same CPU work as the thread, no lock."""
+    loader = host_loader(stage, prefetch=0)
+    while not stop.is_set():
+        if go.acquire(timeout=0.1):
+            next(loader)
+
+
+def measure_loop_cost(stage: int, steps: int = 30, rounds: int = 5) -> dict:
+    """What the loader's thread costs a training loop in the same process, apart from what its CPU work costs the
+    machine: step times of the same loop (a) taking packs made beforehand, (b) taking them from the loader's
+    background thread, (c) taking packs made beforehand while a loader in another process makes one pack per step
+    (the same CPU work, no shared interpreter lock); rounds alternate, medians are kept. The lock's cost is b - c.
+
+    A step of the modelled loop: take a pack, dispatch ``DISPATCH_SHARE`` of the step's time as small torch ops
+    (the lock held between ops and released inside each, as a launch-bound trainer does), then wait the rest for
+    the "GPU" (lock released). The step's length is a pack's samples at ``GPU_SAMPLES_PER_S``."""
+    import multiprocessing
+    import statistics
+    import time
+
+    import torch
+
+    made = host_loader(stage, prefetch=0)
+    packs = [next(made) for _ in range(steps)]
+    made.close()
+    per_pack = sum(p.num_samples for p in packs) / len(packs)
+    step_s = per_pack / GPU_SAMPLES_PER_S[stage]
+    x = torch.zeros(8)
+    t0 = time.perf_counter()
+    for _ in range(5000):
+        x.add_(1.0)
+    op_s = (time.perf_counter() - t0) / 5000
+    ops = max(1, int(step_s * DISPATCH_SHARE / op_s))
+
+    def loop(source, tick=None) -> float:
+        t = time.perf_counter()
+        for _ in range(steps):
+            next(source)
+            if tick is not None:
+                tick.release()
+            for _ in range(ops):
+                x.add_(1.0)
+            time.sleep(step_s * (1 - DISPATCH_SHARE))
+        return (time.perf_counter() - t) / steps
+
+    ctx = multiprocessing.get_context("spawn")
+    arms: dict[str, list[float]] = {"alone": [], "thread": [], "process": []}
+    for _ in range(rounds):
+        arms["alone"].append(loop(iter(packs)))
+        loader = host_loader(stage, prefetch=4)
+        next(loader)  # started, its queue filling
+        time.sleep(0.5)
+        arms["thread"].append(loop(loader))
+        loader.close()
+        go, stop = ctx.Semaphore(4), ctx.Event()
+        child = ctx.Process(target=_paced_producer, args=(stage, go, stop), daemon=True)
+        child.start()
+        time.sleep(3)  # its imports and first packs
+        arms["process"].append(loop(iter(packs), go))
+        stop.set()
+        child.join()
+    med = {k: statistics.median(v) for k, v in arms.items()}
+    return {"stage": stage, "step_ms": med["alone"] * 1e3, "thread_ms": med["thread"] * 1e3,
+            "process_ms": med["process"] * 1e3, "lock_cost": med["thread"] / med["process"] - 1,
+            "slowdown": med["thread"] / med["alone"] - 1, "cpu_cost": med["process"] / med["alone"] - 1,
+            "dispatch_ops": ops, "samples_per_pack": per_pack, "rounds": rounds, "steps": steps,
+            "switch_interval_ms": __import__("sys").getswitchinterval() * 1e3}
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loader_cost_to_the_training_loop(benchmark, stage):
+    """Step time of a modelled training loop with the loader's thread delivering its packs, against the same loop
+    with the same loader work done in another process (no shared interpreter lock) and alone: the goal is a lock
+    cost under 2% of the step."""
+    caption_shards(stage)
+    res = {}
+    benchmark.pedantic(lambda: res.update(pinned(["loop-cost", str(stage)], None)), rounds=1, iterations=1)
+    benchmark.extra_info.update(res, device=f"CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f})")
+    print(f"\nstage {stage}: step {res['step_ms']:.1f} ms alone, {res['thread_ms']:.1f} ms with the loader's thread, "
+          f"{res['process_ms']:.1f} ms with the same work in another process: the lock costs "
+          f"{100 * res['lock_cost']:.1f}% of a step (goal < 2%), the CPU work {100 * res['cpu_cost']:.1f}% here")
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    command, arg = sys.argv[1], sys.argv[2]
+    if command == "host-path":
+        print(json.dumps(measure_host_path(int(arg))))
+    elif command == "loop-cost":
+        print(json.dumps(measure_loop_cost(int(arg))))

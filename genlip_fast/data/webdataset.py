@@ -121,8 +121,10 @@ def load_index(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, 
 
 
 def read_members(src, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
-    """One sample's members from ``src`` (:func:`~genlip_fast.data.storage.open_source`), in one read spanning
-    them all (a sample's members lie together in the tar: one ranged GET remotely)."""
+    """One sample's members from ``src`` (:func:`~genlip_fast.data.storage.open_source`): locally one read each;
+    remotely one read spanning them all (a sample's members lie together in the tar: one ranged GET)."""
+    if isinstance(src, storage.LocalSource):
+        return {ext: src.read(off, size) for ext, (off, size) in members.items()}
     lo = min(off for off, _ in members.values())
     hi = max(off + size for off, size in members.values())
     span = src.read(lo, hi - lo)
