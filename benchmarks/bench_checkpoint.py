@@ -22,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from _utils import environment
 
-from genlip_fast.train.manifest import check_files, describe
+from genlip_fast.checkpoint.manifest import check_files, describe
 
 GB = float(os.environ.get("BENCH_CKPT_GB", "1"))
 ROOT = os.environ.get("BENCH_CKPT_DIR") or tempfile.gettempdir()

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "load_encoder":
-        from .train.export import load_encoder
+        from .speak.encoder import load_encoder
 
         return load_encoder
     raise AttributeError(f"module 'genlip_fast' has no attribute {name!r}")

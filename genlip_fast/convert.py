@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB or 500MB")
     args = ap.parse_args(argv)
 
-    from .train.checkpoint import CheckpointError
-    from .train.official import OfficialFormatError, export_official, import_official, parse_size
+    from .checkpoint import CheckpointError, OfficialFormatError, export_official, import_official
+    from .checkpoint.official import parse_size
 
     try:
         if args.command == "import-official":

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory):
     """The generated shapes dataset used by the trainer tests (written once per test session)."""
-    from genlip_fast.train.testing import make_shapes
+    from tiny_run import make_shapes
 
     return make_shapes(tmp_path_factory.mktemp("shapes"))
 

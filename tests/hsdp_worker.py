@@ -100,7 +100,7 @@ def model_checks(rank: int, world: int) -> dict:
 
 def trainer_legs(shapes: str, run_dir: str) -> dict:
     from genlip_fast.train.__main__ import main
-    from genlip_fast.train.testing import tiny_overrides
+    from tiny_run import tiny_overrides
 
     over = tiny_overrides(shapes, run_dir, steps=8, parallel__data_streams=4, checkpoint__every=2)
     codes = {}

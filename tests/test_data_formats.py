@@ -128,7 +128,7 @@ def test_tiny_preset_trains_from_parquet_and_resumes_exactly(shapes, tmp_path):
     """The demo's shards rewritten as img2dataset-style Parquet files (key, jpg, txt): the tiny preset trains from
     them, and a run stopped after 2 steps continues to the same losses as one that never stopped."""
     from genlip_fast.data.webdataset import iter_shard
-    from genlip_fast.train.testing import tiny_config
+    from tiny_run import tiny_config
     from genlip_fast.train.trainer import train
 
     data = tmp_path / "pq"

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from genlip_fast.checkpoint import load_checkpoint_model
 from genlip_fast.data.synthetic import generate_probe_set
 from genlip_fast.data.tokenizer import load_tokenizer
 from genlip_fast.eval.__main__ import main as eval_main
 from genlip_fast.train.config import ConfigError, load_config
-from genlip_fast.train.export import load_checkpoint_model
 from genlip_fast.train.metrics import MetricsLogger
-from genlip_fast.train.testing import make_shapes, tiny_config, tiny_overrides
 from genlip_fast.train.trainer import train
+from tiny_run import make_shapes, tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 4

@@ -25,19 +25,12 @@ import torch
 
 import genlip_fast.train.checkpoint as ckpt_mod
 import genlip_fast.train.trainer as trainer_mod
+from genlip_fast.checkpoint import CheckpointError, list_checkpoints, load_checkpoint_model, load_dcp, verify_checkpoint
+from genlip_fast.checkpoint.manifest import describe, read_manifest, write_manifest
 from genlip_fast.train.__main__ import main
-from genlip_fast.train.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    CheckpointSpaceError,
-    list_checkpoints,
-    load_dcp,
-    verify_checkpoint,
-)
-from genlip_fast.train.export import load_checkpoint_model
-from genlip_fast.train.manifest import describe, read_manifest, write_manifest
-from genlip_fast.train.testing import tiny_config, tiny_overrides
+from genlip_fast.train.checkpoint import Checkpointer, CheckpointSpaceError
 from genlip_fast.train.trainer import NonFiniteLossError, train
+from tiny_run import tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 

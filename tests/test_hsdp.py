@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from genlip_fast.train.checkpoint import latest_checkpoint
+from genlip_fast.checkpoint import latest_checkpoint
 from genlip_fast.train.config import ConfigError
 from genlip_fast.train.distributed import mesh_shape
-from genlip_fast.train.testing import tiny_config, tiny_overrides
 from genlip_fast.train.trainer import train
+from tiny_run import tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "hsdp_worker.py"

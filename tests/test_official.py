@@ -8,10 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from genlip_fast.data import Sample, pack_samples
-from genlip_fast.model import GenLIP, count_parameters, get_preset
-from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_mask
-from genlip_fast.train.official import (
+from genlip_fast.checkpoint.official import (
     OfficialFormatError,
     config_from_official,
     config_to_official,
@@ -21,6 +18,9 @@ from genlip_fast.train.official import (
     to_official,
     write_official,
 )
+from genlip_fast.data import Sample, pack_samples
+from genlip_fast.model import GenLIP, count_parameters, get_preset
+from genlip_fast.ops.prefix_lm_attention.reference import prefix_lm_mask
 
 ASSETS = Path(__file__).parent / "assets" / "official"
 

@@ -80,10 +80,10 @@ def test_tiny_qwen3_flops_by_hand():
 
 
 def test_tiny_qwen3_trains_with_the_trainer_and_is_not_exported_as_the_authors_layout(shapes, tmp_path):
-    from genlip_fast.train.export import load_checkpoint_model
-    from genlip_fast.train.official import OfficialFormatError, config_to_official
-    from genlip_fast.train.testing import tiny_config
+    from genlip_fast.checkpoint import OfficialFormatError, load_checkpoint_model
+    from genlip_fast.checkpoint.official import config_to_official
     from genlip_fast.train.trainer import train
+    from tiny_run import tiny_config
 
     res = train(tiny_config(shapes, tmp_path / "run", steps=3, model__preset="tiny-qwen3"), progress=False)
     assert len(res["losses"]) == 3 and all(torch.isfinite(torch.tensor(res["losses"])))

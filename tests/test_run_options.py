@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from genlip_fast.checkpoint import inputs_from_meta
 from genlip_fast.data.config import DataConfig
 from genlip_fast.data.dali import DaliDecoder, dali_available
 from genlip_fast.data.pipeline import build_data_loader
@@ -18,7 +19,6 @@ from genlip_fast.data.webdataset import write_shard
 from genlip_fast.model import GenLIP, get_preset
 from genlip_fast.speak import ImageTransform
 from genlip_fast.train.config import CONFIG_DIR, ConfigError, load_config
-from genlip_fast.train.export import inputs_from_meta
 from genlip_fast.train.trainer import build_optimizer, param_groups
 
 TOK = load_tokenizer("demo")
@@ -52,7 +52,7 @@ def test_half_is_u8_over_255_minus_a_half_over_a_half_and_clip_is_clips(stage):
     # the captioning / encoder inputs normalise through the same function: the same patches for the same settings
     t = ImageTransform(image_size=64 if stage == 1 else None, pixel_mean=PIXEL_NORMS["half"][0],
                        pixel_std=PIXEL_NORMS["half"][1])
-    from genlip_fast.speak.inputs import open_image
+    from genlip_fast.data.inputs import open_image
 
     assert torch.equal(t(open_image(data))[0], half)
     with pytest.raises(ValueError, match=r"'quarter'.*\['clip', 'half'\]"):
@@ -100,10 +100,11 @@ def test_a_checkpoint_records_its_normalisation_and_speak_reads_it():
 def test_continuing_a_checkpoint_with_another_normalisation_is_refused(shapes, tmp_path):
     """Imported official weights were trained on 0.5 / 0.5 pixels: a run that starts from them with CLIP's
     statistics is stopped before any work, with the option to pass."""
-    from genlip_fast.train.official import config_to_official, import_official, to_official, write_official
+    from genlip_fast.checkpoint import import_official
+    from genlip_fast.checkpoint.official import config_to_official, to_official, write_official
     from genlip_fast.train.preflight import check_compatible, pixel_norm_of
-    from genlip_fast.train.testing import tiny_config
     from genlip_fast.train.trainer import build_model_config, train
+    from tiny_run import tiny_config
 
     cfg = tiny_config(shapes, tmp_path / "run")
     mcfg = build_model_config(cfg, TOK).replace(attn_backend="auto", ce_backend="auto")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import genlip_fast
+from genlip_fast.checkpoint import load_checkpoint_model, load_model
 from genlip_fast.convert import main as convert_main
 from genlip_fast.data.synthetic import render
 from genlip_fast.speak.__main__ import main as speak_main
-from genlip_fast.train.export import load_checkpoint_model, load_model
-from genlip_fast.train.testing import tiny_config
 from genlip_fast.train.trainer import train
+from tiny_run import tiny_config
 
 REF = ["--attn-backend", "reference"]  # the tests run Triton in its (slow) interpreter; "auto" would pick it
 
@@ -139,7 +139,7 @@ def test_readme_encoder_example_runs_as_written(run_dir, capsys):
 
 
 def test_exported_files_caption_and_vision_only_ones_encode(run_dir, image_files, tmp_path, capsys):
-    from genlip_fast.train.export import export
+    from genlip_fast.checkpoint import export
 
     full, vision = tmp_path / "full.safetensors", tmp_path / "vision.safetensors"
     export(run_dir, full)

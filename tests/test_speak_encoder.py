@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from genlip_fast.data.dali import dali_available
+from genlip_fast.data.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, open_image
 from genlip_fast.data.transforms import decode_native, decode_resize_crop
 from genlip_fast.model import GenLIP, get_preset
 from genlip_fast.speak.encoder import VisionEncoder
-from genlip_fast.speak.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, open_image
 
 
 def png_bytes(h, w, seed=0):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from genlip_fast.train.export import load_checkpoint_model
-from genlip_fast.train.testing import tiny_config, tiny_overrides
+from genlip_fast.checkpoint import load_checkpoint_model
 from genlip_fast.train.trainer import train
+from tiny_run import tiny_config, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6

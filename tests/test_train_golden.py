@@ -1,6 +1,6 @@
 """Golden losses: the tiny preset, 8 steps, CPU, fp32, reference kernels — catches silent trainer regressions.
 
-The file holds the per-step losses of ``tiny_config(make_shapes(...), steps=8)`` (see genlip_fast/train/testing.py).
+The file holds the per-step losses of ``tiny_config(make_shapes(...), steps=8)`` (see tests/tiny_run.py).
 A deliberate change to the model, trainer, schedule or generated data changes them; regenerate with
 
     GENLIP_UPDATE_GOLDEN=1 python -m pytest tests/test_train_golden.py
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from genlip_fast.train.testing import tiny_config
 from genlip_fast.train.trainer import train
+from tiny_run import tiny_config
 
 GOLDEN = Path(__file__).parent / "assets" / "losses" / "tiny.json"
 STEPS = 8

@@ -7,10 +7,9 @@ import torch
 
 import genlip_fast.train.checkpoint as ckpt_mod
 import genlip_fast.train.trainer as trainer_mod
-from genlip_fast.train.checkpoint import latest_checkpoint, list_checkpoints
-from genlip_fast.train.export import export, load_checkpoint_model, load_exported
-from genlip_fast.train.testing import tiny_config
+from genlip_fast.checkpoint import export, latest_checkpoint, list_checkpoints, load_checkpoint_model, load_exported
 from genlip_fast.train.trainer import NonFiniteLossError, train
+from tiny_run import tiny_config
 
 
 @pytest.fixture(scope="module")

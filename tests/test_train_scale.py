@@ -13,15 +13,15 @@ import pytest
 import torch
 
 import genlip_fast.train.checkpoint as ckpt_mod
+from genlip_fast.checkpoint import latest_checkpoint
 from genlip_fast.data.pipeline import PackedLoader
 from genlip_fast.data.tokenizer import load_tokenizer
 from genlip_fast.model import GenLIP
 from genlip_fast.model.model import drop_path_per_pack, drop_path_per_sample
-from genlip_fast.train.checkpoint import latest_checkpoint
 from genlip_fast.train.config import CONFIG_DIR, ConfigError, load_config
 from genlip_fast.train.step import describe_plan, plan_batch
-from genlip_fast.train.testing import tiny_config
 from genlip_fast.train.trainer import train
+from tiny_run import tiny_config
 
 TOK = load_tokenizer("demo")
 

@@ -252,7 +252,7 @@ def resize_image(image, *, stage: int, image_size: int, patch: int = 16, min_pat
     """An RGB PIL image -> the PIL image the model sees, resized bicubic: stage 1 the shorter side to
     ``image_size`` and the centre ``image_size`` square (:func:`stage1_geometry`); stage 2 the :func:`stage2_grid`
     grid times the patch (aspect ratio kept as closely as the grid allows). The one host resize: training's Pillow
-    decode and the captioning / encoder inputs (``genlip_fast.speak.inputs``) both call it."""
+    decode and the captioning / encoder inputs (``genlip_fast.data.inputs``) both call it."""
     from PIL import Image
 
     w, h = image.size

@@ -2,8 +2,8 @@
 
 Linear probe of a trained encoder: mean-pooled final-norm features of the frozen model on ImageFolder-layout folders
 (``DIR/<class>/<image>``), a logistic regression fitted on ``--train``, top-1 accuracy on ``--val``. ``RUN`` is a run's
-out_dir, a checkpoints folder, one checkpoint, or a file written by ``python -m genlip_fast.train.export``. The model
-is read as ``genlip_fast.load_encoder`` reads it and features come through its vision-encoder module. Images go
+out_dir, a checkpoints folder, one checkpoint, or a file written by ``python -m genlip_fast.checkpoint.export``. The
+model is read as ``genlip_fast.load_encoder`` reads it and features come through its vision-encoder module. Images go
 through the run's own stage-1 or stage-2 transforms and pixel normalisation (from the checkpoint's config;
 ``--stage`` and ``--image-size`` override, and are needed for an exported file, which records only the
 normalisation).
@@ -27,9 +27,8 @@ def load_for_eval(checkpoint: str, *, stage: int | None = None, image_size: int 
     """``(encoder, data config, description)`` of a checkpoint, run folder or exported file, on CPU: the
     :class:`~genlip_fast.speak.VisionEncoder` with the run's training transform (``stage`` / ``image_size``
     override it; an exported file, without a data config, defaults to stage 1 at 224)."""
-    # The checkpoint readers live with the trainer (genlip_fast.load_encoder reads through them too).
+    from ..checkpoint.load import inputs_from_meta, load_checkpoint_model, load_model
     from ..speak import VisionEncoder
-    from ..train.export import inputs_from_meta, load_checkpoint_model, load_model
 
     path = Path(checkpoint)
     if path.is_file():
@@ -49,7 +48,7 @@ def load_for_eval(checkpoint: str, *, stage: int | None = None, image_size: int 
 def _probe(args) -> int:
     import torch
 
-    from ..train.checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
     from .probe import ImageFolder, probe_encoder
 
     try:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..data.reader import IMAGE_EXTS
 from ..speak import ImageTransform, VisionEncoder
-from ..speak.inputs import open_image
+from ..data.inputs import open_image
 
 log = logging.getLogger(__name__)
 

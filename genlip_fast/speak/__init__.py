@@ -6,7 +6,7 @@ says; ``genlip_fast.load_encoder(PATH)`` returns a :class:`VisionEncoder`.
 
 from .encoder import VisionEncoder
 from .generate import KVCache, Sampling, generate, sample_next, top_p_filter
-from .inputs import ImageTransform, InputSpec
+from ..data.inputs import ImageTransform, InputSpec
 
 __all__ = ["ImageTransform", "InputSpec", "KVCache", "Sampling", "VisionEncoder", "generate", "sample_next",
            "top_p_filter"]

@@ -9,8 +9,8 @@ in the authors' layout (config.json + safetensors). Images keep their native asp
 statistics are the checkpoint's own (the authors' weights: Qwen tokenizer, "Describe the image in detail.",
 ``<|im_end|>``, mean = std = 0.5).
 
-This command line loads checkpoints through ``genlip_fast.train.export``; the rest of ``speak/`` imports only the
-model, data and ops.
+Checkpoints load through ``genlip_fast.checkpoint.load`` (this command line and :func:`~.encoder.load_encoder`);
+the rest of ``speak/`` imports only the model, data and ops.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def _common(ap: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
+    from ..checkpoint.load import load_model
     from ..data.tokenizer import load_tokenizer
-    from ..train.export import load_model
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -97,7 +97,7 @@ def caption_main(argv: list[str]) -> int:
 
 
 def readout_main(argv: list[str]) -> int:
-    from .inputs import open_image
+    from ..data.inputs import open_image
     from .readout import draw_readout, patch_top_words, readout_json
 
     ap = argparse.ArgumentParser(prog="python -m genlip_fast.speak readout",

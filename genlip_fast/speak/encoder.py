@@ -6,12 +6,15 @@
 All images go through one packed varlen pass (the fused prefix-LM attention with every sample's prefix = its whole
 length, i.e. full attention per image). Images are turned into patches and packed on the host first
 (:meth:`VisionEncoder.pack`); :meth:`VisionEncoder.features` is the device part: it reads nothing back from the
-device and compiles with ``torch.compile(..., fullgraph=True)``.
+device and compiles with ``torch.compile(..., fullgraph=True)``. :func:`load_encoder` (``genlip_fast.load_encoder``)
+makes one from any form of a model that ``genlip_fast.checkpoint.load`` reads.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ from torch import nn
 from ..data.batch import PackedBatch
 from ..data.packing import pack_images
 from ..model import GenLIP
-from .inputs import ImageTransform
+from ..data.inputs import ImageTransform
 
 TEXT_MODULES = ("text_embed", "text_in", "text_out", "lm_head")
 
@@ -71,3 +74,20 @@ class VisionEncoder(nn.Module):
         counts = (batch.grid_hw[:, 0] * batch.grid_hw[:, 1]).tolist()  # host tensors: no device read
         device = self.model.patch_embed.weight.device
         return list(self.features(batch.to(device, non_blocking=True)).split(counts))
+
+
+def load_encoder(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 image_size: int | None = None, attn_backend: str = "auto") -> VisionEncoder:
+    """The vision encoder of a checkpoint (any form :func:`~genlip_fast.checkpoint.load.load_model` reads), in
+    ``dtype`` on ``device``.
+
+    ``image_size`` None keeps each image's aspect ratio (16–1024 patches, stage 2's rule); an int resizes and
+    centre-crops to that square (stage 1). Call it with a list of PIL images / uint8 arrays (or patches with
+    grids); it returns per-image ``(grid_h * grid_w, d)`` final-LayerNorm features.
+    """
+    from ..checkpoint.load import load_model  # the checkpoint readers (DCP) load only when a checkpoint is read
+
+    model, inputs = load_model(path, need_text=False)
+    model.cfg.attn_backend = attn_backend
+    transform = dataclasses.replace(inputs.image, image_size=image_size)
+    return VisionEncoder(model, transform).to(device=device, dtype=dtype).eval()

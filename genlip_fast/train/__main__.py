@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"genlip-train: config error: {e}", file=sys.stderr)
         return 2
     from . import preflight
-    from .checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError
     from .metrics import describe_eval
     from .trainer import NonFiniteLossError, train
 

@@ -1,12 +1,6 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, checked, resumable exactly.
-
-Layout of one checkpoint, ``<dir>/step_00001200/``::
-
-    .metadata, __*_*.distcp    DCP: {"model": ..., "optim": ...} (each rank writes its shards)
-    rank_00000.pt ...          per rank: RNG states and the data-loader state of each stream it reads (tensors and
-                               plain data only: read with torch.load(weights_only=True))
-    meta.json                  step, packs per step, data streams, world size, model and job config
-    manifest.json              every other file with its size and xxh3_64 checksum (see manifest.py)
+"""Checkpoints with torch.distributed.checkpoint (DCP): sharded, atomic, checked, resumable exactly; every rank
+takes part. The format on disk (step folders, meta.json, rank files, the manifest) and reading it in one process are
+``genlip_fast/checkpoint/format.py``.
 
 Saving: everything is written into ``step_00001200.tmp`` (a stale one, left by a killed save, is removed first);
 after every rank has written its files, rank 0 writes meta.json, the ranks checksum the files between them, rank 0
@@ -28,7 +22,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,84 +38,37 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .distributed import broadcast_object
-from .manifest import MANIFEST, check_files, describe, read_manifest, write_manifest
-from .safe_load import (
-    DCP_METADATA,
+from ..checkpoint.format import (
+    META,
+    RANK_FILE_FORMAT,
+    checkpoint_entries,
+    list_checkpoints,
+    move_aside,
+    rank_file,
+    read_meta,
+    require_passing,
+    resolve_checkpoint,
+    step_dir_name,
+    step_folders,
+    verify_checkpoint,
+)
+from ..checkpoint.manifest import MANIFEST, check_files, describe, write_manifest
+from ..checkpoint.safe_load import (
     CheckpointError,
     from_plain,
     load_dcp,
     load_rank_file,
     nested_exceptions,
     rng_state,
-    set_rng_state,
     to_plain,
 )
+from .distributed import broadcast_object
 
 log = logging.getLogger(__name__)
-
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-META = "meta.json"
-RANK_FILE_FORMAT = 2
-"""Version of the rank_*.pt layout (2: plain data, weights-only loadable)."""
 
 
 class CheckpointSpaceError(CheckpointError):
     """No space (or quota) left where a checkpoint is written."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.pt"
-
-
-def step_folders(root: str | os.PathLike) -> list[Path]:
-    """Every folder in ``root`` with a checkpoint's final name (complete or not), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints in ``root``, oldest first (a folder counts only with its final name and meta.json)."""
-    return [p for p in step_folders(root) if (p / META).is_file()]
-
-
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, a checkpoints folder (-> its latest), or a run's out_dir (-> out_dir/checkpoints)."""
-    p = Path(path)
-    if (p / META).is_file():
-        return p
-    for root in (p, p / "checkpoints"):
-        latest = latest_checkpoint(root)
-        if latest is not None:
-            return latest
-    raise FileNotFoundError(f"no complete checkpoint at {p} (looked for {META} in it, its step_* and "
-                            f"checkpoints/step_* folders)")
-
-
-def read_meta(path: str | os.PathLike) -> dict:
-    return json.loads((Path(path) / META).read_text())
-
-
-def move_aside(path: Path, why: str) -> Path:
-    """Rename ``path`` to ``<name>.<why>`` (``.<why>-2``, ... when taken); never deletes anything."""
-    for i in range(1, 1000):
-        dst = path.with_name(f"{path.name}.{why}" + (f"-{i}" if i > 1 else ""))
-        if not dst.exists():
-            os.replace(path, dst)
-            return dst
-    raise CheckpointError(f"cannot move {path} aside: {path.name}.{why} ... {path.name}.{why}-999 all exist")
 
 
 def format_bytes(n: float) -> str:
@@ -153,29 +99,12 @@ def all_gather_objects(obj) -> list:
 
 # ---- checking ----
 
-def verify_checkpoint(path: Path, rank: int = 0, world_size: int = 1) -> list[str]:
-    """What is wrong with checkpoint ``path`` (empty when it passes): meta.json, the manifest, and every file's size
-    and checksum. Every rank calls it together and reads ``1/world_size`` of the files; all get the same list."""
-    head = None
-    if rank == 0:
-        problems = []
-        try:
-            meta = read_meta(path)
-            listed = {DCP_METADATA, META} | {rank_file(r) for r in range(int(meta["world_size"]))}
-        except FileNotFoundError:
-            problems.append(f"no {META} (an incomplete save or copy)")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problems.append(f"{META} is unreadable ({type(e).__name__}: {e})")
-        entries, why = read_manifest(path)
-        if why:
-            problems.append(why)
-        elif not problems and (missing := sorted(listed - set(entries))):
-            problems.append(f"{MANIFEST} does not list {', '.join(missing)}")
-        head = (entries, problems)
+def verify_together(path: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """:func:`~genlip_fast.checkpoint.format.verify_checkpoint` by every rank together: rank 0 reads meta.json and
+    the manifest, each rank checksums ``1/world_size`` of the files; all get the same list."""
     if world_size == 1:
-        entries, problems = head
-        return problems or check_files(path, entries)
-    entries, problems = broadcast_object(head)
+        return verify_checkpoint(path)
+    entries, problems = broadcast_object(checkpoint_entries(path) if rank == 0 else None)
     if problems:
         return problems
     mine = {n: entries[n] for n in sorted(entries)[rank::world_size]}
@@ -326,7 +255,7 @@ class Checkpointer:
         return final
 
     def select_resume(self, *, fallback: bool = True) -> Path | None:
-        """The newest checkpoint in ``root`` that passes :func:`verify_checkpoint`, or None when there is none.
+        """The newest checkpoint in ``root`` that passes :func:`verify_together`, or None when there is none.
 
         A failing one is logged with its path and reasons; with ``fallback`` it is moved aside to
         ``step_….damaged`` and the previous one is tried, otherwise CheckpointError. When checkpoints exist but none
@@ -335,7 +264,7 @@ class Checkpointer:
         candidates = broadcast_object(step_folders(self.root) if self.rank == 0 else None)
         skipped = []
         for path in reversed(candidates):
-            problems = verify_checkpoint(path, self.rank, self.world_size)
+            problems = verify_together(path, self.rank, self.world_size)
             if not problems:
                 if skipped and self.rank == 0:
                     log.warning("RESUMING FROM AN OLDER CHECKPOINT: %s (%d newer failed their check: %s)", path,
@@ -390,29 +319,17 @@ class Checkpointer:
         return meta, data, rng
 
 
-def require_passing(ckpt: Path, *, distributed: bool = True) -> None:
-    """CheckpointError unless ``ckpt`` passes :func:`verify_checkpoint` (for a checkpoint that is only read: nothing
-    in its folder is moved). With ``distributed``, every rank of the process group calls it together."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed and dist.is_initialized() else (0, 1)
-    problems = verify_checkpoint(ckpt, rank, world)
-    if problems:
-        raise CheckpointError(f"checkpoint {ckpt} failed its check: {'; '.join(problems)}. Use another checkpoint "
-                              f"folder (step_*)")
-
-
 def load_model_weights(path: str | os.PathLike, model: nn.Module) -> Path:
     """Load only the model weights of a checkpoint (stage 2 from stage 1); works sharded or not. The checkpoint
     must pass its check; nothing in its folder is changed."""
     ckpt = resolve_checkpoint(path)
-    require_passing(ckpt)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    require_passing(ckpt, verify_together(ckpt, rank, world))
     sd = get_model_state_dict(model)
     load_dcp({"model": sd}, ckpt)
     set_model_state_dict(model, sd)
     return ckpt
 
 
-__all__ = ["CheckpointError", "CheckpointSpaceError", "Checkpointer", "all_gather_objects",
-           "estimate_checkpoint_bytes", "format_bytes", "latest_checkpoint", "list_checkpoints", "load_dcp",
-           "load_model_weights", "load_rank_file", "move_aside", "nearest_existing", "read_meta",
-           "require_passing", "resolve_checkpoint", "rng_state", "set_rng_state", "space_message", "step_dir_name", "step_folders",
-           "verify_checkpoint"]
+__all__ = ["CheckpointSpaceError", "Checkpointer", "all_gather_objects", "estimate_checkpoint_bytes", "format_bytes",
+           "load_model_weights", "nearest_existing", "space_message", "verify_together"]

@@ -39,13 +39,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from ..checkpoint import rng_state, set_rng_state
 from ..data.batch import PackedBatch, Sample
 from ..data.pipeline import PackedLoader, build_data_loader
 from ..data.tokenizer import Tokenizer
 from ..eval import ImageFolder, caption_metrics, probe_encoder
 from ..eval.captioning import scorers
 from ..speak import ImageTransform, VisionEncoder, generate
-from .checkpoint import rng_state, set_rng_state
 from .config import ConfigError, JobConfig
 from .distributed import DistInfo, all_reduce_sum, gathered_root
 

@@ -19,18 +19,12 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
 from ..data.storage import RemoteSetupError
 from ..data.webdataset import expand_shards
-from .checkpoint import (
-    all_gather_objects,
-    format_bytes,
-    list_checkpoints,
-    nearest_existing,
-    read_meta,
-    resolve_checkpoint,
-)
+from .checkpoint import all_gather_objects, format_bytes, nearest_existing
 from .config import ConfigError, JobConfig
 
 log = logging.getLogger("genlip_fast.train")

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import set_rng_state
 from ..data import storage
 from ..data.manifest import describe_dataset
 from ..data.pipeline import build_data_loader
@@ -37,7 +38,7 @@ from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
 from . import preflight
-from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights, set_rng_state
+from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
     DistInfo,

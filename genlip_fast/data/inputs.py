@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.config import DataConfig
-from ..data.transforms import PIXEL_NORMS, grid_for, open_rgb, pixel_stats, resize_image, to_patches
+from .config import DataConfig
+from .transforms import PIXEL_NORMS, grid_for, open_rgb, pixel_stats, resize_image, to_patches
 
 AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD = PIXEL_NORMS["half"]
 """SigLIP2's processor statistics, which the authors' runs use (``data.pixel_norm = "half"``)."""
@@ -106,7 +106,7 @@ class ImageTransform:
             return [self(open_image(b)) for b in images]
         if decoder != "dali":
             raise ValueError(f"decoder must be 'pillow' or 'dali', got {decoder!r}")
-        from ..data.dali import DaliDecoder, dali_available, gpu_count
+        from .dali import DaliDecoder, dali_available, gpu_count
 
         if not dali_available():
             raise RuntimeError("decoder 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130")

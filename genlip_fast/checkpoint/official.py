@@ -1,4 +1,6 @@
-"""The authors' checkpoint layout (HF ``GenLIPModel``: ``config.json`` + safetensors), both ways.
+"""The authors' checkpoint layout (HF ``GenLIPModel``: ``config.json`` + safetensors): its weight names and
+config both ways, reading and writing a folder, and :func:`load_official` (which ``load.py`` calls for such a
+folder). It imports no other form; the conversions that combine it with them are ``convert.py``::
 
     python -m genlip_fast.convert import-official SRC_DIR OUT       # -> a genlip_fast checkpoint folder
     python -m genlip_fast.convert export-official CKPT OUT_DIR      # -> config.json + model*.safetensors
@@ -26,14 +28,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 
 import torch
 
+from ..data.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, InputSpec
 from ..model import GenLIP, ModelConfig
 from ..model.config import AUTHORS_CODE
-from ..speak.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, InputSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def _require(cond: bool, msg: str) -> None:
 
 def config_from_official(c: dict) -> ModelConfig:
     """The authors' ``config.json`` -> :class:`ModelConfig` (their code: MLP biases, one constant drop-path rate on
-    whole packed rows). A ``genlip_fast_model_config`` entry (written by :func:`export_official`) wins."""
+    whole packed rows). A ``genlip_fast_model_config`` entry (written by
+    :func:`~genlip_fast.checkpoint.convert.export_official`) wins."""
     if GENLIP_FAST_KEY in c:
         d = dict(c[GENLIP_FAST_KEY])
         d["mrope_section"] = tuple(d["mrope_section"])
@@ -259,7 +261,8 @@ def write_official(out_dir: str | Path, config: dict, sd: dict[str, torch.Tensor
 def official_inputs(src: str | Path, config: dict) -> InputSpec:
     """How the authors' weights read their inputs: the Qwen tokenizer, their prompt and stop word, SigLIP2's pixel
     statistics — or those of ``preprocessor_config.json`` when the folder has one. A folder written by
-    :func:`export_official` carries the genlip_fast run's own (``genlip_fast_inputs`` in config.json)."""
+    :func:`~genlip_fast.checkpoint.convert.export_official` carries the genlip_fast run's own
+    (``genlip_fast_inputs`` in config.json)."""
     if GENLIP_FAST_INPUTS in config:
         return InputSpec.from_dict(config[GENLIP_FAST_INPUTS])
     pre = Path(src) / PREPROCESSOR
@@ -285,46 +288,6 @@ def load_official(src: str | Path) -> tuple[GenLIP, InputSpec]:
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
     return model, official_inputs(src, config)
-
-
-def import_official(src: str | Path, out: str | Path) -> dict:
-    """The authors' folder -> a genlip_fast checkpoint folder (DCP + meta.json + manifest.json, fp32, model only:
-    written by no training rank, so ``world_size`` 0 and no rank files): loadable by ``--checkpoint.init_from``,
-    ``python -m genlip_fast.speak`` and :func:`genlip_fast.load_encoder`."""
-    import os
-
-    import torch.distributed.checkpoint as dcp
-
-    from .checkpoint import META
-    from .manifest import describe, write_manifest
-
-    model, inputs = load_official(src)
-    out = Path(out)
-    if (out / META).exists():
-        raise FileExistsError(f"{out} already holds a checkpoint; choose another folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.save({"model": model.state_dict()}, checkpoint_id=str(out), no_dist=True)
-    meta = {"step": 0, "world_size": 0,
-            "model_config": dict(model.cfg.__dict__, mrope_section=list(model.cfg.mrope_section)),
-            "inputs": inputs.to_dict(), "source": {"official": str(Path(src).resolve())}}
-    (out / META).write_text(json.dumps(meta, indent=2))
-    write_manifest(out, describe(out, sorted(os.listdir(out))))  # what every checkpoint read is checked against
-    return {"checkpoint": str(out), "parameters": sum(p.numel() for p in model.parameters()), "config": model.cfg}
-
-
-def export_official(ckpt: str | Path, out_dir: str | Path, *, dtype: str = "fp32",
-                    max_shard_bytes: int = 5 * 2**30) -> dict:
-    """A genlip_fast checkpoint (trainer folder, run folder, or an imported one) -> the authors' layout."""
-    from .export import load_model
-
-    model, inputs = load_model(ckpt)
-    cfg = model.cfg
-    sd = {k: v.detach().to(DTYPES[dtype]) for k, v in to_official(model.state_dict(), cfg).items()}
-    config = {**config_to_official(cfg, DTYPES[dtype]), GENLIP_FAST_INPUTS: inputs.to_dict()}
-    files = write_official(out_dir, config, sd, max_shard_bytes=max_shard_bytes, inputs=inputs)
-    return {"files": [str(f) for f in files], "tensors": len(sd), "parameters": sum(t.numel() for t in sd.values())}
 
 
 def parse_size(text: str) -> int:

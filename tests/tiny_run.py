@@ -1,4 +1,4 @@
-"""Small, fast training setups for tests and for trying the trainer on CPU.
+"""Small, fast training setups for the tests.
 
 ``make_shapes(dir)`` writes a few generated shards; ``tiny_config(data_dir, out_dir, ...)`` is the tiny preset on
 them with 256-token packs and the reference (CPU) kernels, so a step takes a fraction of a second on 2 cores.
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import JobConfig, load_config
+from genlip_fast.train.config import JobConfig, load_config
 
 
 def make_shapes(data_dir: str | Path, *, num_train: int = 240, per_shard: int = 60, num_val: int = 8) -> Path:
     """Generated shapes shards (4 training shards by default, so up to 4 data streams have their own)."""
-    from ..data.synthetic import generate_shards
+    from genlip_fast.data.synthetic import generate_shards
 
     data_dir = Path(data_dir)
     if not any(data_dir.glob("train-*.tar")):
