@@ -25,7 +25,7 @@ import os
 from collections.abc import Iterable
 
 from . import storage
-from .reader import ShardError, open_shard
+from .reader import open_shard
 from .webdataset import SHARD_ERRORS, read_sidecar, shard_error, write_index
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,6 @@ def shard_entry(path: str | os.PathLike, samples: int | None = None) -> dict:
             samples = len(shard)
             shard.close()
         return {"samples": int(samples), "bytes": storage.size(path)}
-    except ShardError as e:
-        error = str(e)
     except SHARD_ERRORS as e:
         error = shard_error(e)
     return {"samples": 0, "bytes": storage.size(path) if storage.is_file(path) else 0, "error": error}

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import storage
-from .reader import ShardError
 from .transforms import BadImage, image_ext
+from .webdataset import ShardError
 
 IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
 """Preferred image columns, in order, when a table has several binary ones."""

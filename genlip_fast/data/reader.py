@@ -145,10 +145,6 @@ def check_fields(fields: dict[str, bytes | dict], *, stage: int, patch: int, cap
     return image, caption, (h, w)
 
 
-class ShardError(ValueError):
-    """A file that is no usable shard (its message names the file and why); it is skipped like an unreadable tar."""
-
-
 def open_shard(path: str, *, image_column: str = "", cache=None):
     """The container of one shard, by its name: ``*.parquet`` -> :class:`~genlip_fast.data.parquet.ParquetShard`,
     anything else an indexed webdataset tar (:class:`~genlip_fast.data.webdataset.TarShard`). Both give ``len()``,
@@ -199,9 +195,6 @@ class ShardReader:
             self._cache = RowGroupCache()
         try:
             shard = open_shard(path, image_column=self.image_column, cache=self._cache)
-        except ShardError as e:
-            self._bad[i] = str(e)
-            return None
         except SHARD_ERRORS as e:
             self._bad[i] = shard_error(e)
             return None

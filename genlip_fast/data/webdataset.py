@@ -21,13 +21,18 @@ log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "genlip-wds-index/1"
-SHARD_ERRORS = (OSError, EOFError, tarfile.TarError)
-"""What indexing or reading a file that is not a (complete) tar raises."""
+class ShardError(ValueError):
+    """A file that is no usable shard, its message naming the file and why (e.g. a Parquet file without images);
+    it is skipped like an unreadable tar."""
+
+
+SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ShardError)
+"""What opening a file that is no (complete) shard raises."""
 
 
 def shard_error(e: BaseException) -> str:
     """Why a shard was skipped, for logs and manifests."""
-    return f"not a readable tar ({type(e).__name__}: {e})"
+    return str(e) if isinstance(e, ShardError) else f"not a readable tar ({type(e).__name__}: {e})"
 
 
 def split_member(name: str) -> tuple[str, str]:
