@@ -1,11 +1,13 @@
-"""Data pipeline throughput: images/s and packs/s from shards of photo-sized JPEGs, stage 1 and stage 2.
+"""Data pipeline throughput: images/s and packs/s from shards of photo-sized JPEGs, stage 1 and stage 2; start-up
+with many shards; the host path per sample without decode on one core, and the loader thread's cost to a training
+loop (results: ``benchmarks/results/data.md``).
 
-Runs on a CPU machine too (DALI's CPU mode), unlike the other benchmarks; on a GPU machine the DALI decode runs
-there (nvJPEG). The rate to beat is the model's appetite: ~560 images/s per GPU in stage 1 (150K tokens/s at ~270
-tokens per sample). ::
+Every benchmark here is marked ``cpu_ok``: all run on a CPU machine too (DALI's CPU mode); on a GPU machine the
+DALI decode runs there (nvJPEG). The rate to beat is the model's appetite: ~560 images/s per GPU in stage 1 (150K
+tokens/s at ~270 tokens per sample). ::
 
-    pytest benchmarks/bench_data.py --benchmark-only -s               # GPU machine
-    pytest benchmarks/bench_data.py --noconftest --benchmark-only -s  # CPU machine (see below)
+    pytest benchmarks/bench_data.py --benchmark-only -s                                 # everything
+    pytest benchmarks/bench_data.py -k "host_path or loader_cost" --benchmark-only -s   # the host path alone
 """
 
 from __future__ import annotations
@@ -29,9 +31,7 @@ NUM = int(os.environ.get("BENCH_DATA_IMAGES", "256"))
 CACHE = Path(os.environ.get("BENCH_DATA_DIR", "/tmp/genlip_bench_data"))
 
 
-# benchmarks/conftest.py skips every benchmark on a machine without a GPU; this one also measures DALI's CPU mode,
-# so on such a machine run it with --noconftest (nothing here needs the conftest) or mark-aware conftest logic:
-#   pytest benchmarks/bench_data.py --noconftest --benchmark-only -s
+# benchmarks/conftest.py skips benchmarks on a machine without a GPU unless they are marked cpu_ok, as all here are
 pytestmark = pytest.mark.cpu_ok
 
 
@@ -229,10 +229,10 @@ def measure_host_path(stage: int, seconds: float = HOST_SECONDS) -> dict:
     loader = host_loader(stage)
     for _ in range(2):
         next(loader)  # warm: shards opened, first packs made
-    n, c0, w0, t0 = 0, time.process_time(), time.perf_counter(), time.thread_time()
+    n, c0, w0 = 0, time.process_time(), time.perf_counter()
     while time.process_time() - c0 < seconds:
         n += next(loader).num_samples
-    cpu, wall, own = time.process_time() - c0, time.perf_counter() - w0, time.thread_time() - t0
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
     reader, tok = loader.reader, loader.tokenizer
     pairs = [(s, i) for s in range(len(reader.shards)) for i in range(reader.count(s))]
 
@@ -253,7 +253,6 @@ def measure_host_path(stage: int, seconds: float = HOST_SECONDS) -> dict:
     pack_rate = rate(lambda: [None for s in samples for _ in packer.add(s)], len(samples))
     loader.close()
     return {"stage": stage, "samples": n, "samples_per_s": n / cpu, "wall_samples_per_s": n / wall,
-            "own_thread_us_per_sample": own / n * 1e6, "lock_share_at_gpu_rate": own / n * GPU_SAMPLES_PER_S[stage],
             "read_check_per_s": read_rate, "tokenize_per_s": tok_rate, "pack_assemble_per_s": pack_rate,
             "caption_tokens": sum(map(len, ids)) / len(ids), "goal": HOST_GOAL[stage]}
 
