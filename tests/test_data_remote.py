@@ -19,7 +19,7 @@ from genlip_fast.data.manifest import build_manifest, describe_dataset, read_man
 from genlip_fast.data.manifest import shard_entry  # noqa: E402
 from genlip_fast.data.pipeline import build_data_loader  # noqa: E402
 from genlip_fast.data.reader import Record, ShardReader, Skipped  # noqa: E402
-from genlip_fast.data.storage import RemoteSetupError  # noqa: E402
+from genlip_fast.data.storage import StorageSetupError  # noqa: E402
 from genlip_fast.data.tokenizer import load_tokenizer  # noqa: E402
 from genlip_fast.data.webdataset import expand_shards, load_index, write_shard  # noqa: E402
 
@@ -209,7 +209,7 @@ def test_missing_objects_credentials_and_backends_are_one_clear_error(s3_server,
     try:
         import gcsfs  # noqa: F401
     except ImportError:  # a protocol without its backend package: the package is named
-        with pytest.raises(RemoteSetupError, match="gs:// URLs needs the gcsfs package: pip install gcsfs"):
+        with pytest.raises(StorageSetupError, match="gs:// URLs needs the gcsfs package: pip install gcsfs"):
             expand_shards("gs://bucket/x.tar")
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(k)
@@ -217,7 +217,7 @@ def test_missing_objects_credentials_and_backends_are_one_clear_error(s3_server,
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     s3fs.S3FileSystem.clear_instance_cache()
     try:
-        with pytest.raises(RemoteSetupError, match="no credentials .* set AWS_ACCESS_KEY_ID and "
+        with pytest.raises(StorageSetupError, match="no credentials .* set AWS_ACCESS_KEY_ID and "
                                                    "AWS_SECRET_ACCESS_KEY"):
             expand_shards(f"{url}/s-000000.tar")
         from genlip_fast.train.__main__ import main

@@ -242,7 +242,7 @@ def list_coco(path: Path, images: Path, *, every: bool) -> Iterator[Item]:
         where = f"image {im.get('id')!r} ({im['file_name']})"
         anns = by_image.get(im.get("id"), [])
         try:
-            caps = captions_of([a.get("caption") for a in anns], every=every) if anns else captions_of(None, every=every)
+            caps = captions_of([a.get("caption") for a in anns] if anns else None, every=every)
         except BadImage as e:
             yield Item(str(path), where, problem=e)
             continue
@@ -265,8 +265,9 @@ def sources(src: Path, *, images: Path | None, image_col: str, caption_col: str,
 
 # -- writing -----------------------------------------------------------------------------------------------------
 def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str = "train", per_shard: int = 1000,
-            image_col: str = "", caption_col: str = "", caption_field: str = "", images: str | os.PathLike | None = None,
-            separator: str | None = None, captions: str = "all", check: bool = True) -> dict:
+            image_col: str = "", caption_col: str = "", caption_field: str = "",
+            images: str | os.PathLike | None = None, separator: str | None = None, captions: str = "all",
+            check: bool = True) -> dict:
     """Write the shards; returns ``{"shards": [...], "samples": n, "skipped": {reason: n}}``. :class:`ConvertError`
     when the source cannot be read as a whole, or not one of its records is usable."""
     if captions not in ("all", "first"):

@@ -37,8 +37,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .batch import PackedBatch, Sample
 from . import storage
+from .batch import PackedBatch, Sample
 from .config import DataConfig
 from .packing import Packer, SampleTooLongError, fit_sample
 from .reader import Record, ShardReader, SkipCounter, Skipped

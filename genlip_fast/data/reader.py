@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from . import storage
 from .sampler import ShardSampler
-from .storage import RemoteSetupError
+from .storage import StorageSetupError
 from .transforms import BadImage, probe_image, too_small
 from .webdataset import SHARD_ERRORS, TarShard, load_index, shard_error
 
@@ -153,7 +153,7 @@ def open_shard(path: str, *, image_column: str = "", cache=None):
         try:
             from .parquet import ParquetShard
         except ImportError as e:
-            raise RemoteSetupError(f"{path}: reading Parquet shards needs pyarrow: pip install "
+            raise StorageSetupError(f"{path}: reading Parquet shards needs pyarrow: pip install "
                                    f"'genlip_fast[parquet]' ({e})") from None
         return ParquetShard(path, image_column=image_column, cache=cache)
     return TarShard(path, load_index(path))

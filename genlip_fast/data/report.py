@@ -81,9 +81,8 @@ def pick_records(reader: ShardReader, n: int, seed: int, skipped: SkipCounter, b
     """Records to read: every one (``n == 0``), or about ``n`` spread over up to :data:`SHARDS_SPREAD` shards in a
     seeded random order (a random subset of each). Returns ``([(shard, sample)], shards opened)``."""
     order = list(range(len(reader.shards)))
-    random.Random(seed).shuffle(order)
-    if n == 0:
-        order.sort()
+    if n:
+        random.Random(seed).shuffle(order)
     quota = math.ceil(n / min(len(order), SHARDS_SPREAD)) if n else None
     picked, opened = [], 0
     rng = random.Random(seed + 1)
@@ -258,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         opt = ReportOptions(**{k: v for k, v in vars(a).items() if k in ReportOptions.__dataclass_fields__
                                and k != "storage_options"}, storage_options=opts)
         rep = build_report(a.spec, opt, progress=not a.no_progress)
-    except (OSError, ValueError, storage.RemoteSetupError) as e:
+    except (OSError, ValueError, storage.StorageSetupError) as e:
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     print(format_report(rep))

@@ -9,7 +9,7 @@ so a remote sample costs one ranged GET of its members (never a download of the 
 
 Every remote call is retried with exponential back-off (and jitter) on transient failures: connection errors,
 timeouts, HTTP 408/425/429/5xx. What retrying cannot mend is one clear error naming the URL:
-:class:`RemoteSetupError` (no fsspec backend package for the protocol, or no credentials: the run cannot read any
+:class:`StorageSetupError` (no fsspec backend package for the protocol, or no credentials: the run cannot read any
 remote shard), ``FileNotFoundError`` (no such object or bucket), ``PermissionError`` (access denied), or
 ``OSError`` (still failing after the last retry).
 
@@ -59,9 +59,9 @@ _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _jitter = random.Random()  # not the global generator: back-off must not touch any seeded state
 
 
-class RemoteSetupError(RuntimeError):
-    """This machine cannot read a URL at all (no fsspec backend for its protocol, or no credentials): every remote
-    shard would fail the same way, so it is fatal rather than one bad shard."""
+class StorageSetupError(RuntimeError):
+    """This machine cannot read a kind of shard at all (no fsspec backend for a URL's protocol, no credentials, no
+    pyarrow for Parquet): every such shard would fail the same way, so it is fatal rather than one bad shard."""
 
 
 def protocol(path: str | os.PathLike) -> str:
@@ -131,20 +131,20 @@ def configure(options: Mapping[str, Mapping] | None) -> None:
 
 
 def filesystem(url: str):
-    """``(fsspec filesystem, path within it)`` for ``url``; :class:`RemoteSetupError` naming the package to install
+    """``(fsspec filesystem, path within it)`` for ``url``; :class:`StorageSetupError` naming the package to install
     when the protocol has no backend here."""
     try:
         import fsspec.core
     except ImportError:
-        raise RemoteSetupError(f"{url}: reading URLs needs fsspec: pip install 'genlip_fast[remote]'") from None
+        raise StorageSetupError(f"{url}: reading URLs needs fsspec: pip install 'genlip_fast[remote]'") from None
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
         pkg = BACKENDS.get(protocol(url))
         need = f"the {pkg} package: pip install {pkg}" if pkg else f"an fsspec backend for {protocol(url)}://"
-        raise RemoteSetupError(f"{url}: reading {protocol(url)}:// URLs needs {need} ({e})") from None
+        raise StorageSetupError(f"{url}: reading {protocol(url)}:// URLs needs {need} ({e})") from None
     except ValueError as e:
-        raise RemoteSetupError(f"{url}: {e}") from None
+        raise StorageSetupError(f"{url}: {e}") from None
 
 
 def _status(e: BaseException) -> int | None:
@@ -183,13 +183,13 @@ def retrying(url: str, fn: Callable[[], T], what: str = "read") -> T:
     for attempt in range(1, RETRIES + 1):
         try:
             return fn()
-        except RemoteSetupError:
+        except StorageSetupError:
             raise
         except Exception as e:  # noqa: BLE001 - sorted by _classify, re-raised below unless transient
             kind = _classify(e)
             if kind == "credentials":
                 hint = CREDENTIAL_HINTS.get(protocol(url), "configure the backend's credentials")
-                raise RemoteSetupError(f"{url}: no credentials to {what} it ({type(e).__name__}: {e}); {hint}") \
+                raise StorageSetupError(f"{url}: no credentials to {what} it ({type(e).__name__}: {e}); {hint}") \
                     from None
             if kind == "missing":
                 raise FileNotFoundError(errno.ENOENT, "no such object", url) from None

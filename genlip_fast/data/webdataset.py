@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "genlip-wds-index/1"
+
+
 class ShardError(ValueError):
     """A file that is no usable shard, its message naming the file and why (e.g. a Parquet file without images);
     it is skipped like an unreadable tar."""

@@ -32,7 +32,7 @@ from ..checkpoint import set_rng_state
 from ..data import storage
 from ..data.manifest import describe_dataset
 from ..data.pipeline import build_data_loader
-from ..data.storage import RemoteSetupError
+from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
 from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
@@ -126,7 +126,7 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     except FileNotFoundError as e:
         if not cfg.data.generate_demo_data or storage.is_remote(cfg.data.train_shards):
             raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
-    except (OSError, RemoteSetupError, ValueError) as e:  # unreachable store, no credentials, bad storage_options
+    except (OSError, StorageSetupError, ValueError) as e:  # unreachable store, no credentials, bad storage_options
         raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
     try:
         out = demo_folder(cfg.data.train_shards, cfg.data.val_shards)
