@@ -197,5 +197,6 @@ class ParquetShard:
         return out
 
     def close(self) -> None:
+        self._pf.close()
         if self._file is not None:
             self._file.close()
