@@ -5,6 +5,7 @@ different number of streams on resume, bad shards, rate-limited skip logs, pinne
 import io
 import itertools
 import logging
+import re
 import shutil
 import threading
 import time
@@ -22,10 +23,18 @@ import genlip_fast.data.reader as reader_mod
 from genlip_fast.data.batch import PackedBatch
 from genlip_fast.data.config import DataConfig
 from genlip_fast.data.manifest import dataset_size, read_manifest, update_manifest
-from genlip_fast.data.pipeline import build_data_loader
-from genlip_fast.data.sampler import EmptyDatasetError, ShardSampler, initial_state, remap_states
+from genlip_fast.data.pipeline import DataWaitInterrupted, build_data_loader
+from genlip_fast.data.sampler import (
+    EmptyDatasetError,
+    NoUsableSampleError,
+    PassWatch,
+    ShardSampler,
+    initial_state,
+    remap_states,
+)
 from genlip_fast.data.tokenizer import load_tokenizer
 from genlip_fast.data.webdataset import write_shard
+from tiny_run import stage2_layout_shard
 
 TOK = load_tokenizer("demo")
 
@@ -137,6 +146,38 @@ def test_empty_dataset_is_an_error_not_a_hang():
         next(smp)
 
 
+def epoch_share(counts, stream, streams, lanes, epoch) -> set:
+    """The samples stream ``stream`` draws in epoch ``epoch``: its lanes started at that epoch, run through it."""
+    state = initial_state(stream=stream, streams=streams, lanes_per_stream=lanes)
+    for lane in state["lanes"]:
+        lane[2] = epoch
+    return set(drain(ShardSampler(len(counts), counts.__getitem__, state, seed=0, epochs=epoch + 1)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=6).filter(any), st.integers(1, 3), st.integers(1, 4),
+       st.integers(1, 40))
+def test_a_whole_pass_is_every_sample_of_the_streams_share_of_an_epoch(counts, streams, lanes, mark):
+    """The watch says "a whole pass" only once the stream has drawn, after the last usable sample (marked after
+    draw ``mark``), every sample of its share of one epoch — so a stream that sees no usable sample in one holds
+    none (from a stream's start: once its first epoch is read)."""
+    for stream, smp in enumerate(samplers(counts, streams, lanes, epochs=None)):
+        watch = PassWatch(smp)
+        first = epoch_share(counts, stream, streams, lanes, 0)
+        since = []
+        while not watch.passed():
+            since.append(next(smp))
+        assert first <= set(since)
+        drain(smp, mark)
+        watch.usable(smp.state_dict())
+        since = []
+        while not watch.passed():
+            assert len(since) <= 50 * (sum(counts) + lanes)  # it ends (lanes with empty parts race ahead)
+            since.append(next(smp))
+        epochs = {e for e in range(smp.lanes[0][2] + 1) if epoch_share(counts, stream, streams, lanes, e) <= set(since)}
+        assert epochs, since
+
+
 # -- manifest and start-up ----------------------------------------------------------------------------------------
 def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tmp_path):
     from genlip_fast.data.manifest import main
@@ -230,6 +271,102 @@ def test_no_readable_shard_is_one_clear_error(tmp_path):
     loader = build_data_loader(config(tmp_path), TOK)
     with pytest.raises(EmptyDatasetError, match=r"none of the 2 shards.*2 are not readable tars.*s-000000\.tar"):
         next(loader)
+    loader.close()
+
+
+def corrupt_jpeg(i: int) -> bytes:
+    return b"\xff\xd8\xff\xe0" + bytes((i + j) % 256 for j in range(300)) + b"\xff\xd9"
+
+
+def guard(loader, seconds: float = 60.0):
+    """A loader whose ``next()`` gives up after ``seconds`` (DataWaitInterrupted) instead of hanging a test run."""
+    deadline = time.monotonic() + seconds
+    loader.interrupt = lambda: time.monotonic() > deadline
+    return loader
+
+
+def test_a_pass_without_a_usable_sample_is_one_clear_error_in_bounded_memory(tmp_path):
+    """Before: every record skipped -> the loader read on forever, keeping every skipped record (18 GB after 10
+    minutes on a 48-sample shard). Now: one pass, then an error naming the shards and the skips by reason."""
+    stage2_layout_shard(tmp_path / "s-000000.tar", 48)
+    write_shard(tmp_path / "s-000001.tar", [(f"x{i:04d}", {"jpg": corrupt_jpeg(i), "txt": b"a cross ."})
+                                             for i in range(16)])
+    loader = guard(build_data_loader(config(tmp_path, shuffle_shards=4), TOK))
+    tracemalloc.start()
+    try:
+        with pytest.raises(NoUsableSampleError) as err:
+            next(loader)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        loader.close()
+    msg = str(err.value)
+    assert isinstance(err.value, EmptyDatasetError)
+    assert msg.startswith(f"no usable sample in a whole pass over the data: 2 shards of 64 samples "
+                          f"({tmp_path / 's-000000.tar'}, {tmp_path / 's-000001.tar'}), ")
+    skips = {reason: int(n) for n, reason in re.findall(r"(\d+) (missing caption|corrupt image) \(", msg)}
+    assert skips["missing caption"] >= 48 and skips["corrupt image"] >= 16 and "\n" not in msg  # a pass or more
+    assert "missing caption (looked for the .txt member; data.caption_field names a .json field" in msg
+    assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
+
+
+def test_a_stream_whose_share_of_an_epoch_is_unusable_says_so_though_other_streams_have_samples(tmp_path):
+    """Two streams of one lane each over a good and a bad shard: the stream dealt the bad shard in epoch 0 has gone a
+    whole pass without a sample (its rank would hold every other one up for that long) and raises, naming itself,
+    though epoch 1 deals it the good shard (seed 0); the other stream streams on."""
+    make_shards(tmp_path, 1, 6)
+    stage2_layout_shard(tmp_path / "s-000001.tar", 6)
+    errors, packs = {}, {}
+    for rank in range(2):
+        loader = guard(build_data_loader(config(tmp_path, shuffle_shards=1, pack_tokens=64), TOK, rank=rank,
+                                         world_size=2))
+        try:
+            packs[rank] = keys_of(next(loader))  # 5 samples: less than a pass
+        except NoUsableSampleError as e:
+            errors[rank] = str(e)
+        loader.close()
+    (bad, msg), = errors.items()
+    assert len(packs) == 1 and all(k.startswith("s000") for k in packs[1 - bad])
+    assert msg.startswith(f"no usable sample in a whole pass over data stream {bad} of 2: 1 shard of 6 samples "
+                          f"({tmp_path / 's-000001.tar'}), ")
+
+
+def test_a_few_usable_samples_among_many_bad_ones_still_stream_and_resume_exactly(tmp_path):
+    """3 good records among 150 bad ones: no pass goes without a usable sample, so the stream goes on (11 samples a
+    pack: about 4 epochs a pack), and a saved position continues exactly."""
+    samples = [(f"bad{i:04d}", {"jpg": b"not an image", "txt": b"x"}) for i in range(150)]
+    samples += [(f"good{i}", {"jpg": tiny_jpeg(i), "txt": b"a cross ."}) for i in range(3)]
+    write_shard(tmp_path / "s-000000.tar", samples)
+    cfg = config(tmp_path, shuffle_shards=4)
+    a = guard(build_data_loader(cfg, TOK))
+    first = next(a)
+    state = a.state_dict()
+    rest = [next(a) for _ in range(2)]
+    a.close()
+    assert {k for p in [first, *rest] for k in keys_of(p)} == {"good0", "good1", "good2"}
+    b = guard(build_data_loader(cfg, TOK))
+    b.load_state_dict(state)
+    for x in rest:
+        y = next(b)
+        assert x.keys == y.keys and torch.equal(x.patches, y.patches) and torch.equal(x.input_ids, y.input_ids)
+    b.close()
+
+
+def test_a_wait_for_data_gives_up_when_interrupted_and_the_stream_does_not_move(tmp_path):
+    make_shards(tmp_path, 2, 6)
+    want = next(build_data_loader(config(tmp_path), TOK))
+    loader = build_data_loader(config(tmp_path), TOK)
+    stuck = threading.Event()
+    read = loader.reader.read
+    loader.reader.read = lambda s, i: stuck.wait() and read(s, i)  # storage that hangs until set
+    loader.interrupt = lambda: not stuck.is_set()
+    t0 = time.monotonic()
+    with pytest.raises(DataWaitInterrupted):
+        next(loader)
+    assert time.monotonic() - t0 < 5
+    stuck.set()
+    got = next(loader)
+    assert got.keys == want.keys and torch.equal(got.patches, want.patches)
     loader.close()
 
 

@@ -45,3 +45,33 @@ def tiny_overrides(data_dir: str | Path, out_dir: str | Path, *, steps: int = 6,
 
 def tiny_config(data_dir: str | Path, out_dir: str | Path, **kw) -> JobConfig:
     return load_config("tiny", tiny_overrides(data_dir, out_dir, **kw))
+
+
+def run_cli(capsys, data_dir: str | Path, out_dir: str | Path, *extra: str, **over) -> tuple[int, str]:
+    """``python -m genlip_fast.train --no-progress`` on the tiny test run, in this process: (exit status, stderr)."""
+    from genlip_fast.train.__main__ import main
+
+    rc = main(["--no-progress", *tiny_overrides(data_dir, out_dir, **over), *extra])
+    return rc, capsys.readouterr().err
+
+
+def one_line(err: str, prefix: str) -> str:
+    """The one ``genlip-train:`` line of ``err``, which must start with ``prefix``; no traceback anywhere."""
+    lines = [line for line in err.splitlines() if line.startswith("genlip-train:")]
+    assert len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err, err
+    return lines[0]
+
+
+def stage2_layout_shard(path: str | Path, n: int = 48) -> Path:
+    """A shard in the authors' stage-2 layout: ``jpg`` + ``json`` whose ``conversations`` list holds the caption
+    (no ``caption`` key, no ``txt``), so none of its records has a caption the default reader looks for."""
+    import json
+
+    from genlip_fast.data.synthetic import photo_jpeg
+    from genlip_fast.data.webdataset import write_shard
+
+    conv = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
+            {"from": "gpt", "value": "a small photo of some shapes ."}]
+    write_shard(path, [(f"k{i:04d}", {"jpg": photo_jpeg(96, 80, i), "json": json.dumps({"conversations": conv}).encode()})
+                       for i in range(n)])
+    return Path(path)

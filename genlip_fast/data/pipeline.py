@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -42,7 +42,15 @@ from .batch import PackedBatch, Sample
 from .config import DataConfig
 from .packing import Packer, SampleTooLongError, fit_sample
 from .reader import Record, ShardReader, SkipCounter, Skipped
-from .sampler import EmptyDatasetError, ShardSampler, initial_state, layout_digest, remap_states
+from .sampler import (
+    EmptyDatasetError,
+    NoUsableSampleError,
+    PassWatch,
+    ShardSampler,
+    initial_state,
+    layout_digest,
+    remap_states,
+)
 from .tokenizer import Tokenizer
 from .transforms import HostDecoder, check_grid_limits
 from .webdataset import expand_shards
@@ -51,6 +59,65 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 _END = object()
+MAX_READS = 1024
+"""Records read (good or bad) between two decode batches at most: bounds the memory and the time between two
+checks for a pass without a usable sample, whatever the share of bad records."""
+POLL_S = 0.2
+"""How often a wait for the next pack looks at :attr:`PackedLoader.interrupt`."""
+
+
+class DataWaitInterrupted(RuntimeError):
+    """``next(loader)`` gave up waiting for a pack because :attr:`PackedLoader.interrupt` said so; the stream has not
+    moved and the next call waits again."""
+
+
+class _PassTally:
+    """What a stream read since its last usable sample, as counts (reasons, shard indices), and the check that no
+    whole pass (:class:`~genlip_fast.data.sampler.PassWatch`) goes without one: :meth:`used` (per sample the caller
+    takes) and :meth:`check` (between decode batches) raise :class:`NoUsableSampleError`, worded by ``describe``."""
+
+    def __init__(self, sampler: ShardSampler, skipped: SkipCounter, reader: ShardReader,
+                 describe: Callable[[_PassTally], str]):
+        self.watch, self.skipped, self.reader, self.describe = PassWatch(sampler), skipped, reader, describe
+        self.fresh = False
+        self.failed: str | None = None
+        self._restart()
+
+    def _restart(self) -> None:
+        self.counts, self.bad = dict(self.skipped.counts), len(self.skipped.bad_shards)
+        self.shards: set[int] = set()
+        self.size = 0
+
+    def read(self, shard: int) -> None:
+        """A record of ``shard`` was read (its index is loaded: counting it costs nothing)."""
+        if shard not in self.shards:
+            self.shards.add(shard)
+            self.size += self.reader.count(shard)
+
+    def used(self, position: dict) -> None:
+        """The caller takes a sample; ``position``: the sampler's state just past it. A whole pass that ended since
+        the sample taken before it (a stream whose share of an epoch had none) is raised by the next :meth:`check`,
+        after what the caller made of the samples before it."""
+        if self.watch.passed(position) and self.failed is None:
+            self.failed = self.describe(self)
+        self.watch.usable(position)
+        self.fresh = True
+
+    def check(self) -> None:
+        """Between two decode batches: raise when a whole pass went by without a sample taken, or start counting
+        afresh after one was."""
+        if self.failed is None and not self.fresh and self.watch.passed():
+            self.failed = self.describe(self)
+        if self.failed is not None:
+            raise NoUsableSampleError(self.failed)
+        if self.fresh:
+            self.fresh = False
+            self._restart()
+
+    def skips(self) -> dict[str, int]:
+        """Skipped samples by reason since counting started afresh."""
+        now = self.skipped.counts
+        return {r: now[r] - self.counts.get(r, 0) for r in now if now[r] > self.counts.get(r, 0)}
 
 
 class _Failure:
@@ -89,6 +156,12 @@ class PackedLoader:
     pack capacity of the packs delivered), ``images_per_s`` (decode + tokenise + pack rate of the background work,
     not counting time it waited for room in the queue), ``data_wait_s`` (total time ``next()`` waited) and
     ``last_wait_s``.
+
+    A stream that goes a whole pass without a usable sample (every record bad, skipped or too long for a pack)
+    raises :class:`~genlip_fast.data.sampler.NoUsableSampleError` from ``next()``, naming the shards and the skips
+    by reason, instead of reading on forever (``epochs=None``; a finite loader just ends). ``interrupt``: a
+    callable (None by default) that ``next()`` asks every ``POLL_S`` seconds while it waits for a pack; when it
+    returns true, ``next()`` raises :class:`DataWaitInterrupted` (the trainer: a stop signal during a data wait).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,
@@ -121,6 +194,7 @@ class PackedLoader:
         self._delivered = {"packs": 0, "tokens": 0, "samples": 0}
         self._wait = {"total": 0.0, "last": 0.0}
         self._work = {"images": 0, "busy_s": 0.0}
+        self.interrupt: Callable[[], bool] | None = None
 
     # -- the trainer's interface ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[PackedBatch]:
@@ -130,7 +204,7 @@ class PackedLoader:
         if self._gen is None and self._thread is None:
             self._start()
         t0 = time.perf_counter()
-        item = self._q.get() if self._thread is not None else self._next_direct()
+        item = self._get() if self._thread is not None else self._next_direct()
         dt = time.perf_counter() - t0
         self._wait["total"] += dt
         self._wait["last"] = dt
@@ -159,9 +233,12 @@ class PackedLoader:
         the loader's current position, which does not move. For held-out data read sample by sample (captioning):
         build the loader with ``epochs=1`` for one pass (``epochs=None`` never ends). Bad records and unreadable
         shards are skipped and counted in :attr:`stats`, as for packs. Runs on the calling thread."""
-        counters = {"truncated": 0}
-        for chunk in self._decoded(self._sampler(self._state["sampler"], self.skipped), self.skipped, counters):
-            for _, sample, _ in chunk:
+        reader, counters = self.reader, {"truncated": 0}
+        sampler = self._sampler(self._state["sampler"], self.skipped)
+        tally = _PassTally(sampler, self.skipped, reader, self._no_usable_sample)
+        for chunk in self._decoded(sampler, tally, counters):
+            for _, sample, position in chunk:
+                tally.used(position)
                 yield sample
 
     def state_dict(self) -> dict:
@@ -271,6 +348,14 @@ class PackedLoader:
                                         name=f"genlip-data-stream{self.rank}")
         self._thread.start()
 
+    def _get(self):
+        while True:
+            try:
+                return self._q.get(timeout=POLL_S)
+            except queue.Empty:
+                if self.interrupt is not None and self.interrupt():
+                    raise DataWaitInterrupted(f"data stream {self.rank}: stopped waiting for a pack") from None
+
     def _next_direct(self):
         try:
             return next(self._gen)
@@ -294,14 +379,18 @@ class PackedLoader:
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             q.put(_Failure(e))
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, timeout_s: float = 30.0) -> None:
         if self._thread is not None:
             self._stop.set()
-            while self._thread.is_alive():
+            deadline = time.monotonic() + timeout_s
+            while self._thread.is_alive() and time.monotonic() < deadline:
                 try:  # unblock a producer waiting for room
                     self._q.get_nowait()
                 except queue.Empty:
                     self._thread.join(0.05)
+            if self._thread.is_alive():  # stuck in a read (storage that hangs): a daemon, it ends with the process
+                log.warning("data stream %d: the loader thread did not stop within %.0f s; leaving it", self.rank,
+                            timeout_s)
         self._thread, self._gen, self._q = None, None, None
 
     def _sampler(self, position: dict, skipped: SkipCounter) -> ShardSampler:
@@ -341,24 +430,34 @@ class PackedLoader:
             out.append(Sample(d[0], d[1], torch.tensor(t, dtype=torch.int64), key=r.name))
         return out
 
-    def _decoded(self, sampler: ShardSampler, skipped: SkipCounter,
+    def _decoded(self, sampler: ShardSampler, tally: _PassTally,
                  counters: dict) -> Iterator[list[tuple[Record, Sample, dict]]]:
-        """The sampler's samples read, checked, decoded and tokenised, one decode batch (``data.batch_size``
-        records) at a time: ``(record, sample, sampler position just past it)`` per good sample, in the sampler's
-        order. Bad records and failed decodes are skipped and counted in ``skipped``. The one path from shards to
-        samples: packs (:meth:`_produce`) and single samples (:meth:`samples`) both come from here."""
-        reader = self.reader
+        """The sampler's samples read, checked, decoded and tokenised, one decode batch (``data.batch_size`` good
+        records, or fewer after ``MAX_READS`` records) at a time: ``(record, sample, sampler position just past it)``
+        per good sample, in the sampler's order (the list may be empty). Bad records and failed decodes are skipped
+        and counted in ``tally.skipped``. The caller tells ``tally`` which samples it used before it asks for the
+        next batch; a whole pass without one raises :class:`NoUsableSampleError` (endless streams; a finite one
+        just ends). The one path from shards to samples: packs (:meth:`_produce`) and single samples
+        (:meth:`samples`) both come from here."""
+        reader, skipped = self.reader, tally.skipped
         reader.keep_open = max(reader.keep_open, sampler.open_shards + 4)
+        endless = sampler.epochs is None
         while True:
+            if endless:
+                tally.check()
             t0 = time.perf_counter()
-            chunk: list[tuple[Record | Skipped, dict]] = []
+            chunk: list[tuple[Record | Skipped, dict | None]] = []
             n_rec = 0
             try:
                 for s, i in sampler:
+                    if endless and not n_rec and tally.watch.passed():
+                        break  # a whole pass without a usable sample: the check above raises (this draw with it)
                     item = reader.read(s, i)
-                    chunk.append((item, sampler.state_dict()))
-                    n_rec += isinstance(item, Record)
-                    if n_rec == self.cfg.batch_size:
+                    tally.read(s)
+                    good = isinstance(item, Record)
+                    chunk.append((item, sampler.state_dict() if good else None))
+                    n_rec += good
+                    if n_rec == self.cfg.batch_size or len(chunk) == MAX_READS:
                         break
             except EmptyDatasetError as e:
                 bad = skipped.bad_shards
@@ -366,6 +465,8 @@ class PackedLoader:
                                                   f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
                                                   if bad else "")) from None
             if not chunk:
+                if endless:
+                    continue  # a pass ended at the first draw: the check raises
                 return
             records = [r for r, _ in chunk if isinstance(r, Record)]
             samples = iter(self._samples(records, skipped, counters) if records else [])
@@ -380,6 +481,28 @@ class PackedLoader:
             self._work["images"] += len(records)
             self._work["busy_s"] += time.perf_counter() - t0
             yield good
+
+    def _no_usable_sample(self, tally: _PassTally) -> str:
+        """The one-line account of a pass without a usable sample: the shards, the records read, why each was
+        skipped (a record read twice in the pass, as lanes that finish first go on, counts twice)."""
+        skips = tally.skips()
+        shards = [self.reader.shards[i] for i in sorted(tally.shards)]
+        reasons = []
+        for reason, n in sorted(skips.items(), key=lambda kv: -kv[1]):
+            detail = tally.skipped.details.get(reason, "")
+            if reason == "missing caption":
+                detail = ("looked for the .txt member; data.caption_field names a .json field instead"
+                          if not self.cfg.caption_field else f"looked for the .json field {self.cfg.caption_field!r}")
+            reasons.append(f"{n} {reason}" + (f" ({detail[:80]})" if detail else ""))
+        bad = tally.skipped.bad_shards[tally.bad:]
+        if bad:
+            reasons.append(f"{len(bad)} shard{'s' * (len(bad) != 1)} not a readable tar ({', '.join(bad[:3])}"
+                           f"{' ...' if len(bad) > 3 else ''})")
+        where = "the data" if self.world_size == 1 else f"data stream {self.rank} of {self.world_size}"
+        listed = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
+        return (f"no usable sample in a whole pass over {where}: {len(shards)} shard{'s' * (len(shards) != 1)} "
+                f"of {tally.size} samples" + (f" ({listed})" if shards else "")
+                + f", {sum(skips.values())} records read: " + ", ".join(reasons or ["none"]))
 
     def _produce(self, state: dict) -> Iterator[tuple[PackedBatch, dict]]:
         """Packs with the position just after each; runs on the background thread."""
@@ -425,7 +548,8 @@ class PackedLoader:
 
         for pack in packer.ready():
             yield self._hand_out(pack), snapshot(sampler.state_dict())
-        for chunk in self._decoded(sampler, skipped, counters):
+        tally = _PassTally(sampler, skipped, reader, self._no_usable_sample)
+        for chunk in self._decoded(sampler, tally, counters):
             t0 = time.perf_counter()
             ready = []
             for item, s, position in chunk:
@@ -434,6 +558,7 @@ class PackedLoader:
                 except SampleTooLongError as e:
                     skipped.skip("too long for a pack", item.shard, item.key, str(e))
                     continue
+                tally.used(position)
                 where[id(s)] = item.sid
                 for pack in packer.ready():
                     ready.append((self._hand_out(pack), snapshot(position)))

@@ -45,6 +45,8 @@ class SkipCounter:
 
     counts: dict[str, int] = field(default_factory=dict)
     bad_shards: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)
+    """The first detail seen per reason (what was looked for, the decoder's message), for summaries."""
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -53,6 +55,8 @@ class SkipCounter:
     def skip(self, reason: str, shard: str, key: str, detail: str = "") -> None:
         with self._lock:
             self.counts[reason] = self.counts.get(reason, 0) + 1
+            if detail:
+                self.details.setdefault(reason, detail)
             total, shown = self.total, self._shown
             self._shown += shown < SKIP_DETAILS
         if shown < SKIP_DETAILS:

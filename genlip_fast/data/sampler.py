@@ -39,6 +39,10 @@ class EmptyDatasetError(ValueError):
     """No shard holds a readable sample."""
 
 
+class NoUsableSampleError(EmptyDatasetError):
+    """A data stream went a whole pass (:class:`PassWatch`) without one usable sample."""
+
+
 def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) for w in words])
 
@@ -170,6 +174,36 @@ class ShardSampler:
         if not any(self.count(s) > 0 for s in range(self.num_shards)):
             raise EmptyDatasetError(f"none of the {self.num_shards} shards holds a readable sample")
         self._nonempty = True
+
+
+class PassWatch:
+    """Tells when a stream has gone a whole pass without a usable sample.
+
+    A whole pass: every lane of the stream (but those retiring after a remap) read all of its share of one and the
+    same epoch, from the epoch's start to its end, after the last usable sample (:meth:`usable`) — so the stream
+    read all its samples of that epoch and none was usable. From a stream's start that is its first epoch; from the
+    middle of one, the next. What counts as usable is the caller's call (the loader: a sample its packer took). The
+    watch keeps one integer per lane, whatever the data; a check over a subset of the shards (one source of
+    several) would keep one watch per subset.
+    """
+
+    def __init__(self, sampler: ShardSampler):
+        self.sampler = sampler
+        self._epoch = 0
+        self.usable(sampler.state_dict())
+
+    def usable(self, position: dict) -> None:
+        """A usable sample was read; ``position`` is the sampler's state just past it."""
+        lanes = [lane for lane in position["lanes"] if lane[_LAST] < 0]
+        # the first epoch every lane reads from its start: a lane at (slot 0, offset 0) has not begun its epoch
+        self._epoch = max((lane[_EPOCH] + (0 if lane[_SLOT] == lane[_OFF] == 0 else 1) for lane in lanes),
+                          default=0)
+
+    def passed(self, position: dict | None = None) -> bool:
+        """Whether every lane has gone past that epoch since the last usable sample: now, or at ``position`` (the
+        state just past a sample: true means the pass ended before that sample)."""
+        lanes = [lane for lane in (position["lanes"] if position else self.sampler.lanes) if lane[_LAST] < 0]
+        return bool(lanes) and all(lane[_EPOCH] > self._epoch for lane in lanes)
 
 
 def remap_states(old: list[dict], *, stream: int, streams: int, lanes_per_stream: int, seed: int) -> dict:

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import preflight
     from ..checkpoint import CheckpointError
     from .metrics import describe_eval
+    from .step import DataStreamError
     from .trainer import NonFiniteLossError, train
 
     def fail(kind: str, e: object, code: int, everywhere: bool = False) -> int:
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         return fail("config error", e, 2)
     except (CheckpointError, NonFiniteLossError) as e:
         return fail("error", e, 1)
+    except DataStreamError as e:  # raised on every rank alike, with the same code
+        return fail("data error", e, e.code)
     except KeyboardInterrupt:
         return fail("stopped", "second Ctrl-C: no checkpoint of the step in flight (the last complete one is kept)",
                     130)

@@ -15,6 +15,11 @@ This equals dividing each pack's loss by the global count before its backward, w
 read first (so the GPU waited for the whole step's data, and all packs sat in memory): the backward is linear in the
 loss, so only rounding differs (``tests/test_train_step.py`` bounds it). The stop vote is read after the last
 micro-step, so a stop signal is acted on at the end of the step it arrives in.
+
+A rank whose stream fails (a dataset with no usable sample, a loader error) or whose wait for a pack is cut short by
+a stop signal runs padding for the rest of the step, so every rank still meets every collective, and says so in
+the same all-reduce: a failure is then raised on every rank alike (:class:`DataStreamError`), and an interrupted
+wait drops the step on every rank (no update: :attr:`StepStats.interrupted`).
 """
 
 from __future__ import annotations
@@ -31,16 +36,43 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..data.batch import PackedBatch, Sample
-from ..data.packing import pack_samples
-from ..data.pipeline import build_data_loader
+from ..data.packing import pack_samples, pad_tokens
+from ..data.pipeline import DataWaitInterrupted, build_data_loader
+from ..data.sampler import EmptyDatasetError
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
+from .checkpoint import all_gather_objects
 from .config import ConfigError, JobConfig
 from .distributed import DistInfo, all_reduce_sum, broadcast_object, prepare_micro_step
 from .flops import pack_flops
 
 PACKS_MEASURED = 16
 """Packs read from stream 0 to measure samples per pack when train.tokens_per_sample is 0."""
+
+
+class DataStreamError(RuntimeError):
+    """A data stream failed; raised on every rank alike. ``code`` is the exit status: 2 for bad data (no usable
+    sample in a whole pass, no readable shard), 1 for anything else."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def describe_data_failure(e: BaseException) -> tuple[int, str]:
+    """``(exit status, one line)`` for an error raised by a data loader."""
+    if isinstance(e, EmptyDatasetError):
+        return 2, f"data.train_shards: {e}"
+    cause = e.__cause__ or e.__context__
+    return 1, f"{type(e).__name__}: {e}" + (f": {type(cause).__name__}: {cause}" if cause else "")
+
+
+def raise_agreed(failure: BaseException | None) -> None:
+    """Every rank calls it after learning (from a collective) that some rank's stream failed: raises the first
+    failing rank's :class:`DataStreamError` everywhere (chained to the original on that rank)."""
+    reports = all_gather_objects(None if failure is None else describe_data_failure(failure))
+    rank, (code, line) = next((r, x) for r, x in enumerate(reports) if x is not None)
+    raise DataStreamError(line if len(reports) == 1 else f"rank {rank}: {line}", code) from failure
 
 
 @dataclass
@@ -88,10 +120,16 @@ class BatchPlan:
         return 1.0 - steps * self.packs_per_step / total
 
 
-def measure_samples_per_pack(cfg: JobConfig, tokenizer: Tokenizer, data_streams: int) -> float:
+def measure_samples_per_pack(cfg: JobConfig, tokenizer: Tokenizer, data_streams: int) -> float | tuple[int, str]:
+    """Mean samples per pack of stream 0's first packs; ``(exit status, line)`` when the stream fails, for every
+    rank to raise (only rank 0 measures)."""
     loader = build_data_loader(cfg.data, tokenizer, rank=0, world_size=data_streams)
-    counts = [next(loader).num_samples for _ in range(PACKS_MEASURED)]
-    loader.close()
+    try:
+        counts = [next(loader).num_samples for _ in range(PACKS_MEASURED)]
+    except Exception as e:  # noqa: BLE001 - every rank raises it, below
+        return describe_data_failure(e)
+    finally:
+        loader.close()
     return sum(counts) / len(counts)
 
 
@@ -138,6 +176,8 @@ def plan_batch(cfg: JobConfig, info: DistInfo, tokenizer: Tokenizer, resumed: di
         else:
             samples_per_pack = broadcast_object(
                 measure_samples_per_pack(cfg, tokenizer, streams) if info.is_main else None)
+            if isinstance(samples_per_pack, tuple):
+                raise DataStreamError(*reversed(samples_per_pack))
         packs = math.ceil(t.global_batch_samples / samples_per_pack)
     else:
         packs = streams
@@ -186,11 +226,13 @@ class StepStats:
     flops: float
     stop_votes: int
     data_wait_s: float
+    interrupted: bool = False
+    """A rank's wait for a pack was cut short by a stop signal: the step was dropped (gradients zero, no stats)."""
 
 
 def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Iterator[PackedBatch]], micro_steps: int,
                *, pad: PackedBatch, mcfg: ModelConfig, device: torch.device, max_norm: float,
-               stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
+               token_multiple: int = 1, stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
     """Accumulate one step's gradients (see the module doc); returns the step's global stats.
 
     Args:
@@ -198,20 +240,28 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
             micro-step starts, not before).
         micro_steps: micro-steps to run (``>= len(sources)``; the rest run ``pad`` with weight 0).
         pad: the padding pack, on ``device``.
+        token_multiple: each pack is padded to a multiple of this many tokens on ``device`` (float8 GEMMs need 16;
+            see :mod:`~genlip_fast.train.float8`); the stats count the pack's own tokens.
     Gradients end up as those of the token-mean loss over the global batch, clipped to ``max_norm``.
     """
     local = [0.0] * 4  # loss tokens, tokens, samples, FLOPs
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     wait = 0.0
+    failure: Exception | None = None
     for i in range(micro_steps):
-        if i < len(sources):
+        batch = None
+        if i < len(sources) and failure is None:
             t0 = time.perf_counter()
-            batch = next(sources[i])
+            try:
+                batch = next(sources[i])
+            except Exception as e:  # noqa: BLE001 - the ranks agree on it after the step's collectives
+                failure = e
             wait += time.perf_counter() - t0
+        if batch is not None:
             for k, v in enumerate((batch.num_loss_tokens, int(batch.cu_seqlens[-1]), batch.num_samples,
                                    pack_flops(mcfg, batch))):
                 local[k] += v
-            batch, weight = batch.to(device, non_blocking=True), 1.0
+            batch, weight = pad_tokens(batch.to(device, non_blocking=True), token_multiple), 1.0
         else:
             batch, weight = pad, 0.0
         prepare_micro_step(model, i, micro_steps)  # no reshard or reduce until the last micro-step
@@ -219,9 +269,14 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
         loss.backward()
         loss_sum += loss.detach()
         del batch, loss  # the pack is released here: at most the loader's prefetch queue is held
-    totals = torch.cat([torch.tensor(local + [float(stop_requested())], dtype=torch.float64, device=device),
-                        loss_sum.reshape(1)])
-    loss_tokens, tokens, samples, flops, stop_votes, loss_total = all_reduce_sum(totals).tolist()
+    interrupted = isinstance(failure, DataWaitInterrupted)
+    votes = [float(stop_requested() or interrupted), float(failure is not None and not interrupted), float(interrupted)]
+    totals = torch.cat([torch.tensor(local + votes, dtype=torch.float64, device=device), loss_sum.reshape(1)])
+    loss_tokens, tokens, samples, flops, stop_votes, failed, interrupted, loss_total = all_reduce_sum(totals).tolist()
+    if failed:
+        raise_agreed(None if isinstance(failure, DataWaitInterrupted) else failure)
+    if interrupted:
+        return StepStats(math.nan, math.nan, 0, 0, 0, 0.0, int(stop_votes), wait, interrupted=True)
     scale = 1.0 / max(1.0, loss_tokens)
     grads = [p.grad for p in params if p.grad is not None]
     if grads:

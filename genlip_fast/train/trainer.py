@@ -28,16 +28,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import set_rng_state
+from ..checkpoint import rng_state, set_rng_state
 from ..data import storage
 from ..data.manifest import describe_dataset
+from ..data.packing import pad_tokens
 from ..data.pipeline import build_data_loader
 from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
 from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
-from . import preflight
+from . import float8, preflight
 from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
@@ -158,7 +159,8 @@ class Run:
 
         _prepare         checks (backends, inputs, output folders), tokenizer, demo data, model config, and which
                          checkpoint to continue (or start from); nothing is written before these pass
-        _build_model     GenLIP -> activation checkpointing -> compile -> FSDP2, AdamW; then per-rank seeds
+        _build_model     GenLIP -> float8 linears -> activation checkpointing -> compile -> FSDP2, AdamW; then
+                         per-rank seeds
         _resume          room for a checkpoint; weights and optimizer from the checkpoint (or init_from weights)
         _build_loaders   the batch plan and one loader per data stream, at the checkpoint's positions; RNG states
         _open_logs       evaluator, config.json, metrics and the start-up lines
@@ -210,6 +212,9 @@ class Run:
                 model = GenLIP(self.mcfg)
         else:
             model = GenLIP(self.mcfg)
+        self.float8 = float8.convert(  # before wrapping it
+            model, cfg.train.float8, cfg.train.float8_filter, emulate=device.type != "cuda",
+            gather_blocked_by=float8.all_gather_blocked(cfg.parallel.compile, cfg.model.attn_backend, device))
         self.checkpointed = apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint,
                                                            cfg.parallel.ac_ratio)
         if cfg.parallel.compile:
@@ -244,6 +249,8 @@ class Run:
         self.plan = plan = plan_batch(self.cfg, self.info, self.tokenizer, self.resumed_meta)
         self.loaders = {s: build_data_loader(self.cfg.data, self.tokenizer, rank=s, world_size=plan.data_streams,
                                              device=self.device) for s in plan.streams}
+        for loader in self.loaders.values():  # a stop signal ends a wait for data (see train_step)
+            loader.interrupt = lambda: self.signals.received is not None
         if self.resumed_meta is None:
             return
         for s, loader in self.loaders.items():
@@ -275,6 +282,8 @@ class Run:
             f"{info.world_size} rank(s) on {self.device.type} ({info.mesh_desc}); precision {self.mp.param_dtype}; "
             f"activation checkpointing on {len(self.checkpointed)}/{len(self.model.blocks)} blocks"
             + ("; compiled blocks" if cfg.parallel.compile else ""))
+        if cfg.train.float8 != "off":
+            metrics.message(self.float8.describe())
         metrics.message(describe_dataset(expand_shards(cfg.data.train_shards)))
         metrics.message(describe_plan(plan, cfg))
         if plan.remapped_from is not None:
@@ -288,10 +297,12 @@ class Run:
                      "samples_per_pack": plan.samples_per_pack, "model_config": _model_config_dict(self.mcfg),
                      "job_config": to_dict(cfg)}
 
-    def _save(self, step: int) -> Path:
-        """A checkpoint after ``step``: weights, optimizer, data positions, RNG states, meta."""
-        states = {s: loader.state_dict() for s, loader in self.loaders.items()}
+    def _save(self, step: int, states: dict[int, dict] | None = None) -> Path:
+        """A checkpoint after ``step``: weights, optimizer, data positions (``states``, or the loaders' own), RNG
+        states, meta."""
+        states = states or {s: loader.state_dict() for s, loader in self.loaders.items()}
         path = self.ckpt.save(step, self.model, self.opt, data_states=states, meta=self.meta, device=self.device)
+        self.saved_step = step
         self.metrics.message(f"checkpoint {path}")
         return path
 
@@ -299,15 +310,17 @@ class Run:
         """Optimizer steps until ``train.steps``, a stop signal or ``train.stop_at_step``, with a checkpoint when one
         is due and at the end; an evaluation first when a fresh run has one due at step 0."""
         cfg = self.cfg
-        self.pad = padding_pack(self.mcfg, self.tokenizer).to(self.device)
+        self.pad = pad_tokens(padding_pack(self.mcfg, self.tokenizer), self.float8.token_multiple).to(self.device)
         self.peak = device_peak_flops(self.device)
         self.bad_in_a_row = 0
         self.last_ckpt = self.latest
-        self.step = self.start_step
+        self.step = self.saved_step = self.start_step
         if self.start_step == 0 and self.evaluator.due(0):
             self.metrics.log({"step": 0, **self.evaluator(0, self.model)})  # the untrained model: where curves start
         while self.step < cfg.train.steps:
-            self._one_step()
+            if not self._one_step():
+                self._stop_in_data_wait()
+                break
             self.stopped_by = self._stop_reason()
             due = cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0
             if due or self.stopped_by or (self.step == cfg.train.steps and cfg.checkpoint.final):
@@ -318,10 +331,28 @@ class Run:
                 break
         self.metrics.close()
 
-    def _one_step(self) -> None:
+    def _stop_in_data_wait(self) -> None:
+        """A stop signal cut a rank's wait for data short: the step in flight is dropped, and the run ends with a
+        checkpoint of the last finished step — its data positions and random states as they were when the dropped
+        step began, so the resumed run is exact — unless that step is saved already (or is the start)."""
+        self.stopped_by = "signal"
+        states, rng = self.step_start
+        if self.step > self.saved_step:
+            set_rng_state(rng, self.device)
+            self.last_ckpt = self._save(self.step, states)
+            saved = "checkpoint saved"
+        else:
+            saved = "nothing new to save"
+        self.metrics.message(f"stopped while waiting for data in step {self.step + 1}, which is dropped; {saved} "
+                             f"after step {self.step} — rerun the same command to continue", logging.WARNING)
+        self.metrics.close()
+
+    def _one_step(self) -> bool:
         """One optimizer step (:func:`~genlip_fast.train.step.train_step`), the AdamW update unless it was not
-        finite, then the evaluation when one is due and the metrics row."""
+        finite, then the evaluation when one is due and the metrics row. False when a stop signal cut a wait for
+        data short (the step is dropped: no update, nothing logged)."""
         cfg, plan, opt, step = self.cfg, self.plan, self.opt, self.step
+        self.step_start = ({s: loader.state_dict() for s, loader in self.loaders.items()}, rng_state(self.device))
         t_step = time.perf_counter()
         lr = warmup_cosine(step, total_steps=cfg.train.steps, peak_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
                            warmup_ratio=cfg.optim.warmup_ratio)
@@ -329,11 +360,16 @@ class Run:
             g["lr"] = lr
         st = train_step(self.model, self.params, [self.loaders[k] for k in plan.packs_of(step)],
                         plan.micro_steps(step), pad=self.pad, mcfg=self.mcfg, device=self.device,
-                        max_norm=cfg.optim.grad_clip, stop_requested=lambda: self.signals.received is not None)
+                        max_norm=cfg.optim.grad_clip, token_multiple=self.float8.token_multiple,
+                        stop_requested=lambda: self.signals.received is not None)
+        if st.interrupted:
+            opt.zero_grad(set_to_none=True)
+            return False
         loss_value, gnorm_value = st.loss, st.grad_norm
         finite = math.isfinite(loss_value) and math.isfinite(gnorm_value)
         if finite:
             opt.step()
+            self.float8.after_optimizer_step(self.model)
             self.bad_in_a_row = 0
         else:
             self.bad_in_a_row += 1
@@ -362,6 +398,7 @@ class Run:
             "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
             "data_wait_s": st.data_wait_s, "step_time_s": dt, **evals,
         })
+        return True
 
     def _stop_reason(self) -> str | None:
         """Why the run stops after this step before its end: a stop signal any rank voted for, or
