@@ -116,9 +116,13 @@ def test_mixture_position_continues_exactly_and_sources_stay_apart():
     assert head + [(next(again), again.current) for _ in range(23)] == drawn
     for (shard, _), k in drawn:  # global shard indices: source 1's shards follow source 0's
         assert (shard < 3) == (k == 0)
-    # finite epochs: every sample of every source exactly twice, then the stream ends
+    # finite epochs: every sample of every source exactly twice, then the stream ends; a position saved after one
+    # source finished continues the same way
     rest = list(mixture(sizes, weights, epochs=2))
     assert sorted(set(rest)) == [(s, i) for s in range(5) for i in range(7)] and len(rest) == 2 * 5 * 7
+    m = mixture(sizes, weights, epochs=2)
+    head = [next(m) for _ in range(60)]
+    assert any(m.done) and head + list(mixture(sizes, weights, epochs=2, state=m.state_dict())) == rest
 
 
 def test_mixture_remaps_to_another_number_of_streams_reading_every_sample_once_per_epoch():

@@ -68,6 +68,14 @@ class DataConfig:
     """Cut captions to this many tokens, end-of-text included (0 = no limit)."""
     caption_field: str = ""
     """Deprecated: caption_field = 'x' is caption = 'json:x'."""
+    image_column: str = ""
+    """Parquet shards: the column of encoded images ('' = found by its type: binary, or {bytes, path} structs)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options per protocol for remote shards, on top of the environment's (AWS_ENDPOINT_URL, credentials),
+    e.g. [data.storage_options.s3] endpoint_url = "http://minio:9000"; on the command line as JSON."""
+    read_ahead: int = 64
+    """Remote shards: samples whose bytes are fetched ahead of the stream, concurrently (0 = fetch each when
+    reached)."""
     backend: str = "auto"
     """Image decode: 'auto' (DALI when installed, on the GPU when there is one), 'dali', or 'host' (Pillow)."""
     batch_size: int = 64

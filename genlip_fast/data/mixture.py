@@ -61,6 +61,7 @@ class MixtureSampler:
                              f"{state.get('format')!r} with {len(state.get('sources', []))}")
         if len(weights) != len(sizes) or not all(w > 0 for w in weights):
             raise ValueError(f"need one weight > 0 per source, got {list(weights)} for {len(sizes)} sources")
+        self.sizes, self.count, self.seed = list(sizes), count, seed
         self.starts = [int(x) for x in np.cumsum([0, *sizes[:-1]])]
         self.weights = [float(w) for w in weights]
         self.epochs = epochs
@@ -68,7 +69,7 @@ class MixtureSampler:
                          for k, (n, a, st) in enumerate(zip(sizes, self.starts, state["sources"]))]
         self.key = [int(x) for x in state["key"]]
         self.draws = int(state["draws"])
-        self.done = [False] * len(sizes)
+        self.done = [s.exhausted for s in self.samplers]  # as the draws that found them finished left them
         self.current = -1
         self._block: tuple[int, np.ndarray] | None = None
 
@@ -79,6 +80,11 @@ class MixtureSampler:
     @property
     def open_shards(self) -> int:
         return sum(s.open_shards for s in self.samplers)
+
+    def clone(self, count: Callable[[int], int] | None = None) -> MixtureSampler:
+        """A sampler at this one's position that goes on by itself (``count``: its own, default this one's)."""
+        return MixtureSampler(self.sizes, count or self.count, self.weights, self.state_dict(), seed=self.seed,
+                              epochs=self.epochs)
 
     def __iter__(self):
         return self

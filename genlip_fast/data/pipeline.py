@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import storage
 from .batch import PackedBatch, Sample
 from .config import DataConfig, data_sources
 from .dali import resolve_backend
@@ -105,11 +106,13 @@ class PackedLoader:
         self.pin = self.device is not None and self.device.type == "cuda"
         self.kind, self.device_id = resolve_backend(cfg.backend)
         self.backend = "host" if self.kind == "host" else ("dali-gpu" if self.device_id is not None else "dali-cpu")
+        storage.configure(cfg.storage_options)
         self.sources = data_sources(cfg)
         lists = [expand_spec(src.spec) for src in self.sources]
         self.reader = ShardReader.of_sources(lists, [src.rule for src in self.sources],
                                              [src.prompt for src in self.sources], stage=cfg.stage,
-                                             patch=cfg.patch_size, keep_open=cfg.shuffle_shards + 4)
+                                             patch=cfg.patch_size, keep_open=cfg.shuffle_shards + 4,
+                                             image_column=cfg.image_column)
         # one source: the position of a single-dataset run (version 2 checkpoints continue); several: their bounds
         marks = [f"#source {len(x)}" for x in lists] if len(lists) > 1 else []
         self.digest = layout_digest(self.reader.shards + marks, cfg.seed)
@@ -256,10 +259,13 @@ class PackedLoader:
         return initial_position(stream=self.rank, streams=self.world_size, **self._layout())
 
     def _stream(self, position: dict, skipped: list[SkipCounter]) -> SourceStream:
-        """This stream's samples from ``position`` on, its skips counted in ``skipped`` (one counter per source)."""
-        return SourceStream(self.reader, [src.weight for src in self.sources], position, skipped,
-                            seed=self.cfg.seed, epochs=self.epochs, describe=self._no_usable_sample,
-                            options=[self._option(k) for k in range(len(self.sources))])
+        """This stream's samples from ``position`` on, its skips counted in ``skipped`` (one counter per source),
+        with the reader fetching ahead of it (remote shards)."""
+        stream = SourceStream(self.reader, [src.weight for src in self.sources], position, skipped,
+                              seed=self.cfg.seed, epochs=self.epochs, describe=self._no_usable_sample,
+                              options=[self._option(k) for k in range(len(self.sources))])
+        stream.sampler = self.reader.read_ahead(stream.sampler, self.cfg.read_ahead)
+        return stream
 
     def _start(self) -> None:
         self._stop = threading.Event()

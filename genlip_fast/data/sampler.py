@@ -101,6 +101,16 @@ class ShardSampler:
     def open_shards(self) -> int:
         return len(self.lanes)
 
+    @property
+    def exhausted(self) -> bool:
+        """Every lane has finished its epochs: ``next()`` raises StopIteration."""
+        return all(self._finished(lane) for lane in self.lanes)
+
+    def clone(self, count: Callable[[int], int] | None = None) -> ShardSampler:
+        """A sampler at this one's position that goes on by itself (``count``: its own, default this one's)."""
+        return ShardSampler(self.num_shards, count or self.count, self.state_dict(), seed=self.seed,
+                            epochs=self.epochs)
+
     def __iter__(self):
         return self
 

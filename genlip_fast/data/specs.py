@@ -22,8 +22,9 @@ pattern, the missing files of a brace range, the folder searched). Compressed ta
 its byte offset in the tar, which a compressed stream does not have (so no exact resume without reading from the
 start).
 
-Local paths stay plain paths (as written, relative or absolute); URLs are listed through fsspec and come back as
-URLs with their protocol.
+Local paths stay plain paths (as written, relative or absolute; ``file://`` URLs become paths); other URLs are listed
+through fsspec (:mod:`~genlip_fast.data.storage`: retries, one clear error for a missing backend or credentials) and
+come back as URLs with their protocol.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ import glob
 import logging
 import os
 import re
+
+from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +141,6 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern]
 
 
-def is_url(path: str) -> bool:
-    """A URL fsspec opens (``s3://``, ``gs://``, ``https://``, ``file://``, ...) rather than a plain local path."""
-    return "://" in path
-
-
 class _LocalFS:
     """Plain local paths, kept as written (fsspec's local filesystem would make them absolute)."""
 
@@ -172,34 +170,43 @@ class _LocalFS:
 
 
 class _RemoteFS:
-    """Any fsspec filesystem; paths go in and come out as URLs with their protocol."""
+    """Any fsspec filesystem through :mod:`~genlip_fast.data.storage` (its setup errors, retries and credential
+    messages); paths go in and come out as URLs with their protocol. A missing object or folder is just missing."""
 
     def __init__(self, url: str):
-        import fsspec.core
+        self.url = url
+        self.fs, _ = storage.filesystem(url)
 
-        self.fs, _ = fsspec.core.url_to_fs(url)
+    def _call(self, fn, what: str):
+        return storage.retrying(self.url, fn, what)
 
     def _strip(self, p: str) -> str:
         return self.fs._strip_protocol(p)
 
-    def _url(self, p: str) -> str:
-        return self.fs.unstrip_protocol(p)
-
     def isfile(self, p: str) -> bool:
-        return self.fs.isfile(self._strip(p))
+        try:
+            return bool(self._call(lambda: self.fs.isfile(self._strip(p)), "stat"))
+        except FileNotFoundError:
+            return False
 
     def isdir(self, p: str) -> bool:
-        return self.fs.isdir(self._strip(p))
+        try:
+            return bool(self._call(lambda: self.fs.isdir(self._strip(p)), "stat"))
+        except FileNotFoundError:
+            return False
 
     def glob(self, p: str) -> list[str]:
-        return [self._url(x) for x in self.fs.glob(self._strip(p))]
+        try:
+            return [self.fs.unstrip_protocol(x) for x in self._call(lambda: self.fs.glob(self._strip(p)), "list")]
+        except FileNotFoundError:
+            return []
 
     def find(self, d: str) -> list[str]:
-        return [self._url(x) for x in self.fs.find(self._strip(d))]
+        return [self.fs.unstrip_protocol(x) for x in self._call(lambda: self.fs.find(self._strip(d)), "list")]
 
     def entries(self, d: str) -> dict[str, bool] | None:
         try:
-            listed = self.fs.ls(self._strip(d), detail=True)
+            listed = self._call(lambda: self.fs.ls(self._strip(d), detail=True), "list")
         except (FileNotFoundError, NotADirectoryError):
             return None
         return {x["name"].rstrip("/").rsplit("/", 1)[-1]: x["type"] == "directory" for x in listed}
@@ -233,11 +240,11 @@ def _shards_among(files: list[str], fs) -> tuple[list[str], int]:
 
 
 def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1] if is_url(path) else os.path.basename(path)
+    return path.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(path) else os.path.basename(path)
 
 
 def _parent(path: str) -> str:
-    if is_url(path):
+    if storage.is_remote(path):
         return path.rsplit("/", 1)[0]
     return os.path.dirname(path)
 
@@ -262,7 +269,8 @@ def _kinds(paths: list[str], fs) -> dict[str, str]:
 
 
 def _expand_part(part: str) -> list[str]:
-    fs = _RemoteFS(part) if is_url(part) else _LocalFS()
+    fs = _RemoteFS(part) if storage.is_remote(part) else _LocalFS()
+    part = part if storage.is_remote(part) else storage.local_path(part)  # file:// URLs are local paths
     patterns = expand_braces(part)
     literal = [p for p in patterns if not any(c in p for c in GLOB_CHARS)]
     kinds = _kinds(literal, fs)

@@ -93,7 +93,8 @@ class PassTally:
 class SourceStream:
     """The samples of one stream, in order, over the reader's sources, from a saved sampler position.
 
-    ``sampler`` yields ``(shard, sample)`` pairs (global shard indices); ``skipped[k]`` counts source ``k``'s bad
+    ``sampler`` yields ``(shard, sample)`` pairs (global shard indices; the caller may wrap it, e.g. in the reader's
+    read-ahead, as long as it iterates the same sampler); ``skipped[k]`` counts source ``k``'s bad
     records and shards (the caller's counters: the stream adds to them). ``describe(k, tally)`` words the error of a
     source (``k``) that went a whole pass without a usable sample; ``options[k]`` is the config option it names.
     """
@@ -101,13 +102,15 @@ class SourceStream:
     def __init__(self, reader: ShardReader, weights: Sequence[float], position: dict, skipped: list[SkipCounter], *,
                  seed: int, epochs: int | None, describe: Callable[[int, PassTally], str], options: Sequence[str]):
         self.reader, self.skipped = reader, skipped
+        self.mixture: MixtureSampler | None = None
         if len(weights) == 1:
             self.sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped[0]),
                                         position, seed=seed, epochs=epochs)
             subs = [self.sampler]
         else:
-            self.sampler = MixtureSampler(reader.sizes, self._count, weights, position, seed=seed, epochs=epochs)
-            subs = self.sampler.samplers
+            self.sampler = self.mixture = MixtureSampler(reader.sizes, self._count, weights, position, seed=seed,
+                                                         epochs=epochs)
+            subs = self.mixture.samplers
         self.tallies = [PassTally(sub, skipped[k], reader, functools.partial(describe, k), options[k])
                         for k, sub in enumerate(subs)]
 
@@ -117,7 +120,7 @@ class SourceStream:
     @property
     def current(self) -> int:
         """The source of the latest draw (the one that raised, when drawing raised)."""
-        return self.sampler.current if isinstance(self.sampler, MixtureSampler) else 0
+        return self.mixture.current if self.mixture is not None else 0
 
     def read(self, shard: int) -> None:
         """A record of ``shard`` was read."""

@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 from ..data.config import data_sources
 from ..data.specs import ShardSpecError, expand_spec
+from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
 from . import float8
@@ -131,7 +132,7 @@ def check_inputs(cfg: JobConfig, out_dir: Path, ckpt_root: Path) -> None:
     for option, spec in specs + ([("data.val_shards", d.val_shards)] if d.val_shards else []):
         try:
             expand_spec(spec)
-        except (ShardSpecError, OSError) as e:  # nothing there, compressed shards; a store that cannot be listed
+        except (ShardSpecError, OSError, StorageSetupError) as e:  # missing, compressed, unreachable, no credentials
             hint = " (--data.val_shards='' evaluates and captions nothing)" if option == "data.val_shards" else ""
             problems.append(f"{option} = {spec!r}: {e}{hint}")
     ckpt_option = "checkpoint.dir" if cfg.checkpoint.dir else "train.out_dir (checkpoints go to its checkpoints/)"

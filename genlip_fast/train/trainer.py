@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from ..checkpoint import rng_state, set_rng_state
+from ..data import storage
 from ..data.config import data_sources
 from ..data.manifest import describe_dataset
 from ..data.packing import pad_tokens
 from ..data.pipeline import build_data_loader
 from ..data.specs import NoShardsError, ShardSpecError, expand_spec
+from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
@@ -120,14 +122,18 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     from ..data.synthetic import demo_folder, generate_probe_set, generate_shards
 
     d = cfg.data
-    if not d.generate_demo_data or d.sources or ";" in d.train_shards:
+    try:
+        storage.configure(d.storage_options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not d.generate_demo_data or d.sources or ";" in d.train_shards or storage.is_remote(d.train_shards):
         return
     try:
         expand_spec(d.train_shards)
         return
     except NoShardsError:
         pass  # the demo's place: generated below if it is a new or empty folder
-    except (ShardSpecError, OSError):
+    except (ShardSpecError, OSError, StorageSetupError):
         return
     try:
         out = demo_folder(cfg.data.train_shards, cfg.data.val_shards)
