@@ -86,9 +86,9 @@ class PackedLoader:
     A stream (or a source of it) that goes a whole pass without a usable sample (every record bad, skipped or too
     long for a pack) raises :class:`~genlip_fast.data.sampler.NoUsableSampleError` from ``next()``, naming the
     source, the shards and the skips by reason, instead of reading on forever (``epochs=None``; a finite loader
-    just ends). ``interrupt``: a
-    callable (None by default) that ``next()`` asks every ``POLL_S`` seconds while it waits for a pack; when it
-    returns true, ``next()`` raises :class:`DataWaitInterrupted` (the trainer: a stop signal during a data wait).
+    just ends). ``interrupt``: a callable (None by default) that ``next()`` asks every ``POLL_S`` seconds while it
+    waits for a pack; when it returns true, ``next()`` raises :class:`DataWaitInterrupted` (the trainer: a stop
+    signal during a data wait).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,

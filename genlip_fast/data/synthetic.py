@@ -101,7 +101,7 @@ def demo_data_folder(train_shards: str) -> Path | None:
     probe set already lies (``DIR/probe/train``) or no shard is yet (so the generator would write it); else None
     (the user's own data, even when named ``train-*.tar``)."""
     train = Path(train_shards)
-    if train.name != "train-*.tar" or any(c in train_shards for c in ",;{"):
+    if train.name != "train-*.tar" or any(c in train_shards for c in ",;{") or "://" in train_shards:
         return None
     folder = train.parent
     if (folder / "probe" / "train").is_dir() or not any(folder.glob("train-*.tar")):

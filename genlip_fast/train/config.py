@@ -354,18 +354,14 @@ def _resolve_data(cfg: JobConfig, explicit: set[str], preset: dict, name: str) -
         log.warning("data.caption_field is deprecated: read as data.caption = %r", rule)
         d.caption, d.caption_field = rule, ""
     if preset.get("data", {}).get("generate_demo_data"):
-        _demo_parts_step_aside(cfg, explicit, preset, name)
+        _demo_parts_step_aside(cfg, explicit, name)
 
 
-DEMO_ONLY = ("data.val_shards", "eval.packs", "eval.captions", "eval.probe_train", "eval.probe_val")
-"""A demo preset's settings that only mean something on the demo's data (its held-out shards, what is measured
-on them, and its probe set)."""
-
-
-def _demo_parts_step_aside(cfg: JobConfig, explicit: set[str], preset: dict, name: str) -> None:
-    """A demo preset (one that generates the demo data) on other data: its held-out shards and probe set are the
-    demo's, so those settings, where the user did not set them, step aside with one line. On the demo's data in
-    another folder the held-out shards follow it."""
+def _demo_parts_step_aside(cfg: JobConfig, explicit: set[str], name: str) -> None:
+    """A demo preset (one that generates the demo data) on other data: its demo-only settings — the demo's held-out
+    shards (data.val_shards), what is measured on them (eval.packs, eval.captions) and its probe set (eval.probe_*
+    = 'demo') — step aside with one line, where the user did not set them. On the demo's data in another folder the
+    held-out shards follow it."""
     from ..data.synthetic import demo_data_folder
 
     d, e = cfg.data, cfg.eval
