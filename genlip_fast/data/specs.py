@@ -231,7 +231,7 @@ def _shards_among(files: list[str], fs) -> tuple[list[str], int]:
     meta = set()
     for f in parquets:
         tar = f[: -len(".parquet")] + ".tar"
-        parent = _parent(f)
+        parent = storage.parent(f)
         if parent not in listed:
             listed[parent] = fs.entries(parent) or {}
         if tar in tars or _name(tar) in listed[parent]:
@@ -243,19 +243,13 @@ def _name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(path) else os.path.basename(path)
 
 
-def _parent(path: str) -> str:
-    if storage.is_remote(path):
-        return path.rsplit("/", 1)[0]
-    return os.path.dirname(path)
-
-
 def _kinds(paths: list[str], fs) -> dict[str, str]:
     """``{path: "file" | "dir" | "missing"}`` for paths without glob characters; many paths in one folder are
     checked with one listing of it."""
     out: dict[str, str] = {}
     by_parent: dict[str, list[str]] = {}
     for p in paths:
-        by_parent.setdefault(_parent(p), []).append(p)
+        by_parent.setdefault(storage.parent(p), []).append(p)
     for parent, group in by_parent.items():
         if len(group) >= LIST_PARENT_AT:
             listed = fs.entries(parent) or {}
@@ -325,7 +319,7 @@ def _refuse_compressed(shards: list[str]) -> None:
         return
     suffix = _suffix(bad[0])
     tool, target = COMPRESSED_SUFFIXES[suffix]
-    folder = _parent(bad[0]) or "."
+    folder = storage.parent(bad[0])
     shown = ", ".join(repr(b) for b in bad[:3]) + (" ..." if len(bad) > 3 else "")
     raise CompressedShardsError(
         f"{len(bad)} of the {len(shards)} shards are compressed tars ({shown}). A sample is read by its "
