@@ -430,9 +430,9 @@ class Run:
 
     def _source_row(self, counts: list[float]) -> dict:
         """``source_NAME_samples`` / ``source_NAME_skipped`` over all ranks since the run began (a mixture's)."""
-        n = len(counts) // 2
-        return {**{f"source_{s.name}_samples": int(counts[k]) for k, s in enumerate(self.sources[:n])},
-                **{f"source_{s.name}_skipped": int(counts[n + k]) for k, s in enumerate(self.sources[:n])}}
+        n = len(self.sources)
+        return {f"source_{s.name}_{what}": int(counts[i * n + k]) for i, what in enumerate(("samples", "skipped"))
+                for k, s in enumerate(self.sources)} if counts else {}
 
     def _finish(self) -> dict:
         """Close the loaders (what they skipped, one line), caption held-out images after a complete run, and
