@@ -5,7 +5,8 @@
   Slurm script's default) not undoing it. torchrun is started as ``scripts/slurm/train.sbatch`` starts it
   (``PET_SIGNALS_TO_HANDLE`` adds SIGUSR1 and SIGUSR2 to the signals it forwards); a torchrun without that, which
   SIGUSR1 kills at once, leaves workers that stop by the parent-death signal. CI runs one case of each mechanism
-  (the launcher forwarding, one rank voting, the launcher dying); the whole 4 x 2 matrix is marked ``slow``.
+  (the launcher forwarding, one rank voting with one restart, the launcher dying); the whole 4 x 2 matrix, with
+  two restarts, is marked ``slow``.
 - A rank that freezes: the survivor's collective times out and it ends with one line naming the rank behind and
   the last step that rank finished.
 - Bad input found at start, and a data stream with no usable sample: exit 2 on every rank, one line said once.
@@ -115,17 +116,18 @@ def _one_stop_checkpoint(out: Path, shapes: Path) -> None:
 
 
 SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "USR1": signal.SIGUSR1, "USR2": signal.SIGUSR2}
-CI_CASES = {("USR1", "torchrun"), ("TERM", "rank 1")}
+MATRIX = [pytest.param(name, target, 2, marks=pytest.mark.slow, id=f"{name}-{target}")
+          for name in SIGNALS for target in ("torchrun", "rank 1")]
+CI = [pytest.param("USR1", "torchrun", 2, id="USR1-torchrun-ci"),  # the Slurm USR1 setup
+      pytest.param("TERM", "rank 1", 1, id="TERM-rank 1-ci")]  # one restart (each costs a start): the same rule
 
 
-@pytest.mark.parametrize("name,target", [
-    pytest.param(name, target, marks=[] if (name, target) in CI_CASES else [pytest.mark.slow])
-    for name in SIGNALS for target in ("torchrun", "rank 1")])
-def test_a_stop_signal_to_torchrun_or_one_rank_stops_every_rank_once(shapes, tmp_path, name, target):
+@pytest.mark.parametrize("name,target,restarts", CI + MATRIX)
+def test_a_stop_signal_to_torchrun_or_one_rank_stops_every_rank_once(shapes, tmp_path, name, target, restarts):
     """Before: SIGUSR1 killed torchrun and orphaned the workers (D1); a signal to one rank gave rank 0 138 and rank 1
     -15 with no restarts, and with --max-restarts=2 torchrun restarted the workers and training went on (D2)."""
     sig, out = SIGNALS[name], tmp_path / "run"
-    with _torchrun(tmp_path, tiny_overrides(shapes, out, steps=200, parallel__data_streams=2), max_restarts=2,
+    with _torchrun(tmp_path, tiny_overrides(shapes, out, steps=200, parallel__data_streams=2), max_restarts=restarts,
                    TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120", **RECIPE) as proc:
         _wait_for_steps(proc, out / "metrics.jsonl", 2)
         os.kill(proc.pid if target == "torchrun" else _worker_pids(tmp_path)[1], sig)  # pid_0_1: rank 1
@@ -139,8 +141,8 @@ def test_a_stop_signal_to_torchrun_or_one_rank_stops_every_rank_once(shapes, tmp
     if target == "torchrun":  # torchrun itself was stopped: it restarts nothing
         assert not restarted, log[-4000:]
     else:  # torchrun restarts the workers that exited non-zero; they end at once with the stop's status
-        assert len(restarted) == 4 and {int(p.read_text()) for p in restarted} == {code}, log[-4000:]
-        assert log.count("genlip-train: stopped: a stop signal ended this run") == 2, log[-4000:]
+        assert len(restarted) == 2 * restarts and {int(p.read_text()) for p in restarted} == {code}, log[-4000:]
+        assert log.count("genlip-train: stopped: a stop signal ended this run") == restarts, log[-4000:]
 
 
 def test_workers_whose_torchrun_dies_stop_with_a_checkpoint(shapes, tmp_path):

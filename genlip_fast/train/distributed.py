@@ -334,7 +334,7 @@ class CollectiveError(RuntimeError):
 def describe_failure(e: BaseException) -> str | None:
     """One line for a collective that failed under torchrun — timed out waiting, or lost a rank — naming the ranks
     behind and the last step each finished (:class:`ProgressWatch`); None for other errors and without a watch."""
-    if _WATCH is None or not isinstance(e, (dist.DistError, RuntimeError)):
+    if _WATCH is None or not (isinstance(e, dist.DistError) or type(e) is RuntimeError):  # gloo: a RuntimeError
         return None
     text = str(e)
     timed_out = "timed out" in text.lower() or "timeout" in text.lower()
