@@ -6,7 +6,8 @@ pytest-benchmark JSON file as the markdown recorded in ``benchmarks/results/``::
 
     python benchmarks/summarize.py bench_attention.json bench_data.json ... --command "bash scripts/gpu_check.sh"
 
-and a training run's ``metrics.jsonl`` as the trainer's own numbers (``--train``; ``scripts/gpu_check.sh train``).
+and a training run's ``metrics.jsonl`` as the trainer's own numbers (``--train``; ``scripts/gpu_check.sh train``), or
+the loss curves of several runs on the same data side by side (``--compare-loss``; ``scripts/gpu_check.sh float8``).
 
 Everything is read from the ``extra_info`` the benchmarks record (``_utils.run_benchmark``) and their parameters.
 """
@@ -26,6 +27,7 @@ BASELINES = {
     "bench_train_step": ({"name", "attn", "ce"}, {"name": "reference"}),
     "bench_data": ({"backend"}, {"backend": "host"}),
     "bench_speak": ({"path"}, {"path": "recompute"}),
+    "bench_float8": ({"name", "recipe", "filter"}, {"recipe": "off"}),
 }
 """Per benchmark file: the parameters that name the implementation, and the values of its baseline. Rows whose other
 parameters agree (same shape, mode, stage) are compared with the baseline row among them."""
@@ -165,13 +167,42 @@ def train_summary(rows: list[dict], skip: int, command: str) -> list[str]:
             f"{_num(step_s, '.3f')} | {_num(wait, '.3f')} | {_num(peak, '.2f')} |"]
 
 
+def loss_comparison(runs: dict[str, list[dict]], windows: int = 5) -> list[str]:
+    """The loss curves of runs on the same data (the first is the reference), as markdown: the mean loss of each run
+    over ``windows`` equal spans of the steps they all logged, and each run's difference from the reference."""
+    losses = {label: {r["step"]: r["loss"] for r in rows if isinstance(r.get("loss"), (int, float))}
+              for label, rows in runs.items()}
+    steps = sorted(set.intersection(*(set(v) for v in losses.values()))) if losses else []
+    if not steps:
+        return ["- no step that every run logged a loss for"]
+    labels = list(losses)
+    ref = labels[0]
+    spans = [steps[i * len(steps) // windows:(i + 1) * len(steps) // windows] for i in range(windows)]
+    spans = [s for s in spans if s]
+    lines = [f"- mean loss per span of steps; in brackets: the difference from {ref}", "",
+             "| steps | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for span in spans:
+        means = {lb: sum(losses[lb][s] for s in span) / len(span) for lb in labels}
+        cells = [f"{means[ref]:.4f}"] + [f"{means[lb]:.4f} ({100 * (means[lb] / means[ref] - 1):+.2f}%)"
+                                         for lb in labels[1:]]
+        lines.append(f"| {span[0]}-{span[-1]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json_files", nargs="*", help="pytest-benchmark JSON files, one table per benchmark file")
     ap.add_argument("--command", default="pytest benchmarks/ --benchmark-only")
     ap.add_argument("--train", metavar="METRICS_JSONL", help="summarise a training run's metrics.jsonl instead")
     ap.add_argument("--skip", type=int, default=10, help="with --train: steps left out at the start")
+    ap.add_argument("--compare-loss", nargs="+", metavar="METRICS_JSONL",
+                    help="runs on the same data: their loss curves side by side, against the first")
     a = ap.parse_args()
+    if a.compare_loss:
+        runs = {Path(f).parent.name: [json.loads(line) for line in open(f) if line.strip()]
+                for f in a.compare_loss if Path(f).exists()}
+        print("\n".join([f"- {_provenance()}; command: `{a.command}`", *loss_comparison(runs)]))
+        return
     if a.train:
         rows = [json.loads(line) for line in open(a.train) if line.strip()] if Path(a.train).exists() else []
         print("\n".join(train_summary(rows, a.skip, a.command)))

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from summarize import markdown, train_summary  # noqa: E402
+from summarize import loss_comparison, markdown, train_summary  # noqa: E402
 
 
 def _run(tmp_path, *steps, **env):
@@ -60,3 +62,31 @@ def test_summaries_of_several_files_and_of_a_training_run():
     text = "\n".join(train_summary(rows, 2, "cmd"))
     assert "steps 3-5" in text and "| 4,000 | 4.0 | 25.0% | 50.0 | 0.500 | 0.010 | 15.00 |" in text
     assert "no training step after step 9" in "\n".join(train_summary(rows, 9, "cmd"))
+
+
+@pytest.mark.slow
+def test_float8_step_trains_each_variant_and_compares_their_losses(tmp_path):
+    res = _run(tmp_path, "float8", TRAIN_CONFIG="tiny", TRAIN_DATA=str(tmp_path / "photos"), TRAIN_IMAGES="24",
+               FLOAT8_STEPS="3", FLOAT8_BATCH="8", FLOAT8_WARMUP="1", FLOAT8_VARIANTS="off tensorwise:mlp",
+               TRAIN_BACKEND="host",
+               TRAIN_ARGS="--parallel.compile=false --data.val_shards= --eval.every=0 --eval.probe_train= "
+                          "--eval.probe_val= --train.caption_samples=0 --parallel.backend=gloo")
+    out = tmp_path / "out"
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "float8 tensorwise: 12 of 28 block linears converted" in (out / "float8_tensorwise_mlp.txt").read_text()
+    assert "train.float8=tensorwise --train.float8_filter=mlp" in (out / "float8_tensorwise_mlp_summary.md").read_text()
+    table = (out / "float8_loss.md").read_text()
+    assert "| steps | float8_off_all | float8_tensorwise_mlp |" in table and "| 1-1 |" in table
+    assert (out / "bench_float8.txt").exists()  # its benchmarks are skipped without a GPU
+
+
+def test_loss_comparison_of_runs():
+    runs = {"bf16": [{"step": s, "loss": 4.0 - 0.1 * s} for s in range(1, 11)],
+            "f8": [{"step": s, "loss": (4.0 - 0.1 * s) * 1.01} for s in range(1, 11)] + [{"step": 11, "loss": 1.0}],
+            "short": [{"step": s, "loss": 4.0 - 0.1 * s} for s in range(1, 9)] + [{"step": 9, "val_loss": 2.0}]}
+    lines = loss_comparison(runs, windows=4)
+    assert lines[2] == "| steps | bf16 | f8 | short |"
+    assert lines[4] == "| 1-2 | 3.8500 | 3.8885 (+1.00%) | 3.8500 (+0.00%) |"  # steps all three logged: 1-8
+    assert lines[-1].startswith("| 7-8 |") and len(lines) == 8
+    assert loss_comparison({"a": [{"step": 1, "loss": 1.0}], "b": [{"step": 2, "loss": 1.0}]}) == [
+        "- no step that every run logged a loss for"]

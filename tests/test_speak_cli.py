@@ -45,7 +45,7 @@ def test_caption_cli_prints_one_caption_per_image(run_dir, image_files, capsys):
     assert all(len(line.split(": ", 1)[1].split()) >= 1 for line in lines)
     # the same captions as the recompute oracle on the same patches
     model, inputs = load_model(run_dir)
-    model.cfg.attn_backend = "reference"
+    model.set_backends(attn="reference")
     from genlip_fast.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(inputs.tokenizer)
@@ -104,7 +104,7 @@ def test_load_encoder_features_for_every_input_kind(run_dir, image_files):
 
     enc = genlip_fast.load_encoder(run_dir, dtype=torch.float32, device="cpu", attn_backend="reference")
     model, inputs = load_model(run_dir)
-    model.cfg.attn_backend = "reference"
+    model.set_backends(attn="reference")
     pil = Image.open(image_files[1]).convert("RGB")
     arr = np.asarray(Image.open(image_files[0]).convert("RGB").resize((100, 40)))  # 2.5:1 -> a wide grid
     pre, grid = inputs.image(pil)

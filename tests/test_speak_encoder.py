@@ -81,16 +81,49 @@ def test_encoder_packs_images_without_mixing_them():
         enc([torch.zeros(4, 768)] * 2, grid_hw=[(2, 2)])
 
 
+def test_layer_features_and_pooled_output():
+    """timm's forward_intermediates indices: block outputs as forward hooks see them, -1 through the final norm is
+    the final features, pooled = the mean over each image's patches."""
+    enc = tiny_encoder(n_layers=3)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 64), (40, 100)]]
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o)) for b in enc.model.blocks]
+    with torch.no_grad():
+        final = enc(images)
+        for h in hooks:
+            h.remove()
+        out = enc.encode(images, layers=[0, -1, 1])
+        normed = enc(images, layers=[-1], norm=True)
+    counts = [16, 18]
+    assert [tuple(p.shape) for p in out.patches] == [(3, 16, 128), (3, 18, 128)] and out.pooled.shape == (3, 2, 128)
+    for j, block in enumerate([0, 2, 1]):
+        torch.testing.assert_close(torch.cat([p[j] for p in out.patches]), seen[block], atol=0, rtol=0)
+        want = torch.stack([x.mean(0) for x in seen[block].split(counts)])
+        torch.testing.assert_close(out.pooled[j], want, atol=1e-6, rtol=1e-6)
+    for a, b in zip(normed, final):
+        assert torch.equal(a[0], b)
+    with pytest.raises(IndexError, match=r"layers \[3, -4\] out of range for 3 blocks"):
+        enc(images, layers=[3, -4])
+
+
 def test_encoder_features_compile_in_one_graph():
     """fullgraph=True fails on any graph break, which a host sync (``.item()``, ``.tolist()``) would cause; the
-    fused attention (Triton, in the interpreter here) is one custom op to the compiler."""
+    fused attention (Triton, in the interpreter here) is one custom op to the compiler. Block outputs and pooling
+    compile alike."""
     enc = tiny_encoder(backend="triton", n_layers=1)
     rng = np.random.default_rng(0)
     batch = enc.pack([rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(64, 48), (32, 96)]])
+
+    def both(b):
+        layers = enc.features(b, [0], norm=True)
+        return enc.features(b), layers, enc.pool(b, layers)
+
     with torch.no_grad():
-        eager = enc.features(batch)
-        compiled = torch.compile(enc.features, fullgraph=True, backend="aot_eager")(batch)
-    torch.testing.assert_close(compiled, eager)
+        eager = both(batch)
+        compiled = torch.compile(both, fullgraph=True, backend="aot_eager")(batch)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.slow

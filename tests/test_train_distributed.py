@@ -30,11 +30,11 @@ def one_rank(shapes, tmp_path_factory):
     return out, res["losses"]
 
 
-def torchrun(args: list[str], tmp_path: Path, *, script: Path | None = None, max_restarts: int = 0):
+def torchrun(args: list[str], tmp_path: Path, *, script: Path | None = None, max_restarts: int = 0, nproc: int = 2):
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1"}
     target = [str(script)] if script else ["-m", "genlip_fast.train"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={max_restarts}", *target, "--no-progress", *args]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]

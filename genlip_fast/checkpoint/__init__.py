@@ -9,8 +9,9 @@
   folder, exported ``.safetensors``, the authors' folder) -> ``(GenLIP, InputSpec)``. It imports no conversion.
 - ``official.py``: the authors' layout (weight names, config both ways, reading and writing a folder).
 - Conversions, which import ``load.py``: ``export.py`` (the safetensors export and its command),
-  ``convert.py`` (the authors' layout both ways, for ``python -m genlip_fast.convert``). A further form (the
-  transformers package) is one more module here, read by ``load.py`` or written by a conversion like these.
+  ``convert.py`` (the authors' layout both ways, for ``python -m genlip_fast.convert``), ``hf/`` (the transformers
+  package, ``export-hf``: its conversion and the remote code it copies); ``sharded.py`` writes the safetensors
+  shards of the last two.
 """
 
 from .convert import export_official, import_official

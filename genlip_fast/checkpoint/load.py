@@ -76,7 +76,7 @@ def load_model(path: str | Path, *, need_text: bool = True) -> tuple[GenLIP, Inp
     ``.safetensors`` file, or a folder in the authors' layout; and how it reads its inputs. A ``--vision-only``
     export has no text embedding or LM head: it is refused unless ``need_text=False`` (the encoder)."""
     p = Path(path)
-    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+    if _is_official(p):
         from .official import load_official
 
         model, inputs = load_official(p)
@@ -95,5 +95,26 @@ def load_model(path: str | Path, *, need_text: bool = True) -> tuple[GenLIP, Inp
     else:
         model, meta = load_checkpoint_model(p)
         inputs = inputs_from_meta(meta)
-    model.cfg.attn_backend = model.cfg.ce_backend = "auto"  # a training run's choice need not fit this machine
+    model.set_backends(attn="auto", ce="auto")  # a training run's choice need not fit this machine
     return model.eval(), inputs
+
+
+def _is_official(p: Path) -> bool:
+    return p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def origin(path: str | Path) -> dict:
+    """Where the model :func:`load_model` reads at ``path`` comes from, for provenance records: ``form``
+    ("checkpoint", "exported" or "official"), the ``path`` actually read and its training ``step`` (None for the
+    authors' layout, which records none)."""
+    p = Path(path)
+    if _is_official(p):
+        return {"form": "official", "path": str(p.resolve()), "step": None}
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            step = f.metadata().get("genlip_step")
+        return {"form": "exported", "path": str(p.resolve()), "step": None if step is None else int(step)}
+    ckpt = resolve_checkpoint(p)
+    return {"form": "checkpoint", "path": str(ckpt.resolve()), "step": read_meta(ckpt)["step"]}

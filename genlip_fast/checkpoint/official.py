@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ import torch
 from ..data.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, InputSpec
 from ..model import GenLIP, ModelConfig
 from ..model.config import AUTHORS_CODE
+from .sharded import INDEX, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ AUTHORS_PROMPT = "Describe the image in detail."
 AUTHORS_STOP = "<|im_end|>"
 GENLIP_FAST_KEY = "genlip_fast_model_config"
 GENLIP_FAST_INPUTS = "genlip_fast_inputs"
-INDEX = "model.safetensors.index.json"
 PREPROCESSOR = "preprocessor_config.json"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -61,6 +60,9 @@ def config_from_official(c: dict) -> ModelConfig:
     """The authors' ``config.json`` -> :class:`ModelConfig` (their code: MLP biases, one constant drop-path rate on
     whole packed rows). A ``genlip_fast_model_config`` entry (written by
     :func:`~genlip_fast.checkpoint.convert.export_official`) wins."""
+    _require(c.get("model_type") != "genlip_fast_vision",
+             "config.json is a transformers export of genlip_fast (export-hf: vision tower only); load it with "
+             "transformers, or use the checkpoint it was exported from (config.json: genlip_fast.source)")
     if GENLIP_FAST_KEY in c:
         d = dict(c[GENLIP_FAST_KEY])
         d["mrope_section"] = tuple(d["mrope_section"])
@@ -227,27 +229,9 @@ def write_official(out_dir: str | Path, config: dict, sd: dict[str, torch.Tensor
                    max_shard_bytes: int = 5 * 2**30, inputs: InputSpec | None = None) -> list[Path]:
     """Write ``config.json`` and the tensors, in shards of at most ``max_shard_bytes`` (with an index when there
     is more than one), plus the pixel statistics in ``preprocessor_config.json``. Returns the safetensors files."""
-    from safetensors.torch import save_file
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in sd.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += n
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for f, part in zip(files, shards):
-        save_file(part, str(out / f), metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {name: f for f, part in zip(files, shards) for name in part}
-        total = sum(t.numel() * t.element_size() for t in sd.values())
-        (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    files = write_shards(out, sd, max_shard_bytes)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if inputs is not None:
         img = inputs.image
@@ -255,24 +239,44 @@ def write_official(out_dir: str | Path, config: dict, sd: dict[str, torch.Tensor
             "image_mean": list(img.pixel_mean), "image_std": list(img.pixel_std), "patch_size": img.patch_size,
             "min_pixels": img.min_patches * img.patch_size**2, "max_pixels": img.max_patches * img.patch_size**2,
         }, indent=2))
-    return [out / f for f in files]
+    return files
 
 
 def official_inputs(src: str | Path, config: dict) -> InputSpec:
-    """How the authors' weights read their inputs: the Qwen tokenizer, their prompt and stop word, SigLIP2's pixel
-    statistics — or those of ``preprocessor_config.json`` when the folder has one. A folder written by
+    """How the authors' weights read their inputs: the Qwen tokenizer, their prompt and stop word, and their image
+    processor (:func:`authors_transform` of ``preprocessor_config.json``). A folder written by
     :func:`~genlip_fast.checkpoint.convert.export_official` carries the genlip_fast run's own
     (``genlip_fast_inputs`` in config.json)."""
     if GENLIP_FAST_INPUTS in config:
         return InputSpec.from_dict(config[GENLIP_FAST_INPUTS])
     pre = Path(src) / PREPROCESSOR
     p = json.loads(pre.read_text()) if pre.is_file() else {}
-    patch = int(p.get("patch_size", config.get("patch_size", 16)))
-    image = ImageTransform(patch_size=patch, pixel_mean=tuple(p.get("image_mean", AUTHORS_PIXEL_MEAN)),
-                           pixel_std=tuple(p.get("image_std", AUTHORS_PIXEL_STD)),
-                           min_patches=int(p.get("min_pixels", 16 * patch**2)) // patch**2,
-                           max_patches=int(p.get("max_pixels", 1024 * patch**2)) // patch**2)
+    image = authors_transform(p, int(p.get("patch_size", config.get("patch_size", 16))))
     return InputSpec(tokenizer="qwen", prompt=AUTHORS_PROMPT, stop=(AUTHORS_STOP,), image=image)
+
+
+def authors_transform(p: dict, patch: int) -> ImageTransform:
+    """The resize of the authors' processor config ``p`` (``resize_rule = "siglip_qwen2vl"``, bilinear): SigLIP2's
+    (their ``*-224`` models; ``size`` ``{"height", "width"}``) squashes to that square; their Qwen2-VL-style one
+    (``*-NaViT``; ``min_pixels`` / ``max_pixels``, or ``size`` ``{"shortest_edge", "longest_edge"}``) resizes with
+    ``smart_resize``; without a config, the latter with their 4,096-262,144 pixels. Statistics: the config's, else
+    SigLIP2's 0.5 / 0.5. :class:`OfficialFormatError` names a setting it cannot reproduce."""
+    _require(p.get("resample", 2) == 2, f"{PREPROCESSOR}: resample={p.get('resample')!r} is not supported (2, "
+                                        "bilinear, as the authors' processors use)")
+    _require(p.get("merge_size", 1) == 1, f"{PREPROCESSOR}: merge_size={p.get('merge_size')!r} is not supported "
+                                          "(1 only: one token per patch)")
+    size = p.get("size") or {}
+    square = "height" in size or "width" in size
+    _require(not square or size.get("height") == size.get("width"),
+             f"{PREPROCESSOR}: size {size} is not square (GenLIP's fixed-size inputs are)")
+    lo = int(p.get("min_pixels", size.get("shortest_edge", 16 * patch**2)) if not square else 16 * patch**2)
+    hi = int(p.get("max_pixels", size.get("longest_edge", 1024 * patch**2)) if not square else 1024 * patch**2)
+    _require(lo % patch**2 == 0 and hi % patch**2 == 0,
+             f"{PREPROCESSOR}: min_pixels {lo} / max_pixels {hi} are not whole numbers of {patch}x{patch} patches")
+    return ImageTransform(patch_size=patch, image_size=int(size["height"]) if square else None,
+                          min_patches=lo // patch**2, max_patches=hi // patch**2, resize_rule="siglip_qwen2vl",
+                          pixel_mean=tuple(p.get("image_mean", AUTHORS_PIXEL_MEAN)),
+                          pixel_std=tuple(p.get("image_std", AUTHORS_PIXEL_STD)))
 
 
 def load_official(src: str | Path) -> tuple[GenLIP, InputSpec]:
@@ -288,13 +292,3 @@ def load_official(src: str | Path) -> tuple[GenLIP, InputSpec]:
     model = model.to_empty(device="cpu")
     model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=True)
     return model, official_inputs(src, config)
-
-
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '10KB' or a byte count -> bytes (powers of 1024)."""
-    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
-    t = text.strip().upper()
-    for u, mult in units.items():
-        if t.endswith(u):
-            return int(math.floor(float(t[: -len(u)]) * mult))
-    return int(t)

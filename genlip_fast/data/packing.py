@@ -6,6 +6,7 @@ caption cut to fit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -111,6 +112,21 @@ def pack_generation(patches: Sequence[torch.Tensor], grid_hw: Sequence[tuple[int
     samples = [Sample(p, g, empty, prompt_ids=torch.tensor(list(t), dtype=torch.int64))
                for p, g, t in zip(patches, grid_hw, text)]
     return pack_samples(samples, max_tokens=None, require_caption=False)
+
+
+def pad_tokens(batch: PackedBatch, multiple: int) -> PackedBatch:
+    """``batch`` with padding tokens appended (position 0, input id 0, no target, ``seq_ids`` -1, as
+    ``pack_samples(pad_to=...)`` writes them) until ``T`` is a multiple of ``multiple``; ``batch`` itself when it is
+    one already. On any device; the samples, their patches and index tensors are unchanged."""
+    extra = -batch.num_tokens % multiple
+    if extra == 0:
+        return batch
+
+    def grow(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.cat([t, t.new_full((*t.shape[:-1], extra), value)], dim=-1)
+
+    return dataclasses.replace(batch, position_ids=grow(batch.position_ids, 0), input_ids=grow(batch.input_ids, 0),
+                               targets=grow(batch.targets, IGNORE_INDEX), seq_ids=grow(batch.seq_ids, -1))
 
 
 def _tightest_bin_py(used: Sequence[int], n: int, capacity: int) -> int:

@@ -38,7 +38,7 @@ def load_for_eval(checkpoint: str, *, stage: int | None = None, image_size: int 
         model, meta = load_checkpoint_model(path)
         inputs = inputs_from_meta(meta)
         data, what = (meta.get("job_config") or {}).get("data", {}), f"{meta['checkpoint']} (step {meta['step']})"
-    model.cfg.attn_backend = attn_backend
+    model.set_backends(attn=attn_backend)
     stage = stage or data.get("stage", 1)
     transform = dataclasses.replace(inputs.image, image_size=(image_size or data.get("image_size", 224))
                                     if stage == 1 else None)

@@ -109,6 +109,19 @@ class GenLIP(nn.Module):
         self.lm_head = LinearCrossEntropy(text_dim, cfg.vocab_size, reduction="sum", impl=cfg.ce_backend)
         self.reset_parameters()
 
+    def set_backends(self, attn: str | None = None, ce: str | None = None) -> "GenLIP":
+        """Switch the attention / LM-head implementations of the built model, in its config and its modules alike
+        (the modules read theirs when built): a checkpoint's training choice need not fit the machine loading it."""
+        if attn is not None:
+            self.cfg.attn_backend = attn
+            for block in self.blocks:
+                block.attn.impl = attn
+        if ce is not None:
+            self.cfg.ce_backend = ce
+            if self.lm_head is not None:  # a vision encoder drops it
+                self.lm_head.impl = ce
+        return self
+
     def reset_parameters(self) -> None:
         """The authors' init: xavier-uniform attention projections (N(0, 0.02) with ``attn_init="normal"``), zero
         biases, N(0, 0.02) elsewhere, norms at 1."""
@@ -146,11 +159,28 @@ class GenLIP(nn.Module):
                       attend: Sequence[AttendFn] | None = None) -> torch.Tensor:
         """``(T, d)`` after the final LayerNorm. ``full_attention`` makes every sample bidirectional (encoder);
         ``attend`` (one per block) replaces the prefix-LM attention, e.g. to keep a KV cache."""
+        return self.intermediates(batch, (), full_attention=full_attention, attend=attend)[0]
+
+    def intermediates(self, batch: PackedBatch, layers: Sequence[int], *, norm: bool = False,
+                      full_attention: bool = False, attend: Sequence[AttendFn] | None = None,
+                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates`` on a pack: ``(T, d)`` after the final LayerNorm, and the ``(T, d)``
+        output of each block in ``layers`` (0 = the first block, negative counts from the end: -1 is the last block
+        before the final norm), through the final norm too when ``norm``. ``layers`` are host ints, so nothing is
+        read back from the device; other arguments as :meth:`hidden_states`."""
+        n = len(self.blocks)
+        bad = [i for i in layers if not -n <= i < n]
+        if bad:
+            raise IndexError(f"layers {bad} out of range for {n} blocks (use 0..{n - 1} or -{n}..-1)")
+        keep = {i % n for i in layers}
         x = self.embed(batch)
         prefix_lens = batch.seqlens.to(torch.int32) if full_attention else batch.prefix_lens
+        kept = {}
         for i, block in enumerate(self.blocks):
             x = block(x, batch, prefix_lens, None if attend is None else attend[i])
-        return self.norm(x)
+            if i in keep:
+                kept[i] = x
+        return self.norm(x), [self.norm(kept[i % n]) if norm else kept[i % n] for i in layers]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """``(N, d)`` final-norm hidden states -> ``(N, V)`` float32 logits (text projection, then LM head)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 import types
 import typing
@@ -91,6 +92,12 @@ class TrainSection:
     """End this run after this step with a checkpoint, as if preempted; rerun to continue (0 = run to the end)."""
     tensorboard: bool = True
     """Write TensorBoard scalars to out_dir/tb (skipped with a warning when tensorboard is not installed)."""
+    float8: str = "off"
+    """Float8 GEMMs in the blocks' linears (torchao; pip install '.[float8]'): 'off', 'tensorwise', 'rowwise' or
+    'rowwise_with_gw_hp' (tensorwise and rowwise pad packs to a multiple of 16 tokens)."""
+    float8_filter: str = "all"
+    """Which block linears train.float8 converts: 'all', 'mlp', or a regular expression searched in their names
+    (blocks.3.attn.q_proj, blocks.3.mlp.w1, ...). The LM head and the embeddings always stay in high precision."""
 
 
 @dataclass
@@ -280,6 +287,7 @@ CHOICES = {
     "model.drop_path_mode": (None, "sample", "pack"),
     "model.drop_path_schedule": (None, "linear", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.float8": ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
     "parallel.activation_checkpoint": ("none", "full", "ratio"),
@@ -351,6 +359,12 @@ def validate(cfg: JobConfig) -> JobConfig:
         for v in value if isinstance(value, tuple) else (value,):
             if v is not None and not (math.isfinite(v) and _IN_RANGE[rule](v)):
                 raise ConfigError(f"{dotted} = {value!r}; allowed: a finite number {rule}")
+    if cfg.train.float8_filter not in ("all", "mlp"):
+        try:
+            re.compile(cfg.train.float8_filter)
+        except re.error as e:
+            raise ConfigError(f"train.float8_filter = {cfg.train.float8_filter!r} is not a regular expression ({e}); "
+                              f"use 'all', 'mlp' or a pattern such as 'mlp|attn.o_proj'") from None
     if cfg.optim.min_lr > cfg.optim.lr:
         raise ConfigError(f"optim.min_lr = {cfg.optim.min_lr!r} is above optim.lr = {cfg.optim.lr!r}")
     e = cfg.eval

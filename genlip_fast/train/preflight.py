@@ -23,6 +23,7 @@ from ..checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
 from ..data.webdataset import expand_shards
+from . import float8
 from .checkpoint import all_gather_objects, format_bytes, nearest_existing
 from .config import ConfigError, JobConfig
 
@@ -61,6 +62,14 @@ def check_backends(cfg: JobConfig, device: torch.device) -> None:
     if cfg.data.backend == "dali" and not dali_available():
         raise ConfigError("data.backend = 'dali' but NVIDIA DALI is not installed: pip install '.[dali]' "
                           "(or --data.backend=host to decode with Pillow, several times slower)")
+    if cfg.train.float8 != "off":
+        reason = float8.unavailable_reason()
+        if reason:
+            raise ConfigError(f"train.float8 = {cfg.train.float8!r} cannot run here: {reason}")
+        cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        if cc is not None and cc < (8, 9):
+            raise ConfigError(f"train.float8 = {cfg.train.float8!r} needs float8 tensor cores (compute capability "
+                              f"8.9+: Ada, Hopper, Blackwell); this GPU's is {cc[0]}.{cc[1]}: --train.float8=off")
     for key in ("attn_backend", "ce_backend"):
         reason = triton_unavailable_reason(torch.empty(0, device=device))
         if getattr(cfg.model, key) == "triton" and reason:

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..data.batch import PackedBatch, Sample
-from ..data.packing import pack_samples
+from ..data.packing import pack_samples, pad_tokens
 from ..data.pipeline import DataWaitInterrupted, build_data_loader
 from ..data.sampler import EmptyDatasetError
 from ..data.tokenizer import Tokenizer
@@ -232,7 +232,7 @@ class StepStats:
 
 def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Iterator[PackedBatch]], micro_steps: int,
                *, pad: PackedBatch, mcfg: ModelConfig, device: torch.device, max_norm: float,
-               stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
+               token_multiple: int = 1, stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
     """Accumulate one step's gradients (see the module doc); returns the step's global stats.
 
     Args:
@@ -240,6 +240,8 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
             micro-step starts, not before).
         micro_steps: micro-steps to run (``>= len(sources)``; the rest run ``pad`` with weight 0).
         pad: the padding pack, on ``device``.
+        token_multiple: each pack is padded to a multiple of this many tokens on ``device`` (float8 GEMMs need 16;
+            see :mod:`~genlip_fast.train.float8`); the stats count the pack's own tokens.
     Gradients end up as those of the token-mean loss over the global batch, clipped to ``max_norm``.
     """
     local = [0.0] * 4  # loss tokens, tokens, samples, FLOPs
@@ -259,7 +261,7 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
             for k, v in enumerate((batch.num_loss_tokens, int(batch.cu_seqlens[-1]), batch.num_samples,
                                    pack_flops(mcfg, batch))):
                 local[k] += v
-            batch, weight = batch.to(device, non_blocking=True), 1.0
+            batch, weight = pad_tokens(batch.to(device, non_blocking=True), token_multiple), 1.0
         else:
             batch, weight = pad, 0.0
         prepare_micro_step(model, i, micro_steps)  # no reshard or reduce until the last micro-step

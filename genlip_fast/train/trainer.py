@@ -30,12 +30,13 @@ from torch import nn
 
 from ..checkpoint import rng_state, set_rng_state
 from ..data.manifest import describe_dataset
+from ..data.packing import pad_tokens
 from ..data.pipeline import build_data_loader
 from ..data.tokenizer import Tokenizer
 from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
-from . import preflight, runlog
+from . import float8, preflight, runlog
 from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
@@ -178,7 +179,8 @@ class Run:
 
         _prepare         checks (backends, inputs, output folders), tokenizer, demo data, model config, and which
                          checkpoint to continue (or start from); nothing is written before these pass
-        _build_model     GenLIP -> activation checkpointing -> compile -> FSDP2, AdamW; then per-rank seeds
+        _build_model     GenLIP -> float8 linears -> activation checkpointing -> compile -> FSDP2, AdamW; then
+                         per-rank seeds
         _resume          room for a checkpoint; weights and optimizer from the checkpoint (or init_from weights)
         _build_loaders   the batch plan and one loader per data stream, at the checkpoint's positions; RNG states
         _open_logs       evaluator, config.json, metrics and the start-up lines
@@ -230,6 +232,9 @@ class Run:
                 model = GenLIP(self.mcfg)
         else:
             model = GenLIP(self.mcfg)
+        self.float8 = float8.convert(  # before wrapping it
+            model, cfg.train.float8, cfg.train.float8_filter, emulate=device.type != "cuda",
+            gather_blocked_by=float8.all_gather_blocked(cfg.parallel.compile, cfg.model.attn_backend, device))
         self.checkpointed = apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint,
                                                            cfg.parallel.ac_ratio)
         if cfg.parallel.compile:
@@ -297,6 +302,8 @@ class Run:
             f"{info.world_size} rank(s) on {self.device.type} ({info.mesh_desc}); precision {self.mp.param_dtype}; "
             f"activation checkpointing on {len(self.checkpointed)}/{len(self.model.blocks)} blocks"
             + ("; compiled blocks" if cfg.parallel.compile else ""))
+        if cfg.train.float8 != "off":
+            metrics.message(self.float8.describe())
         metrics.message(describe_dataset(expand_shards(cfg.data.train_shards)))
         metrics.message(describe_plan(plan, cfg))
         if plan.remapped_from is not None:
@@ -323,7 +330,7 @@ class Run:
         """Optimizer steps until ``train.steps``, a stop signal or ``train.stop_at_step``, with a checkpoint when one
         is due and at the end; an evaluation first when a fresh run has one due at step 0."""
         cfg = self.cfg
-        self.pad = padding_pack(self.mcfg, self.tokenizer).to(self.device)
+        self.pad = pad_tokens(padding_pack(self.mcfg, self.tokenizer), self.float8.token_multiple).to(self.device)
         self.peak = device_peak_flops(self.device)
         self.bad_in_a_row = 0
         self.last_ckpt = self.latest
@@ -373,7 +380,8 @@ class Run:
             g["lr"] = lr
         st = train_step(self.model, self.params, [self.loaders[k] for k in plan.packs_of(step)],
                         plan.micro_steps(step), pad=self.pad, mcfg=self.mcfg, device=self.device,
-                        max_norm=cfg.optim.grad_clip, stop_requested=lambda: self.signals.received is not None)
+                        max_norm=cfg.optim.grad_clip, token_multiple=self.float8.token_multiple,
+                        stop_requested=lambda: self.signals.received is not None)
         if st.interrupted:
             opt.zero_grad(set_to_none=True)
             return False
@@ -381,6 +389,7 @@ class Run:
         finite = math.isfinite(loss_value) and math.isfinite(gnorm_value)
         if finite:
             opt.step()
+            self.float8.after_optimizer_step(self.model)
             self.bad_in_a_row = 0
         else:
             self.bad_in_a_row += 1
