@@ -432,6 +432,19 @@ def test_bad_input_is_one_line_and_exit_2(shapes, tmp_path, capsys, option, matc
     assert not (tmp_path / "run").exists()
 
 
+def test_an_unexpected_error_is_one_line_and_its_traceback_is_in_the_log_file(shapes, tmp_path, capsys,
+                                                                          monkeypatch):
+    def broken(*a, **k):
+        raise TypeError("something nobody expected")
+
+    monkeypatch.setattr(trainer_mod, "padding_pack", broken)
+    rc, err = run_cli(capsys, shapes, tmp_path / "run", steps=2)
+    log = tmp_path / "run" / "logs" / "rank0.log"
+    assert rc == 1 and one_line(err, "genlip-train: error: TypeError: something nobody expected") == (
+        f"genlip-train: error: TypeError: something nobody expected (traceback in {log})")
+    assert "Traceback (most recent call last)" in log.read_text() and "in broken" in log.read_text()
+
+
 def test_resume_with_another_model_names_the_option(reference, shapes, tmp_path, capsys):
     out = killed_run(reference, tmp_path / "run", steps=(2,), rows=2)
     rc, err = run_cli(capsys, shapes, out, "--model.preset=tiny-hd72", steps=4)

@@ -267,8 +267,13 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
     """Defaults, then the TOML file, then ``--section.key=value`` overrides (later wins)."""
     cfg = JobConfig()
     if path:
-        with open(resolve_config_path(path), "rb") as f:
-            _apply(cfg, tomllib.load(f), "")
+        file = resolve_config_path(path)
+        try:
+            with open(file, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {file}: {e}") from None
+        _apply(cfg, table, "")
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
