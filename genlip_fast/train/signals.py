@@ -56,7 +56,7 @@ def die_with_launcher() -> None:
         log.warning("could not ask for a parent-death signal (errno %d): this worker would outlive its torchrun",
                     ctypes.get_errno())
         return
-    if parent == 1:  # reparented before the call: the agent died already
+    if parent == 1 or os.getppid() != parent:  # reparented: the agent died already
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -183,7 +183,7 @@ class Run:
                          per-rank seeds
         _resume          room for a checkpoint; weights and optimizer from the checkpoint (or init_from weights)
         _build_loaders   the batch plan and one loader per data stream, at the checkpoint's positions; RNG states
-        _open_logs       evaluator, config.json, metrics and the start-up lines
+        _open_logs       evaluator, the rank's log file, config.json, metrics and the start-up lines
         _loop            _one_step per optimizer step; evaluation, metrics, checkpoints, stopping
         _finish          close the loaders (bad-input summary), captions of held-out images
     """
@@ -288,8 +288,9 @@ class Run:
             log.warning("world size changed since the checkpoint: random streams (drop path) are reseeded")
 
     def _open_logs(self) -> None:
-        """The evaluator (it reads and checks the held-out data and probe folders), config.json, the metrics
-        logger and the run's first lines; the meta every checkpoint carries."""
+        """The evaluator (it reads and checks the held-out data and probe folders), the rank's log file
+        (:mod:`~genlip_fast.train.runlog`), config.json, the metrics logger and the run's first lines; the meta every
+        checkpoint carries."""
         cfg, info, plan = self.cfg, self.info, self.plan
         self.evaluator = Evaluator(cfg, self.tokenizer, info)
         self.log_handler = runlog.attach(self.out_dir, info.rank)
@@ -335,6 +336,7 @@ class Run:
         self.bad_in_a_row = 0
         self.last_ckpt = self.latest
         self.step = self.saved_step = self.start_step
+        step_done(self.start_step)  # a resumed run's hang reports start from its checkpoint's step
         if self.start_step == 0 and self.evaluator.due(0):
             self.metrics.log({"step": 0, **self.evaluator(0, self.model)})  # the untrained model: where curves start
         while self.step < cfg.train.steps:
