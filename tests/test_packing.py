@@ -110,3 +110,50 @@ def test_compiled_helper_is_built_where_a_compiler_is():
 
     if shutil.which("c++") or shutil.which("g++"):
         assert tightest_bin is not _tightest_bin_py, "setup.py should have built genlip_fast._csrc"
+
+
+def reference_pack(samples, pad_to=None):
+    """The pack laid out one sample at a time, the plain way (what pack_samples did before it worked on whole
+    packs): positions from sample_position_ids, one slice per field and sample."""
+    from genlip_fast.ops.mrope.positions import sample_position_ids
+
+    lens = torch.tensor([len(s) for s in samples])
+    T = pad_to or int(lens.sum())
+    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
+    cu[1:] = lens.cumsum(0)
+    pos, ids = torch.zeros(3, T, dtype=torch.int64), torch.zeros(T, dtype=torch.int64)
+    targets, seq = torch.full((T,), IGNORE_INDEX, dtype=torch.int64), torch.full((T,), -1, dtype=torch.int32)
+    image_index, text_index = [], []
+    for i, s in enumerate(samples):
+        a, P, Lp, Lc = int(cu[i]), s.num_patches, s.prompt_ids.numel(), s.caption_ids.numel()
+        pos[:, a:a + len(s)] = sample_position_ids(*s.grid_hw, Lp + Lc)
+        ids[a + P:a + len(s)] = torch.cat([s.prompt_ids, s.caption_ids])
+        first = a + P + Lp
+        lo = max(first - 1, a)
+        targets[lo:first + Lc - 1] = s.caption_ids[lo - (first - 1):]
+        seq[a:a + len(s)] = i
+        image_index.append(torch.arange(a, a + P))
+        text_index.append(torch.arange(a + P, a + len(s)))
+    return dict(cu_seqlens=cu, position_ids=pos, input_ids=ids, targets=targets, seq_ids=seq,
+                image_index=torch.cat(image_index), text_index=torch.cat(text_index),
+                loss_index=(targets != IGNORE_INDEX).nonzero().flatten(),
+                prefix_lens=torch.tensor([s.num_patches for s in samples], dtype=torch.int32))
+
+
+layouts = st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(0, 4), st.integers(1, 9)),
+                   min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(layouts, st.integers(0, 7))
+def test_pack_samples_matches_the_per_sample_reference(layout, pad):
+    samples = [sample(h, w, list(range(100 * i + 1, 100 * i + 1 + c)), prompt=[7] * p, key=str(i))
+               for i, (h, w, p, c) in enumerate(layout)]
+    total = sum(len(s) for s in samples)
+    got = pack_samples(samples, pad_to=total + pad if pad else None, max_tokens=None)
+    for name, want in reference_pack(samples, total + pad if pad else None).items():
+        assert torch.equal(getattr(got, name), want), name
+    assert got.max_seqlen == max(len(s) for s in samples) and got.keys == [s.key for s in samples]
+    with_image = any(s.num_patches for s in samples)  # text only: no patch width to speak of
+    assert torch.equal(got.patches, torch.cat([s.patches for s in samples]) if with_image else torch.zeros(0, 0))
+    assert got.grid_hw.tolist() == [list(s.grid_hw) for s in samples]

@@ -49,3 +49,5 @@ def test_qwen_tokenizer_offline():
     assert tok.vocab_size == 151669 <= 151936  # the model's embedding is padded to 151,936 rows
     text = "A photo of a cat sitting on a red sofa."
     assert tok.decode(tok.encode(text, add_eot=True)) == text
+    texts = [text, "Ünïcode — 東京の夜景, 3.14 <|endoftext|> tabs\tand\nnewlines", ""]
+    assert tok.encode_batch(texts, add_eot=True) == [tok.encode(t, add_eot=True) for t in texts]  # the fast batch

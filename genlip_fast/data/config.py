@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class DataConfig:
     train_shards: str = "data/shapes/train-*.tar"
-    """Training shards: a path, glob or folder of webdataset .tar files (comma-separated for several)."""
+    """Training shards: a path, glob or folder of webdataset .tar or Parquet files, local or URLs (s3://, gs://,
+    https://); comma-separated for several."""
     val_shards: str = "data/shapes/val-*.tar"
     """Held-out shards, captioned by the model at the end of the run ('' = none)."""
     generate_demo_data: bool = False
@@ -37,7 +38,16 @@ class DataConfig:
     max_caption_tokens: int = 0
     """Cut captions to this many tokens, end-of-text included (0 = no limit)."""
     caption_field: str = ""
-    """Take the caption from this field of the sample's .json (e.g. 'caption'); '' = the .txt member."""
+    """Take the caption from this field of the sample's .json (e.g. 'caption'; a Parquet shard's column); '' = the
+    .txt member."""
+    image_column: str = ""
+    """Parquet shards: the column of encoded images ('' = found by its type: binary, or {bytes, path} structs)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options per protocol for remote shards, on top of the environment's (AWS_ENDPOINT_URL, credentials),
+    e.g. [data.storage_options.s3] endpoint_url = "http://minio:9000"; on the command line as JSON."""
+    read_ahead: int = 64
+    """Remote shards: samples whose bytes are fetched ahead of the stream, concurrently (0 = fetch each when
+    reached)."""
     backend: str = "auto"
     """Image decode: 'auto' (DALI when installed, on the GPU when there is one), 'dali', or 'host' (Pillow)."""
     batch_size: int = 64

@@ -8,6 +8,7 @@
 ``genlip_fast.data.convert`` and the shapes generator write it with their shards. For shards made by other tools::
 
     python -m genlip_fast.data.manifest /data/s1 [/data/s2 ...]     # reads each shard's index (or scans its tar)
+    python -m genlip_fast.data.manifest --index s3://bucket/s1        # also writes missing .idx sidecars
 
 A run reads only the manifests at start, for the dataset's size (shards and samples per epoch, logged); each shard's
 own index is loaded when a stream reaches the shard. Without a manifest a run works the same and says how to write
@@ -22,9 +23,10 @@ import json
 import logging
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
-from .webdataset import SHARD_ERRORS, load_index, shard_error
+from . import storage
+from .reader import open_shard
+from .webdataset import SHARD_ERRORS, read_sidecar, shard_error, write_index
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,19 @@ MANIFEST_NAME = "genlip-manifest.json"
 MANIFEST_FORMAT = "genlip-shard-manifest/1"
 
 
-def manifest_path(folder: str | os.PathLike) -> Path:
-    return Path(folder) / MANIFEST_NAME
+def manifest_path(folder: str | os.PathLike) -> str:
+    return storage.join(str(folder), MANIFEST_NAME)
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(path) else os.path.basename(path)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
     """``{shard file name: {"samples", "bytes"[, "error"]}}`` of ``folder``'s manifest; ``{}`` when there is none."""
     p = manifest_path(folder)
     try:
-        body = json.loads(p.read_text())
+        body = json.loads(storage.read_file(p))
     except FileNotFoundError:
         return {}
     except ValueError as e:
@@ -53,35 +59,51 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
     return body["shards"]
 
 
-def update_manifest(folder: str | os.PathLike, entries: dict[str, dict]) -> Path:
+def update_manifest(folder: str | os.PathLike, entries: dict[str, dict]) -> str:
     """Add or replace ``entries`` (file name -> ``{"samples": n, "bytes": size}``) in ``folder``'s manifest, written
-    atomically; other shards' entries are kept."""
+    atomically (a remote folder's in one PUT); other shards' entries are kept."""
     shards = read_manifest(folder)
     shards.update(entries)
     p = manifest_path(folder)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "shards": dict(sorted(shards.items()))}, indent=0))
-    os.replace(tmp, p)
+    storage.write_file(p, json.dumps({"format": MANIFEST_FORMAT, "shards": dict(sorted(shards.items()))},
+                                     indent=0).encode())
     return p
 
 
 def shard_entry(path: str | os.PathLike, samples: int | None = None) -> dict:
-    """A manifest entry for one shard; ``samples=None`` counts them from its index (or tar headers)."""
-    path = Path(path)
+    """A manifest entry for one shard (tar or Parquet); ``samples=None`` counts them from its index (or tar
+    headers, or Parquet footer)."""
+    path = str(path)
     try:
-        n = len(load_index(path)) if samples is None else int(samples)
+        if samples is None:
+            shard = open_shard(path)
+            samples = len(shard)
+            shard.close()
+        return {"samples": int(samples), "bytes": storage.size(path)}
     except SHARD_ERRORS as e:
-        return {"samples": 0, "bytes": path.stat().st_size if path.is_file() else 0, "error": shard_error(e)}
-    return {"samples": n, "bytes": path.stat().st_size}
+        error = shard_error(e)
+    return {"samples": 0, "bytes": storage.size(path) if storage.is_file(path) else 0, "error": error}
 
 
-def build_manifest(folder: str | os.PathLike) -> dict:
-    """Write the manifest of every ``*.tar`` in ``folder``; returns ``{"shards", "samples", "bad": [names]}``."""
-    folder = Path(folder)
-    entries = {p.name: shard_entry(p) for p in sorted(folder.glob("*.tar"))}
+def build_manifest(folder: str | os.PathLike, *, index: bool = False) -> dict:
+    """Write the manifest of every ``*.tar`` and ``*.parquet`` in ``folder`` (local or a URL), and with ``index``
+    the ``.idx`` sidecar of every tar that lacks a valid one; returns ``{"shards", "samples", "bad": [names],
+    "indexed": [names]}``."""
+    folder = str(folder)
+    paths = storage.glob(storage.join(folder, "*.tar")) + storage.glob(storage.join(folder, "*.parquet"))
+    indexed = []
+    if index:
+        for p in paths:
+            if p.endswith(".tar") and read_sidecar(p) is None:
+                try:
+                    write_index(p)
+                    indexed.append(_name(p))
+                except SHARD_ERRORS:
+                    pass  # listed with its error below
+    entries = {_name(p): shard_entry(p) for p in paths}
     update_manifest(folder, entries)
     return {"shards": len(entries), "samples": sum(e["samples"] for e in entries.values()),
-            "bad": [name for name, e in entries.items() if "error" in e]}
+            "bad": [name for name, e in entries.items() if "error" in e], "indexed": indexed}
 
 
 def dataset_size(shards: Iterable[str]) -> tuple[int, int, list[str]]:
@@ -89,7 +111,7 @@ def dataset_size(shards: Iterable[str]) -> tuple[int, int, list[str]]:
     the shards' folders (one file read per folder; no shard is opened)."""
     by_folder: dict[str, list[str]] = {}
     for s in shards:
-        by_folder.setdefault(os.path.dirname(s) or ".", []).append(os.path.basename(s))
+        by_folder.setdefault(storage.parent(s), []).append(_name(s))
     samples = listed = 0
     missing = []
     for folder, names in by_folder.items():
@@ -114,12 +136,15 @@ def describe_dataset(shards: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="write genlip-manifest.json (per-shard sample counts) for shard folders")
-    ap.add_argument("folders", nargs="+", help="folders of webdataset .tar shards")
+    ap.add_argument("folders", nargs="+", help="folders of webdataset .tar or Parquet shards (local or URLs)")
+    ap.add_argument("--index", action="store_true",
+                    help="also write the .idx sidecar of every tar without a valid one (shards made by other tools)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for folder in a.folders:
-        res = build_manifest(folder)
+        res = build_manifest(folder, index=a.index)
         print(f"{manifest_path(folder)}: {res['shards']} shards, {res['samples']:,} samples"
+              + (f"; {len(res['indexed'])} .idx sidecars written" if a.index else "")
               + (f"; unreadable: {', '.join(res['bad'])}" if res["bad"] else ""))
 
 

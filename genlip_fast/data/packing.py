@@ -11,7 +11,6 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from ..ops.mrope.positions import sample_position_ids
 from .batch import IGNORE_INDEX, PackedBatch, Sample
 
 DEFAULT_PACK_TOKENS = 16384
@@ -50,7 +49,11 @@ def pack_samples(samples: Sequence[Sample], *, max_tokens: int | None = DEFAULT_
                 raise ValueError(
                     f"sample {s.key!r}: the caption has 0 tokens; every caption needs at least the end-of-text token"
                 )
-    total = sum(len(s) for s in samples)
+    P = [s.num_patches for s in samples]
+    Lp = [s.prompt_ids.numel() for s in samples]
+    Lc = [s.caption_ids.numel() for s in samples]
+    lens = [p + a + b for p, a, b in zip(P, Lp, Lc)]
+    total = sum(lens)
     limit = pad_to if pad_to is not None else max_tokens
     if limit is not None and total > limit:
         for s in samples:
@@ -58,42 +61,52 @@ def pack_samples(samples: Sequence[Sample], *, max_tokens: int | None = DEFAULT_
         raise SampleTooLongError(f"{len(samples)} samples hold {total} tokens, more than the pack's {limit}")
     T = pad_to if pad_to is not None else total
     patch_dim = next((s.patches.shape[1] for s in samples if s.num_patches), None)
-
-    lens = torch.tensor([len(s) for s in samples], dtype=torch.int64)
-    cu = torch.zeros(len(samples) + 1, dtype=torch.int32)
-    cu[1:] = lens.cumsum(0)
-    position_ids = torch.zeros(3, T, dtype=torch.int64)
-    input_ids = torch.zeros(T, dtype=torch.int64)
-    targets = torch.full((T,), IGNORE_INDEX, dtype=torch.int64)
-    seq_ids = torch.full((T,), -1, dtype=torch.int32)
-    image_index, text_index, patches = [], [], []
-    for i, s in enumerate(samples):
-        a = int(cu[i])
-        P, Lp, Lc = s.num_patches, s.prompt_ids.numel(), s.caption_ids.numel()
-        if P and s.patches.shape[1] != patch_dim:
+    for s in samples:
+        if s.num_patches and s.patches.shape[1] != patch_dim:
             raise ValueError(f"sample {s.key!r} has patch_dim {s.patches.shape[1]}, the pack has {patch_dim}")
-        position_ids[:, a:a + len(s)] = sample_position_ids(s.grid_hw[0], s.grid_hw[1], Lp + Lc)
-        input_ids[a + P:a + len(s)] = torch.cat([s.prompt_ids, s.caption_ids])
-        first = a + P + Lp  # first caption position; the token before it predicts caption[0]
-        lo = max(first - 1, a)
-        targets[lo:first + Lc - 1] = s.caption_ids[lo - (first - 1):]
-        seq_ids[a:a + len(s)] = i
-        image_index.append(torch.arange(a, a + P))
-        text_index.append(torch.arange(a + P, a + len(s)))
-        patches.append(s.patches)
+
+    # Whole-pack tensor ops (a few dozen per pack, whatever its number of samples): the per-token sample id and
+    # position within the sample decide everything else.
+    n = len(samples)
+    grid = torch.tensor([s.grid_hw for s in samples], dtype=torch.int64).reshape(n, 2)
+    lens_t = torch.tensor(lens, dtype=torch.int64)
+    cu = torch.zeros(n + 1, dtype=torch.int64)
+    cu[1:] = lens_t.cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(n), lens_t)  # (total,) sample of each token
+    local = torch.arange(total) - cu[seq]  # position within its sample
+    P_t = torch.tensor(P, dtype=torch.int64)
+    is_img = local < P_t[seq]
+    # MRoPE: image token k of an (h, w) grid -> (0, k // w, k % w); text token j -> max(h, w) + j on all three
+    text_pos = grid.max(1).values[seq] + (local - P_t[seq])
+    gw = grid[:, 1].clamp(min=1)[seq]
+    position_ids = torch.zeros(3, T, dtype=torch.int64)
+    position_ids[0, :total] = torch.where(is_img, 0, text_pos)
+    position_ids[1, :total] = torch.where(is_img, local // gw, text_pos)
+    position_ids[2, :total] = torch.where(is_img, local % gw, text_pos)
+    image_index = is_img.nonzero().flatten()
+    text_index = (~is_img).nonzero().flatten()
+    input_ids = torch.zeros(T, dtype=torch.int64)
+    input_ids[text_index] = torch.cat([t for s in samples for t in (s.prompt_ids, s.caption_ids)])
+    # caption token j of a sample is the target of the token before it, when that token is in the same sample
+    cap_pos = (local >= (P_t + torch.tensor(Lp, dtype=torch.int64))[seq]).nonzero().flatten()
+    keep = local[cap_pos] > 0
+    targets = torch.full((T,), IGNORE_INDEX, dtype=torch.int64)
+    targets[cap_pos[keep] - 1] = torch.cat([s.caption_ids for s in samples])[keep]
+    seq_ids = torch.full((T,), -1, dtype=torch.int32)
+    seq_ids[:total] = seq.to(torch.int32)
     return PackedBatch(
-        cu_seqlens=cu,
-        prefix_lens=torch.tensor([s.num_patches for s in samples], dtype=torch.int32),
+        cu_seqlens=cu.to(torch.int32),
+        prefix_lens=P_t.to(torch.int32),
         position_ids=position_ids,
-        patches=torch.cat(patches) if patch_dim is not None else torch.zeros(0, 0),
-        image_index=torch.cat(image_index),
+        patches=torch.cat([s.patches for s in samples]) if patch_dim is not None else torch.zeros(0, 0),
+        image_index=image_index,
         input_ids=input_ids,
-        text_index=torch.cat(text_index),
+        text_index=text_index,
         targets=targets,
         loss_index=(targets != IGNORE_INDEX).nonzero().flatten(),
         seq_ids=seq_ids,
-        grid_hw=torch.tensor([s.grid_hw for s in samples], dtype=torch.int64).reshape(-1, 2),
-        max_seqlen=int(lens.max()),
+        grid_hw=grid,
+        max_seqlen=max(lens),
         keys=[s.key for s in samples],
     )
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from . import storage
 from .batch import PackedBatch, Sample
 from .config import DataConfig
 from .packing import Packer, SampleTooLongError, fit_sample
@@ -178,9 +179,10 @@ class PackedLoader:
         self.pin = self.device is not None and self.device.type == "cuda"
         self.kind, self.device_id = resolve_backend(cfg.backend)
         self.backend = "host" if self.kind == "host" else ("dali-gpu" if self.device_id is not None else "dali-cpu")
+        storage.configure(cfg.storage_options)
         shards = expand_shards(cfg.train_shards)
         self.reader = ShardReader(shards, stage=cfg.stage, patch=cfg.patch_size, caption_field=cfg.caption_field,
-                                  keep_open=cfg.shuffle_shards + 4)
+                                  keep_open=cfg.shuffle_shards + 4, image_column=cfg.image_column)
         self.digest = layout_digest(shards, cfg.seed)
         self._decoder = None
         self._state = self._initial_state()
@@ -232,8 +234,7 @@ class PackedLoader:
         build the loader with ``epochs=1`` for one pass (``epochs=None`` never ends). Bad records and unreadable
         shards are skipped and counted in :attr:`stats`, as for packs. Runs on the calling thread."""
         reader, counters = self.reader, {"truncated": 0}
-        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=self.skipped),
-                               self._state["sampler"], seed=self.cfg.seed, epochs=self.epochs)
+        sampler = self._sampler(self._state["sampler"], self.skipped)
         tally = _PassTally(sampler, self.skipped, reader, self._no_usable_sample)
         for chunk in self._decoded(sampler, tally, counters):
             for _, sample, position in chunk:
@@ -392,6 +393,13 @@ class PackedLoader:
                             timeout_s)
         self._thread, self._gen, self._q = None, None, None
 
+    def _sampler(self, position: dict, skipped: SkipCounter) -> ShardSampler:
+        """This stream's sampler from ``position``, with the reader fetching ahead of it (remote shards)."""
+        reader = self.reader
+        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped), position,
+                               seed=self.cfg.seed, epochs=self.epochs)
+        return reader.read_ahead(sampler, self.cfg.read_ahead)
+
     def _get_decoder(self):
         if self._decoder is None:
             c = self.cfg
@@ -502,8 +510,7 @@ class PackedLoader:
         packer = Packer(cfg.pack_tokens, lookahead=cfg.lookahead, truncate=cfg.truncate_captions)
         skipped = SkipCounter(counts=dict(state["skipped"]), bad_shards=list(state["bad_shards"]))
         counters = {"truncated": int(state["truncated"])}
-        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped),
-                               state["sampler"], seed=cfg.seed, epochs=self.epochs)
+        sampler = self._sampler(state["sampler"], skipped)
         where: dict[int, tuple[int, int]] = {}  # id(sample held by the packer) -> (shard, sample)
 
         # samples the packer held at the saved position: read and decode them again, rebuild the packer

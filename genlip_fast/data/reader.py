@@ -4,7 +4,8 @@ DALI treats a bad image as a critical error that leaves its pipeline unusable, s
 the host, from its bytes: an image member of a supported format with a readable header and a complete file, a size
 of at least one patch, and a non-empty caption. A record that fails is skipped — never silently: it is counted by
 reason and logged with its shard and key (the first few one by one, then a summary line now and then). A shard that
-is not a readable tar is skipped as a whole, counted and logged with its path.
+cannot be opened (not a readable tar, a Parquet file without images) is skipped as a whole, counted and logged with
+its path and why.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from . import storage
+from .sampler import ShardSampler
+from .storage import StorageSetupError
 from .transforms import BadImage, probe_image, too_small
-from .webdataset import SHARD_ERRORS, load_index, read_members, shard_error
+from .webdataset import SHARD_ERRORS, TarShard, load_index, shard_error
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +109,18 @@ class Skipped:
     detail: str = ""
 
 
-def caption_of(fields: dict[str, bytes], caption_field: str = "") -> str | None:
-    """The caption text, or None when it is missing (no .txt, or no .json / field when ``caption_field`` is set)."""
+def caption_of(fields: dict[str, bytes | dict], caption_field: str = "") -> str | None:
+    """The caption text, or None when it is missing (no .txt, or no .json / field when ``caption_field`` is set).
+    ``fields["json"]`` is the member's bytes, or a dict already (a Parquet row's other columns)."""
     if caption_field:
         if "json" not in fields:
             return None
-        try:
-            value = json.loads(fields["json"])
-        except ValueError:
-            return None
+        value = fields["json"]
+        if not isinstance(value, dict):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                return None
         for part in caption_field.split("."):  # "meta.caption" walks nested objects
             value = value.get(part) if isinstance(value, dict) else None
         return value if isinstance(value, str) else None
@@ -121,7 +129,7 @@ def caption_of(fields: dict[str, bytes], caption_field: str = "") -> str | None:
     return fields["txt"].decode("utf-8", errors="replace")
 
 
-def check_fields(fields: dict[str, bytes], *, stage: int, patch: int, caption_field: str = "",
+def check_fields(fields: dict[str, bytes | dict], *, stage: int, patch: int, caption_field: str = "",
                  ) -> tuple[bytes, str, tuple[int, int]]:
     """``(image bytes, caption, (h, w))`` of a good record, or :class:`BadImage` whose ``reason`` says why not."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
@@ -141,72 +149,167 @@ def check_fields(fields: dict[str, bytes], *, stage: int, patch: int, caption_fi
     return image, caption, (h, w)
 
 
+def open_shard(path: str, *, image_column: str = "", cache=None):
+    """The container of one shard, by its name: ``*.parquet`` -> :class:`~genlip_fast.data.parquet.ParquetShard`,
+    anything else an indexed webdataset tar (:class:`~genlip_fast.data.webdataset.TarShard`). Both give ``len()``,
+    ``key(i)``, ``fields(i)`` (``{ext: bytes, ...}``, safe from several threads) and ``close()``."""
+    if path.lower().endswith(".parquet"):
+        try:
+            from .parquet import ParquetShard
+        except ImportError as e:
+            raise StorageSetupError(f"{path}: reading Parquet shards needs pyarrow: pip install "
+                                   f"'genlip_fast[parquet]' ({e})") from None
+        return ParquetShard(path, image_column=image_column, cache=cache)
+    return TarShard(path, load_index(path))
+
+
 class ShardReader:
     """Reads samples ``(shard index, sample index)`` of a list of shards as :class:`Record` / :class:`Skipped`.
 
-    A shard's index (its ``.idx`` sidecar, or a scan of its tar headers) is loaded only when the shard is first
-    reached — for its sample count when a stream opens it, or to read a record — and kept for the few shards being
-    read (LRU), as are open file handles. So start-up reads no shard at all. A shard that cannot be indexed (not a
-    tar, a broken header, unreadable) counts as empty: it is reported with its path to the ``skipped`` counter.
+    A shard (a webdataset tar with its index, or a Parquet file: :func:`open_shard`) is opened only when first
+    reached — for its sample count when a stream opens it, or to read a record — and kept open for the few shards
+    being read (LRU). So start-up reads no shard at all. A shard that cannot be opened (not a tar, a broken header,
+    a Parquet file without images, unreadable) counts as empty: it is reported with its path to the ``skipped``
+    counter. Local or remote (:mod:`~genlip_fast.data.storage`): a record is one read of its members' byte range;
+    :meth:`read_ahead` fetches the next samples of a stream concurrently, which remote shards need to keep up.
     """
 
     def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption_field: str = "",
-                 keep_open: int = 8):
+                 keep_open: int = 8, image_column: str = ""):
         self.shards = list(shards)
         self.stage, self.patch, self.caption_field, self.keep_open = stage, patch, caption_field, keep_open
-        self._index: OrderedDict[int, list] = OrderedDict()
+        self.image_column = image_column
+        self._open: OrderedDict[int, object] = OrderedDict()
         self._bad: dict[int, str] = {}
-        self._files: OrderedDict[int, object] = OrderedDict()
+        self._cache = None  # Parquet row groups, shared by this reader's Parquet shards
+        self._ahead: dict[tuple[int, int], Future] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
-    def _shard_index(self, i: int) -> list:
+    def _shard(self, i: int):
+        """The open container of shard ``i``, or None for a bad shard."""
         if i in self._bad:
-            return []
-        if i in self._index:
-            self._index.move_to_end(i)
-            return self._index[i]
+            return None
+        if i in self._open:
+            self._open.move_to_end(i)
+            return self._open[i]
+        path = self.shards[i]
+        if self._cache is None and path.lower().endswith(".parquet"):
+            from .parquet import RowGroupCache
+
+            self._cache = RowGroupCache()
         try:
-            idx = load_index(self.shards[i])
+            shard = open_shard(path, image_column=self.image_column, cache=self._cache)
         except SHARD_ERRORS as e:
             self._bad[i] = shard_error(e)
-            return []
-        self._index[i] = idx
-        while len(self._index) > self.keep_open:
-            self._index.popitem(last=False)
-        return idx
+            return None
+        self._open[i] = shard
+        while len(self._open) > self.keep_open:
+            self._open.popitem(last=False)[1].close()
+        return shard
+
+    @property
+    def bad_shards(self) -> dict[str, str]:
+        """``{path: why}`` of the shards found unusable so far."""
+        return {self.shards[i]: why for i, why in sorted(self._bad.items())}
 
     def count(self, i: int, skipped: SkipCounter | None = None) -> int:
-        """Samples in shard ``i`` (loads its index); 0 for a bad shard, which is reported to ``skipped``."""
-        n = len(self._shard_index(i))
-        if i in self._bad and skipped is not None:
+        """Samples in shard ``i`` (opens it); 0 for a bad shard, which is reported to ``skipped``."""
+        shard = self._shard(i)
+        if shard is None and skipped is not None:
             skipped.bad_shard(self.shards[i], self._bad[i])
-        return n
-
-    def _file(self, i: int):
-        if i in self._files:
-            self._files.move_to_end(i)
-            return self._files[i]
-        f = open(self.shards[i], "rb")  # noqa: SIM115 - kept open across samples, closed by close()
-        self._files[i] = f
-        while len(self._files) > self.keep_open:
-            self._files.popitem(last=False)[1].close()
-        return f
+        return 0 if shard is None else len(shard)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._ahead.clear()
+        for shard in self._open.values():
+            shard.close()
+        self._open.clear()
 
     def read(self, s: int, i: int) -> Record | Skipped:
         """Sample ``i`` of shard ``s``, read and checked."""
-        key, members = self._shard_index(s)[i]
-        shard = self.shards[s]
+        shard, path = self._shard(s), self.shards[s]
+        if shard is None:
+            return Skipped((s, i), path, f"#{i}", "unreadable shard", self._bad[s])
+        key = shard.key(i)
+        pending = self._ahead.pop((s, i), None)
         try:
-            fields = read_members(self._file(s), members)
+            fields = pending.result() if pending is not None else shard.fields(i)
         except OSError as e:
-            return Skipped((s, i), shard, key, "unreadable shard", str(e))
+            return Skipped((s, i), path, key, "unreadable shard", str(e))
+        except BadImage as e:
+            return Skipped((s, i), path, key, e.reason, e.detail)
         try:
             image, caption, hw = check_fields(fields, stage=self.stage, patch=self.patch,
                                               caption_field=self.caption_field)
         except BadImage as e:
-            return Skipped((s, i), shard, key, e.reason, e.detail)
-        return Record((s, i), shard, key, image, caption, hw)
+            return Skipped((s, i), path, key, e.reason, e.detail)
+        return Record((s, i), path, key, image, caption, hw)
+
+    def read_ahead(self, sampler: ShardSampler, depth: int, threads: int = 16) -> ShardSampler:
+        """``sampler`` as it is, or — when ``depth > 0`` and some shard is remote — wrapped so that the members of
+        its next ``depth`` samples are being fetched (on ``threads`` threads) while the stream works on the current
+        ones. The order, the positions and what :meth:`read` returns are the same either way."""
+        if depth <= 0 or not any(storage.is_remote(p) for p in self.shards):
+            return sampler
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(1, min(threads, depth)), thread_name_prefix="genlip-read-ahead")
+        # a shard opened ahead must stay open until the stream reaches it
+        self.keep_open = max(self.keep_open, 2 * sampler.open_shards + 4)
+        return ReadAhead(sampler, self, depth)
+
+    def _fetch_ahead(self, s: int, i: int) -> None:
+        shard = self._shard(s)
+        if shard is not None and (s, i) not in self._ahead:
+            self._ahead[(s, i)] = self._pool.submit(shard.fields, i)
+
+    def _drop_ahead(self) -> None:
+        for f in self._ahead.values():
+            f.cancel()
+        self._ahead.clear()
+
+
+class ReadAhead:
+    """A sampler that also has its reader fetch the samples it will hand out next (see
+    :meth:`ShardReader.read_ahead`). A second sampler on the same state runs ``depth`` draws ahead: the draws are
+    counter-based, so it names exactly the samples the stream will ask for. Everything but iteration is the wrapped
+    sampler's (``state_dict()`` included), so a saved position does not depend on the read-ahead."""
+
+    def __init__(self, sampler: ShardSampler, reader: ShardReader, depth: int):
+        self.sampler, self.reader, self.depth = sampler, reader, depth
+        self._sync()
+
+    def _sync(self) -> None:
+        s = self.sampler
+        self._scout: ShardSampler | None = ShardSampler(s.num_shards, self.reader.count, s.state_dict(),
+                                                        seed=s.seed, epochs=s.epochs)
+        self._next: deque[tuple[int, int]] = deque()
+        self.reader._drop_ahead()
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._scout is not None and len(self._next) < self.depth:
+            try:
+                pair = next(self._scout)
+            except Exception:  # noqa: BLE001 - the end, or an empty dataset: the stream itself will meet it
+                self._scout = None
+                return
+            self._next.append(pair)
+            self.reader._fetch_ahead(*pair)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[int, int]:
+        pair = next(self.sampler)
+        if self._next and self._next[0] == pair:
+            self._next.popleft()
+            self._fill()
+        else:  # cannot happen with the same counts; start over from the stream's own position rather than guess
+            self._sync()
+        return pair
+
+    def __getattr__(self, name):
+        return getattr(self.sampler, name)

@@ -39,8 +39,9 @@ class Tokenizer:
         return ids + [self.eot_id] if add_eot else ids
 
     def encode_batch(self, texts: list[str], *, add_eot: bool = False) -> list[list[int]]:
-        """Encodes in parallel (Rust threads), off the Python critical path."""
-        out = [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        """Encodes in parallel (Rust threads), off the Python critical path; without character offsets, which
+        nothing here uses (``encode_batch_fast``: the same ids, less work per caption)."""
+        out = [e.ids for e in self._tok.encode_batch_fast(texts, add_special_tokens=False)]
         return [ids + [self.eot_id] for ids in out] if add_eot else out
 
     def token_to_id(self, token: str) -> int | None:

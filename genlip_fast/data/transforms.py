@@ -130,6 +130,51 @@ _MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
 _OTHER_FORMATS = {b"GIF8": "gif", b"BM": "bmp", b"II*\x00": "tiff", b"MM\x00*": "tiff", b"\x00\x00\x00\x0cjP": "jp2"}
 
 
+def image_ext(data: bytes) -> str | None:
+    """The member extension encoded image bytes would carry (``jpg``, ``png``, ``webp``, or an unsupported format's,
+    e.g. ``gif``) from the magic number; None when the bytes are no image format known here. For images stored
+    without a file name (a Parquet column)."""
+    if data.startswith(_MAGIC["jpeg"]):
+        return "jpg"
+    if data.startswith(_MAGIC["png"]):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((name for m, name in _OTHER_FORMATS.items() if data.startswith(m)), None)
+
+
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """``(height, width)`` from a JPEG's frame header, by walking its marker segments from the start up to the start
+    of scan (every segment's length must lead to the next marker); None when the walk fails or finds no frame
+    header or size — :func:`probe_image` then asks Pillow, which names what is wrong. A few microseconds, where
+    Pillow's header parse (in Python) costs ~0.1 ms, the largest host cost per sample."""
+    i, n, size = 2, len(data), None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        m = data[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m == 0x01 or 0xD0 <= m <= 0xD7:  # markers without a segment
+            i += 2
+            continue
+        seg = (data[i + 2] << 8) | data[i + 3]
+        if seg < 2:
+            return None
+        if m in _SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            size = ((data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8])
+        elif m == 0xDA:  # start of scan: the header is complete
+            return size if size and size[0] > 0 and size[1] > 0 else None
+        i += 2 + seg
+    return None
+
+
 def probe_image(data: bytes) -> tuple[str, int, int]:
     """``(format, height, width)`` from the header alone, or :class:`BadImage`.
 
@@ -156,6 +201,8 @@ def probe_image(data: bytes) -> tuple[str, int, int]:
         if other:
             raise BadImage("unsupported format", other)
         raise BadImage("not an image", f"starts with {data[:8]!r}")
+    if fmt == "jpeg" and (hw := jpeg_size(data)) is not None:
+        return fmt, hw[0], hw[1]
     from PIL import Image
 
     try:

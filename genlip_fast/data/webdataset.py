@@ -7,23 +7,34 @@ byte offset and size of every member), so a reader can start at any sample with 
 
 from __future__ import annotations
 
-import glob
 import io
 import json
+import logging
 import os
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from . import storage
+
+log = logging.getLogger(__name__)
+
 INDEX_SUFFIX = ".idx"
 INDEX_FORMAT = "genlip-wds-index/1"
-SHARD_ERRORS = (OSError, EOFError, tarfile.TarError)
-"""What indexing or reading a file that is not a (complete) tar raises."""
+
+
+class ShardError(ValueError):
+    """A file that is no usable shard, its message naming the file and why (e.g. a Parquet file without images);
+    it is skipped like an unreadable tar."""
+
+
+SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ShardError)
+"""What opening a file that is no (complete) shard raises."""
 
 
 def shard_error(e: BaseException) -> str:
     """Why a shard was skipped, for logs and manifests."""
-    return f"not a readable tar ({type(e).__name__}: {e})"
+    return str(e) if isinstance(e, ShardError) else f"not a readable tar ({type(e).__name__}: {e})"
 
 
 def split_member(name: str) -> tuple[str, str]:
@@ -58,54 +69,93 @@ def write_shard(path: str | os.PathLike, samples: Iterable[tuple[str, dict[str, 
 
 
 def scan_shard(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """``[(key, {ext: (data_offset, size)})]`` in tar order, from the tar headers only."""
-    out: list[tuple[str, dict[str, tuple[int, int]]]] = []
-    with tarfile.open(path, "r") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            k, ext = split_member(m.name)
-            if not out or out[-1][0] != k:
-                out.append((k, {}))
-            out[-1][1][ext] = (m.offset_data, m.size)
-    return out
+    """``[(key, {ext: (data_offset, size)})]`` in tar order, from the tar headers only (remotely: ranged reads of
+    the headers, about one request per sample). A compressed tar is not a shard: its offsets would be those of the
+    decompressed stream, so it fails here as not a readable tar."""
+    path = str(path)
+
+    def scan():
+        out: list[tuple[str, dict[str, tuple[int, int]]]] = []
+        with storage.open_input(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                k, ext = split_member(m.name)
+                if not out or out[-1][0] != k:
+                    out.append((k, {}))
+                out[-1][1][ext] = (m.offset_data, m.size)
+        return out
+
+    if storage.is_remote(path):
+        log.warning("%s has no %s sidecar: indexing it reads every tar header over the network; "
+                    "`python -m genlip_fast.data.manifest --index %s` writes the sidecars once", path, INDEX_SUFFIX,
+                    storage.parent(path))
+        return storage.retrying(path, scan, "index")
+    return scan()
 
 
-def write_index(path: str | os.PathLike) -> Path:
-    """Scan ``path`` and write its ``.idx`` sidecar atomically; returns the sidecar's path."""
-    path = Path(path)
+def write_index(path: str | os.PathLike) -> str:
+    """Scan ``path`` and write its ``.idx`` sidecar (atomically; beside a remote shard too); returns its path."""
+    path = str(path)
     entries = scan_shard(path)
-    idx = path.with_name(path.name + INDEX_SUFFIX)
-    tmp = idx.with_name(idx.name + ".tmp")
-    body = {"format": INDEX_FORMAT, "tar_bytes": path.stat().st_size, "num_samples": len(entries),
+    idx = path + INDEX_SUFFIX
+    body = {"format": INDEX_FORMAT, "tar_bytes": storage.size(path), "num_samples": len(entries),
             "samples": [[k, {e: list(v) for e, v in f.items()}] for k, f in entries]}
-    tmp.write_text(json.dumps(body, separators=(",", ":")))
-    os.replace(tmp, idx)
+    storage.write_file(idx, json.dumps(body, separators=(",", ":")).encode())
     return idx
+
+
+def read_sidecar(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]] | None:
+    """The index in ``path``'s ``.idx`` sidecar; None when there is none, or it is unreadable, foreign or does not
+    match the tar's size."""
+    path = str(path)
+    try:
+        body = json.loads(storage.read_file(path + INDEX_SUFFIX))
+        if body.get("format") == INDEX_FORMAT and body.get("tar_bytes") == storage.size(path):
+            return [(k, {e: (int(v[0]), int(v[1])) for e, v in f.items()}) for k, f in body["samples"]]
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError, AttributeError):
+        pass  # unreadable or foreign sidecar: the tar itself is the truth
+    return None
 
 
 def load_index(path: str | os.PathLike) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """The shard's sample index: from its ``.idx`` sidecar when present and matching the tar's size, else by
     scanning the tar headers."""
-    path = Path(path)
-    idx = path.with_name(path.name + INDEX_SUFFIX)
-    if idx.is_file():
-        try:
-            body = json.loads(idx.read_text())
-            if body.get("format") == INDEX_FORMAT and body.get("tar_bytes") == path.stat().st_size:
-                return [(k, {e: (int(v[0]), int(v[1])) for e, v in f.items()}) for k, f in body["samples"]]
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable or foreign sidecar: fall back to the tar itself
-    return scan_shard(path)
+    found = read_sidecar(path)
+    return found if found is not None else scan_shard(path)
 
 
-def read_members(f, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
-    """Read one sample's members from an open shard file ``f`` (binary, seekable)."""
-    out = {}
-    for ext, (off, size) in members.items():
-        f.seek(off)
-        out[ext] = f.read(size)
-    return out
+def read_members(src, members: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    """One sample's members from ``src`` (:func:`~genlip_fast.data.storage.open_source`): locally one read each;
+    remotely one read spanning them all (a sample's members lie together in the tar: one ranged GET)."""
+    if isinstance(src, storage.LocalSource):
+        return {ext: src.read(off, size) for ext, (off, size) in members.items()}
+    lo = min(off for off, _ in members.values())
+    hi = max(off + size for off, size in members.values())
+    span = src.read(lo, hi - lo)
+    return {ext: span[off - lo:off - lo + size] for ext, (off, size) in members.items()}
+
+
+class TarShard:
+    """An indexed webdataset tar: ``len()`` samples, ``key(i)``, ``fields(i)`` -> ``{ext: bytes}`` (thread-safe)."""
+
+    def __init__(self, path: str, index: list[tuple[str, dict[str, tuple[int, int]]]]):
+        self.path, self.index = path, index
+        self._src = storage.open_source(path)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def key(self, i: int) -> str:
+        return self.index[i][0]
+
+    def fields(self, i: int) -> dict[str, bytes]:
+        return read_members(self._src, self.index[i][1])
+
+    def close(self) -> None:
+        self._src.close()
 
 
 def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -126,8 +176,8 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
 
 
 def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Shard paths from a path, a glob, a folder (its ``*.tar``), a comma-separated list or a list of those;
-    sorted within each entry, must be non-empty."""
+    """Shard paths or URLs from a path, a glob, a folder (its ``*.tar``, else its ``*.parquet``), a comma-separated
+    list or a list of those; sorted within each entry, must be non-empty."""
     if isinstance(spec, (str, os.PathLike)):
         specs = [s for s in str(spec).split(",") if s.strip()] if isinstance(spec, str) else [spec]
     else:
@@ -135,14 +185,14 @@ def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     out: list[str] = []
     for s in specs:
         s = str(s).strip()
-        if os.path.isdir(s):
-            out += sorted(glob.glob(os.path.join(s, "*.tar")))
-        elif any(c in s for c in "*?["):
-            out += sorted(glob.glob(s))
-        elif os.path.isfile(s):
+        if any(c in s for c in "*?["):
+            out += storage.glob(s)
+        elif storage.is_dir(s):
+            out += storage.glob(storage.join(s, "*.tar")) or storage.glob(storage.join(s, "*.parquet"))
+        elif storage.is_file(s):
             out.append(s)
         else:
             raise FileNotFoundError(f"no shard at {s!r}")
     if not out:
-        raise FileNotFoundError(f"no .tar shards matched {spec!r}")
+        raise FileNotFoundError(f"no .tar or .parquet shards matched {spec!r}")
     return out

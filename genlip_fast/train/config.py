@@ -7,6 +7,7 @@ errors that name the offending key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import tomllib
@@ -233,6 +234,15 @@ def _coerce(value, tp, where: str):
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where}: {value!r} is not a string")
+    if tp is dict:  # a TOML table, or JSON on the command line
+        if isinstance(value, str):
+            try:
+                value = json.loads(value) if value.strip() else {}
+            except ValueError as e:
+                raise ConfigError(f"{where}: {value!r} is not a JSON object ({e})") from None
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not a table")
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
@@ -309,7 +319,8 @@ RANGES = {
              "data.pack_tokens", "data.lookahead", "data.batch_size", "data.num_threads", "data.shuffle_shards"),
     ">= 0": ("train.seed", "train.caption_samples", "train.global_batch_samples", "train.packs_per_step",
              "train.stop_at_step", "parallel.data_streams", "checkpoint.every", "data.max_caption_tokens",
-             "data.prefetch", "data.seed", "train.tokens_per_sample", "optim.min_lr", "optim.weight_decay",
+             "data.prefetch", "data.seed", "data.read_ahead", "train.tokens_per_sample", "optim.min_lr",
+             "optim.weight_decay",
              "optim.grad_clip", "parallel.replicate", "parallel.shard", "eval.every", "eval.packs", "eval.captions",
              "eval.probe_l2"),
     # rates

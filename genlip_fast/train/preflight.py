@@ -22,6 +22,7 @@ import torch
 from ..checkpoint import list_checkpoints, read_meta, resolve_checkpoint
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
+from ..data.storage import StorageSetupError
 from ..data.webdataset import expand_shards
 from . import float8
 from .checkpoint import all_gather_objects, format_bytes, nearest_existing
@@ -125,7 +126,7 @@ def check_inputs(cfg: JobConfig, out_dir: Path, ckpt_root: Path) -> None:
         if option == "data.train_shards" or spec:
             try:
                 expand_shards(spec)
-            except FileNotFoundError as e:
+            except (OSError, StorageSetupError) as e:  # missing, unreachable, no credentials or backend
                 hint = " (--data.val_shards='' captions nothing)" if option == "data.val_shards" else ""
                 problems.append(f"{option} = {spec!r}: {e}{hint}")
     ckpt_option = "checkpoint.dir" if cfg.checkpoint.dir else "train.out_dir (checkpoints go to its checkpoints/)"

@@ -29,9 +29,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import rng_state, set_rng_state
+from ..data import storage
 from ..data.manifest import describe_dataset
 from ..data.packing import pad_tokens
 from ..data.pipeline import build_data_loader
+from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
 from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
@@ -124,11 +126,14 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     from ..data.synthetic import demo_folder, generate_probe_set, generate_shards
 
     try:
+        storage.configure(cfg.data.storage_options)
         expand_shards(cfg.data.train_shards)
         return
     except FileNotFoundError as e:
-        if not cfg.data.generate_demo_data:
+        if not cfg.data.generate_demo_data or storage.is_remote(cfg.data.train_shards):
             raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
+    except (OSError, StorageSetupError, ValueError) as e:  # unreachable store, no credentials, bad storage_options
+        raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
     try:
         out = demo_folder(cfg.data.train_shards, cfg.data.val_shards)
     except ValueError as e:
