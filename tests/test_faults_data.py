@@ -50,6 +50,8 @@ def test_the_issues_command_on_data_with_no_usable_sample_ends_in_seconds_in_bou
                          f"data: 1 shard of 48 samples ({data / 's2-000000.tar'}), ")
     assert "missing caption (looked for the .txt member; data.caption_field names a .json field" in line
     assert peak < 1.5 * 2**30, f"peak resident set {peak / 2**20:.0f} MiB"  # ~0.5 GiB: torch and the tiny model
+    log = (tmp_path / "runs" / "tiny" / "logs" / "rank0.log").read_text()  # the run's log lines, then the traceback
+    assert "global batch:" in log and "NoUsableSampleError: no usable sample" in log
 
 
 @pytest.mark.parametrize("kind", ["every image corrupt", "one unreadable tar"])
