@@ -80,6 +80,10 @@ def test_unknown_key_or_wrong_type_in_toml(tmp_path):
         load_config(str(bad_type))
     with pytest.raises(ConfigError, match="bundled presets"):
         load_config("no_such_preset")
+    torn = tmp_path / "c.toml"
+    torn.write_text("[train\nsteps = ")  # before: a tomllib traceback from the command line
+    with pytest.raises(ConfigError, match=r"config file .*c\.toml: Expected '\]' at the end of a table declaration"):
+        load_config(str(torn))
 
 
 def _numeric_options():

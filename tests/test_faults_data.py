@@ -51,6 +51,8 @@ def test_the_issues_command_on_data_with_no_usable_sample_ends_in_seconds_in_bou
     assert ("missing caption (looked for txt, json conversations (last assistant turn), json caption, json text; "
             "data.caption says where)") in line
     assert peak < 1.5 * 2**30, f"peak resident set {peak / 2**20:.0f} MiB"  # ~0.5 GiB: torch and the tiny model
+    log = (tmp_path / "runs" / "tiny" / "logs" / "rank0.log").read_text()  # the run's log lines, then the traceback
+    assert "global batch:" in log and "NoUsableSampleError: no usable sample" in log
 
 
 @pytest.mark.parametrize("kind", ["every image corrupt", "one unreadable tar"])

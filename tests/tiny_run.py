@@ -47,6 +47,20 @@ def tiny_config(data_dir: str | Path, out_dir: str | Path, **kw) -> JobConfig:
     return load_config("tiny", tiny_overrides(data_dir, out_dir, **kw))
 
 
+def tiny_estimate(data_dir: str | Path, world_size: int) -> int:
+    """The trainer's estimate of one checkpoint of the tiny test run (what start-up checks room for)."""
+    import torch
+
+    from genlip_fast.data.tokenizer import load_tokenizer
+    from genlip_fast.model import GenLIP
+    from genlip_fast.train.checkpoint import estimate_checkpoint_bytes
+    from genlip_fast.train.trainer import build_model_config, build_optimizer
+
+    cfg = tiny_config(data_dir, "unused")
+    model = GenLIP(build_model_config(cfg, load_tokenizer(cfg.data.tokenizer)))
+    return estimate_checkpoint_bytes(model, build_optimizer(cfg, model, torch.device("cpu")), world_size=world_size)
+
+
 def run_cli(capsys, data_dir: str | Path, out_dir: str | Path, *extra: str, **over) -> tuple[int, str]:
     """``python -m genlip_fast.train --no-progress`` on the tiny test run, in this process: (exit status, stderr)."""
     from genlip_fast.train.__main__ import main

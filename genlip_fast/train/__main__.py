@@ -7,13 +7,16 @@ With no arguments: the tiny demo on generated shapes, on CPU, in a few minutes. 
         --rdzv_endpoint=$MASTER_ADDR:29500 --rdzv_id=$SLURM_JOB_ID --max-restarts=3 -m genlip_fast.train ...
 
 A run resumes from the newest checkpoint in its out_dir that passes its check, by itself (after a crash, a restart
-or preemption). Preemption under torchrun / Slurm: send SIGTERM to torchrun (Slurm: ``#SBATCH --signal=TERM@300``);
-torchrun forwards it to every worker, which finishes its step and saves. Ctrl-C once: the same; twice: stop now.
+or preemption). Preemption under torchrun / Slurm: SIGTERM, SIGUSR1 or SIGUSR2 to torchrun or to any worker (Slurm:
+``#SBATCH --signal=TERM@300`` or ``--signal=USR1@300``, with ``PET_SIGNALS_TO_HANDLE`` as in
+``scripts/slurm/train.sbatch``): every worker finishes its step and saves, and torchrun's restarts do not resume
+the run. Ctrl-C once: the same; twice: stop now.
 
 Exit status (the same on every rank): 0 done; 2 a config or input error found at start (one line, nothing
-written); 1 a failure with a named cause (a damaged or refused checkpoint, no space for a checkpoint, too many NaN
-steps); 128 + N stopped by signal N after a checkpoint (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C); 130 also for a
-second Ctrl-C, which stops without a checkpoint.
+written), or data no sample of which can be used (one line); 1 a failure with a named cause (a damaged or refused
+checkpoint, no space for a checkpoint, too many NaN steps, a collective that timed out, anything unexpected: one
+line, the traceback in ``out_dir/logs/rank<R>.log``); 128 + N stopped by signal N after a checkpoint (143 SIGTERM,
+138 SIGUSR1, 140 SIGUSR2, 130 Ctrl-C); 130 also for a second Ctrl-C, which stops without a checkpoint.
 """
 
 from __future__ import annotations
@@ -42,18 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"genlip-train: config error: {e}", file=sys.stderr)
         return 2
-    from . import preflight
+    from . import preflight, runlog
     from ..checkpoint import CheckpointError
+    from .distributed import CollectiveError
     from .metrics import describe_eval
+    from .signals import RunStopped, die_with_launcher
     from .step import DataStreamError
     from .trainer import NonFiniteLossError, train
 
-    def fail(kind: str, e: object, code: int, everywhere: bool = False) -> int:
-        # Errors after the process group is up are agreed by every rank: rank 0 says it once.
+    def fail(kind: str, e: BaseException | str, code: int, everywhere: bool = False) -> int:
+        # Errors after the process group is up are agreed by every rank: rank 0 says it once. The traceback of one
+        # that ends a run goes to the rank's log file.
+        if isinstance(e, BaseException) and not isinstance(e, (ConfigError, RunStopped)):
+            runlog.write_traceback(cfg.train.out_dir, rank, e)
         if rank == 0 or everywhere:
-            print(f"genlip-train: {kind}: {e}", file=sys.stderr)
+            print(f"genlip-train: {kind}: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return code
 
+    die_with_launcher()
     try:
         preflight.check_device(cfg)  # before the process group, so every rank finds it alone
     except ConfigError as e:
@@ -66,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail("error", e, 1)
     except DataStreamError as e:  # raised on every rank alike, with the same code
         return fail("data error", e, e.code)
+    except RunStopped as e:  # torchrun restarted the workers of a stopped run: every rank alike
+        return fail("stopped", e, e.code)
+    except CollectiveError as e:  # each surviving rank says what it waited for
+        return fail("error", e, 1, everywhere=True)
     except KeyboardInterrupt:
         return fail("stopped", "second Ctrl-C: no checkpoint of the step in flight (the last complete one is kept)",
                     130)
+    except Exception as e:  # anything else: one line here, the traceback in the log file
+        where = runlog.write_traceback(cfg.train.out_dir, rank, e)
+        return fail("error", f"{type(e).__name__}: {e}" + (f" (traceback in {where})" if where else ""), 1,
+                    everywhere=True)
     code = 128 + result["signal"] if result["stopped_by"] == "signal" else 0  # as if killed by it
     if rank != 0:
         return code

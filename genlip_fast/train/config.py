@@ -117,8 +117,10 @@ class ParallelSection:
     shard: int = 0
     """Ranks each replica shards parameters, gradients and optimizer state over; 0 = the GPUs of one node
     (LOCAL_WORLD_SIZE), or world size / replicate when that is given. replicate x shard = the world size."""
-    collective_timeout_s: float = 600.0
-    """Seconds a collective may wait before it fails; at 90% of it a stalled rank logs which ranks are behind."""
+    collective_timeout_s: float = 300.0
+    """Seconds a collective may wait before it fails (then every waiting rank ends with one line naming the ranks
+    behind); at 90% of it a stalled rank logs them. It must exceed the longest time one rank can work while another
+    waits for it: the first step's compilation, a checkpoint save, a rank's first pack; raise it for slow storage."""
     data_streams: int = 0
     """Data loader streams the global batch is drawn from (0 = one per rank), at least the world size; rank r reads
     the streams s with s % world_size == r. Runs with the same streams see the same packs, whatever the ranks."""
@@ -316,8 +318,11 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
     preset: dict = {}  # what a bundled preset set
     if path:
         file = resolve_config_path(path)
-        with open(file, "rb") as f:
-            table = tomllib.load(f)
+        try:
+            with open(file, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"config file {file}: {e}") from None
         _apply(cfg, table, "")
         if file.resolve().parent == CONFIG_DIR:
             preset = table

@@ -39,24 +39,29 @@ from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
-from . import float8, preflight
+from . import float8, preflight, runlog
 from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
+    CollectiveError,
     DistInfo,
     apply_activation_checkpointing,
     apply_compile,
     apply_fsdp,
     barrier,
+    describe_failure,
     init_distributed,
     mixed_precision_policy,
+    record_stop,
     shutdown,
+    step_done,
+    stop_recorded,
 )
 from .evaluate import Evaluator, caption_heldout
 from .flops import device_peak_flops
 from .metrics import MetricsLogger
 from .schedule import warmup_cosine
-from .signals import StopSignals
+from .signals import RunStopped, StopSignals, ignore_stop_signals
 from .step import describe_plan, grad_norm_and_clip, padding_pack, plan_batch, train_step
 
 # plan_batch and grad_norm_and_clip live in .step; imported from here by older callers (benchmarks)
@@ -148,15 +153,35 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
 def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     """Train on this rank (every rank calls it). Returns ``{"losses", "captions", "model", "step", "stopped_by",
     "signal", "checkpoint", "evals"}``; ``losses`` and ``evals`` are this run's (a resumed run starts after its
-    checkpoint)."""
+    checkpoint).
+
+    Raises :class:`~genlip_fast.train.signals.RunStopped` in workers torchrun restarted after a stop signal ended
+    the run (a stop is final), and :class:`~genlip_fast.train.distributed.CollectiveError` naming the ranks behind
+    when a collective times out or loses a rank."""
     preflight.check_device(cfg)
     par = cfg.parallel
     info = init_distributed(cfg.train.device, par.backend, replicate=par.replicate, shard=par.shard,
                             timeout_s=par.collective_timeout_s)
+    run = None
     try:
+        stopped = stop_recorded()
+        if stopped is not None:
+            ignore_stop_signals()  # torchrun SIGTERMs the others as soon as one of us exits
+            barrier()
+            raise RunStopped(stopped)
         with StopSignals() as signals:
-            return Run(cfg, info, signals, progress).run()
+            run = Run(cfg, info, signals, progress)
+            result = run.run()
+        if result["stopped_by"] == "signal" and info.is_main:
+            record_stop(128 + result["signal"])
+        return result
+    except Exception as e:
+        line = describe_failure(e)
+        if line is None:
+            raise
+        raise CollectiveError(line) from e
     finally:
+        runlog.detach(getattr(run, "log_handler", None))
         shutdown(info)
 
 
@@ -169,7 +194,7 @@ class Run:
                          per-rank seeds
         _resume          room for a checkpoint; weights and optimizer from the checkpoint (or init_from weights)
         _build_loaders   the batch plan and one loader per data stream, at the checkpoint's positions; RNG states
-        _open_logs       evaluator, config.json, metrics and the start-up lines
+        _open_logs       evaluator, the rank's log file, config.json, metrics and the start-up lines
         _loop            _one_step per optimizer step; evaluation, metrics, checkpoints, stopping
         _finish          close the loaders (bad-input summary), captions of held-out images
     """
@@ -237,8 +262,8 @@ class Run:
     def _resume(self) -> None:
         """Weights and optimizer state from the checkpoint (or weights only from ``checkpoint.init_from``)."""
         cfg = self.cfg
-        preflight.check_space(self.ckpt_root, estimate_checkpoint_bytes(self.model, self.opt), cfg.checkpoint.keep,
-                              rank=self.info.rank)
+        need = estimate_checkpoint_bytes(self.model, self.opt, world_size=self.info.world_size)
+        preflight.check_space(self.ckpt_root, need, cfg.checkpoint.keep, rank=self.info.rank)
         self.resumed_meta, self.data_states, self.rng = None, {}, None
         if self.latest is not None:
             self.resumed_meta, self.data_states, self.rng = self.ckpt.load(self.latest, self.model, self.opt,
@@ -275,12 +300,13 @@ class Run:
             log.warning("world size changed since the checkpoint: random streams (drop path) are reseeded")
 
     def _open_logs(self) -> None:
-        """The evaluator (it reads and checks the held-out data and probe folders), config.json, the metrics
-        logger and the run's first lines; the meta every checkpoint carries."""
+        """The evaluator (it reads and checks the held-out data and probe folders), the rank's log file
+        (:mod:`~genlip_fast.train.runlog`), config.json, the metrics logger and the run's first lines; the meta every
+        checkpoint carries."""
         cfg, info, plan = self.cfg, self.info, self.plan
         self.evaluator = Evaluator(cfg, self.tokenizer, info)
+        self.log_handler = runlog.attach(self.out_dir, info.rank)
         if info.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
         self.metrics = metrics = MetricsLogger(self.out_dir, enabled=info.is_main, total_steps=cfg.train.steps,
                                                start_step=self.start_step, progress=self.progress,
@@ -325,6 +351,7 @@ class Run:
         self.bad_in_a_row = 0
         self.last_ckpt = self.latest
         self.step = self.saved_step = self.start_step
+        step_done(self.start_step)  # a resumed run's hang reports start from its checkpoint's step
         if self.start_step == 0 and self.evaluator.due(0):
             self.metrics.log({"step": 0, **self.evaluator(0, self.model)})  # the untrained model: where curves start
         while self.step < cfg.train.steps:
@@ -393,6 +420,7 @@ class Run:
                 f"passed its check is {self.last_ckpt or 'none'}. Check the data, lower optim.lr, or raise "
                 f"train.max_bad_steps.")
         self.step = step = step + 1
+        step_done(step)
         self.losses.append(loss_value)
         self.stop_votes = st.stop_votes
 
