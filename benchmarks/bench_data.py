@@ -105,7 +105,7 @@ def test_loader_startup(benchmark):
     """What a run does at start for its data with STARTUP_SHARDS shards of 10K samples in one folder: list them,
     read the folder's manifest for the dataset size, build one stream's loader (no shard or index is opened)."""
     from genlip_fast.data.manifest import describe_dataset
-    from genlip_fast.data.webdataset import expand_shards
+    from genlip_fast.data.specs import expand_spec
 
     pattern = str(many_shards(STARTUP_SHARDS) / "*.tar")
     tok = load_tokenizer("demo")
@@ -115,7 +115,7 @@ def test_loader_startup(benchmark):
         import time
 
         t0 = time.perf_counter()
-        describe_dataset(expand_shards(pattern))
+        describe_dataset(expand_spec(pattern))
         t1 = time.perf_counter()
         build_data_loader(DataConfig(train_shards=pattern, backend="host"), tok, rank=3, world_size=8).close()
         times.update(manifest_s=t1 - t0, loader_s=time.perf_counter() - t1)

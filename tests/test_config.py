@@ -102,9 +102,20 @@ def _bad_values(dotted: str) -> list[str]:
     rule = next((r for r, keys in RANGES.items() if dotted in keys), None)
     bad = {">= 1": ["0", "-1"], ">= 0": ["-1"], "> 0": ["0", "-1e-3"], "in [0, 1)": ["1", "-0.1"],
            "in (0, 1]": ["0", "1.5"], None: ["3"]}[rule]  # None: a numeric choice (data.stage)
-    section, key = dotted.split(".")
-    tp = typing.get_type_hints(type(getattr(JobConfig(), section)))[key]
+    obj, *parents, key = [JobConfig(), *dotted.split(".")]
+    for p in parents:  # a list of tables ("data.sources.weight") takes its item type
+        tp = typing.get_type_hints(type(obj))[p]
+        obj = typing.get_args(tp)[0]() if typing.get_origin(tp) is list else getattr(obj, p)
+    tp = typing.get_type_hints(type(obj))[key]
     return bad + (["nan", "inf"] if float in (tp, *typing.get_args(tp)) else [])
+
+
+def _override(dotted: str, value: str) -> str:
+    """``--section.key=value``; for a field of a list of tables, the list with one table holding the value."""
+    *parents, key = dotted.split(".")
+    if len(parents) == 2:
+        return f'--{".".join(parents)}=[{{path = "x/*.tar", {key} = {value}}}]'
+    return f"--{dotted}={value}"
 
 
 @pytest.mark.parametrize("dotted", _numeric_options())
@@ -113,7 +124,7 @@ def test_every_numeric_option_is_range_checked(dotted):
     # lookahead, prefetch and num_threads of 0 / -1 passed silently. Every numeric option now has a range.
     for value in _bad_values(dotted):
         with pytest.raises(ConfigError, match=rf"{dotted.replace('.', '[.]')}.*allowed|choose one of"):
-            load_config("tiny", [f"--{dotted}={value}"])
+            load_config("tiny", [_override(dotted, value)])
 
 
 def test_ranges_name_only_real_options():

@@ -12,6 +12,7 @@ from PIL import Image
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
+from genlip_fast.data.captions import parse_rule  # noqa: E402
 from genlip_fast.data.config import DataConfig  # noqa: E402
 from genlip_fast.data.pipeline import build_data_loader  # noqa: E402
 from genlip_fast.data.reader import ShardReader, Skipped  # noqa: E402
@@ -59,7 +60,7 @@ def test_img2dataset_parquet_output_reads_with_bad_rows_skipped_by_file_and_row(
 
 def test_hugging_face_image_structs_read_bytes_or_the_path_beside_the_file(tmp_path):
     """A HF `datasets` image column: structs {bytes, path}; null bytes mean the file at path (relative to the
-    Parquet file's folder). The caption comes from a column named by data.caption_field."""
+    Parquet file's folder). The caption comes from a column named by the caption rule (json:text)."""
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "b.png").write_bytes(jpeg(1, fmt="PNG"))
     struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -67,7 +68,7 @@ def test_hugging_face_image_structs_read_bytes_or_the_path_beside_the_file(tmp_p
                        {"bytes": None, "path": "imgs/gone.jpg"}, None], struct)
     path = write_parquet(tmp_path / "train-00000-of-00001.parquet",
                          {"image": images, "text": ["one", "two", "three", "four"], "id": [0, 1, 2, 3]})
-    got = read_all(ShardReader([path], caption_field="text"))
+    got = read_all(ShardReader([path], caption=parse_rule("json:text")))
     assert [r.caption for r in got[:2]] == ["one", "two"] and got[1].image == jpeg(1, fmt="PNG")
     assert isinstance(got[2], Skipped) and got[2].reason == "missing image" and "imgs/gone.jpg" in got[2].detail
     assert isinstance(got[3], Skipped) and got[3].reason == "missing image" and "null" in got[3].detail
@@ -110,7 +111,7 @@ def test_parquet_stream_resumes_exactly(tmp_path):
     """Sample i of a file is row i: a saved position continues with the very packs an unbroken stream makes."""
     parquet_shards(tmp_path)
     cfg = DataConfig(train_shards=str(tmp_path / "*.parquet"), backend="host", image_size=32, batch_size=4,
-                     num_threads=1, pack_tokens=64, caption_field="caption", shuffle_shards=2)
+                     num_threads=1, pack_tokens=64, caption="json:caption", shuffle_shards=2)
     whole = build_data_loader(cfg, TOK, epochs=1)
     keys = [p.keys for p in whole]
     assert sorted(k for ks in keys for k in ks) == sorted(f"{tmp_path}/part-{f:05d}.parquet:row {i}"

@@ -19,9 +19,10 @@ from genlip_fast.data.manifest import build_manifest, describe_dataset, read_man
 from genlip_fast.data.manifest import shard_entry  # noqa: E402
 from genlip_fast.data.pipeline import build_data_loader  # noqa: E402
 from genlip_fast.data.reader import Record, ShardReader, Skipped  # noqa: E402
+from genlip_fast.data.specs import NoShardsError, expand_spec  # noqa: E402
 from genlip_fast.data.storage import StorageSetupError  # noqa: E402
 from genlip_fast.data.tokenizer import load_tokenizer  # noqa: E402
-from genlip_fast.data.webdataset import expand_shards, load_index, write_shard  # noqa: E402
+from genlip_fast.data.webdataset import load_index, write_shard  # noqa: E402
 
 TOK = load_tokenizer("demo")
 BUCKET = "genlip-test"
@@ -84,6 +85,18 @@ def test_a_remote_sample_is_one_ranged_read_of_its_members(s3_server, remote):
     assert len(gets) == 2 and all(g["range"] for g in gets)  # one ranged GET per sample ...
     assert sorted(g["bytes"] for g in gets) == sorted(spans)  # ... of exactly its members' span
     assert sum(spans) < storage.size(shard) / 4  # not the shard
+
+
+def test_remote_specs_expand_as_local_ones(s3_server, remote):
+    """Brace ranges, folders (searched recursively; sidecars and the manifest left out), ** and comma lists name the
+    same shards on S3 as on disk, as s3:// URLs; a range naming missing objects says which (issue 25 item 1)."""
+    _, url = remote
+    want = [f"{url}/s-{i:06d}.tar" for i in range(3)]
+    for spec in (f"{url}/s-{{000000..000002}}.tar", url, f"{url}/", f"{url}/**/*.tar",
+                 f"{url}/s-00000{{0,1}}.tar,{url}/*.tar"):
+        assert expand_spec(spec) == want, spec
+    with pytest.raises(NoShardsError, match=f"1 of the 4 paths its braces name do not exist .'{url}/s-000003.tar'"):
+        expand_spec(f"{url}/s-{{000000..000003}}.tar")
 
 
 def test_remote_stream_matches_local_and_resumes_exactly(s3_server, remote, monkeypatch):
@@ -203,14 +216,14 @@ def test_missing_objects_credentials_and_backends_are_one_clear_error(s3_server,
                                                                       capsys):
     _, url = remote
     with pytest.raises(FileNotFoundError, match=f"no shard at '{url}/nope.tar'"):
-        expand_shards(f"{url}/nope.tar")
+        expand_spec(f"{url}/nope.tar")
     with pytest.raises(FileNotFoundError, match="no shard at 's3://no-such-bucket/x.tar'"):
-        expand_shards("s3://no-such-bucket/x.tar")
+        expand_spec("s3://no-such-bucket/x.tar")
     try:
         import gcsfs  # noqa: F401
     except ImportError:  # a protocol without its backend package: the package is named
         with pytest.raises(StorageSetupError, match="gs:// URLs needs the gcsfs package: pip install gcsfs"):
-            expand_shards("gs://bucket/x.tar")
+            expand_spec("gs://bucket/x.tar")
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(k)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -219,7 +232,7 @@ def test_missing_objects_credentials_and_backends_are_one_clear_error(s3_server,
     try:
         with pytest.raises(StorageSetupError, match="no credentials .* set AWS_ACCESS_KEY_ID and "
                                                    "AWS_SECRET_ACCESS_KEY"):
-            expand_shards(f"{url}/s-000000.tar")
+            expand_spec(f"{url}/s-000000.tar")
         from genlip_fast.train.__main__ import main
 
         code = main([f"--data.train_shards={url}/*.tar", "--data.val_shards=", f"--train.out_dir={tmp_path}/run",

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from genlip_fast.data.convert import convert
+from genlip_fast.data.captions import parse_rule
 from genlip_fast.data.reader import ShardReader, check_fields
 from genlip_fast.data.storage import open_source
 from genlip_fast.data.transforms import BadImage, check_grid_limits, jpeg_size, probe_image, stage2_grid
@@ -103,9 +104,10 @@ def test_probe_reads_sizes_and_catches_truncation():
         with pytest.raises(BadImage, match="truncated|corrupt"):
             probe_image(data[: len(data) // 2])
     fields = {"jpg": image_bytes(40, 30), "json": json.dumps({"meta": {"caption": " a dog "}}).encode()}
-    assert check_fields(fields, stage=1, patch=16, caption_field="meta.caption")[1:] == ("a dog", (30, 40))
+    rule = parse_rule("json:meta.caption")
+    assert check_fields(fields, stage=1, patch=16, rule=rule)[1:] == ("a dog", None, (30, 40))
     with pytest.raises(BadImage, match="missing caption"):
-        check_fields(fields, stage=1, patch=16)
+        check_fields(fields, stage=1, patch=16)  # auto looks for json caption, not meta.caption
     with pytest.raises(BadImage, match="smaller than a patch"):
         check_fields({"jpg": image_bytes(8, 8), "txt": b"x"}, stage=2, patch=16)
     check_fields({"jpg": image_bytes(2000, 1), "txt": b"x"}, stage=2, patch=16)  # a strip is fine in stage 2

@@ -34,7 +34,7 @@ from genlip_fast.data.sampler import (
 )
 from genlip_fast.data.tokenizer import load_tokenizer
 from genlip_fast.data.webdataset import write_shard
-from tiny_run import stage2_layout_shard
+from tiny_run import recap_layout_shard
 
 TOK = load_tokenizer("demo")
 
@@ -288,7 +288,7 @@ def guard(loader, seconds: float = 60.0):
 def test_a_pass_without_a_usable_sample_is_one_clear_error_in_bounded_memory(tmp_path):
     """Before: every record skipped -> the loader read on forever, keeping every skipped record (18 GB after 10
     minutes on a 48-sample shard). Now: one pass, then an error naming the shards and the skips by reason."""
-    stage2_layout_shard(tmp_path / "s-000000.tar", 48)
+    recap_layout_shard(tmp_path / "s-000000.tar", 48)
     write_shard(tmp_path / "s-000001.tar", [(f"x{i:04d}", {"jpg": corrupt_jpeg(i), "txt": b"a cross ."})
                                              for i in range(16)])
     loader = guard(build_data_loader(config(tmp_path, shuffle_shards=4), TOK))
@@ -306,7 +306,8 @@ def test_a_pass_without_a_usable_sample_is_one_clear_error_in_bounded_memory(tmp
                           f"({tmp_path / 's-000000.tar'}, {tmp_path / 's-000001.tar'}), ")
     skips = {reason: int(n) for n, reason in re.findall(r"(\d+) (missing caption|corrupt image) \(", msg)}
     assert skips["missing caption"] >= 48 and skips["corrupt image"] >= 16 and "\n" not in msg  # a pass or more
-    assert "missing caption (looked for the .txt member; data.caption_field names a .json field" in msg
+    assert ("missing caption (looked for txt, json conversations (last assistant turn), json caption, json text; "
+            "data.caption says where)") in msg
     assert peak < 32 * 2**20, f"{peak / 2**20:.1f} MiB"
 
 
@@ -315,7 +316,7 @@ def test_a_stream_whose_share_of_an_epoch_is_unusable_says_so_though_other_strea
     whole pass without a sample (its rank would hold every other one up for that long) and raises, naming itself,
     though epoch 1 deals it the good shard (seed 0); the other stream streams on."""
     make_shards(tmp_path, 1, 6)
-    stage2_layout_shard(tmp_path / "s-000001.tar", 6)
+    recap_layout_shard(tmp_path / "s-000001.tar", 6)
     errors, packs = {}, {}
     for rank in range(2):
         loader = guard(build_data_loader(config(tmp_path, shuffle_shards=1, pack_tokens=64), TOK, rank=rank,

@@ -1,5 +1,5 @@
-"""Data no sample of which can be used (issue 28): the issue's command on the authors' stage-2 layout ends in
-seconds with one line and exit 2, in bounded memory (resident set measured); so do shards whose every image is
+"""Data no sample of which can be used (issue 28): the issue's command on shards whose captions no default rule finds
+(Recap's re_caption; the issue's stage-2 layout is read since issue 25) ends in seconds with one line and exit 2, in bounded memory (resident set measured); so do shards whose every image is
 corrupt and a single unreadable .tar (before: a 30-line traceback)."""
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import pytest
 
 from genlip_fast.data.synthetic import photo_jpeg
 from genlip_fast.data.webdataset import write_shard
-from tiny_run import one_line, run_cli, stage2_layout_shard
+from tiny_run import one_line, recap_layout_shard, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_issues_command_on_data_with_no_usable_sample_ends_in_seconds_in_bounded_memory(shapes, tmp_path):
     """Before: nothing after the start-up lines, 100% CPU, 18 GB resident after 10 minutes, SIGTERM ignored."""
-    data = tmp_path / "stage2"
-    stage2_layout_shard(data / "s2-000000.tar")
+    data = tmp_path / "recap"
+    recap_layout_shard(data / "s2-000000.tar")
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "shapes").symlink_to(shapes)  # the demo's held-out shards, where the default config looks
     cmd = [sys.executable, "-m", "genlip_fast.train", "--no-progress", "--train.steps=3", "--eval.every=0",
@@ -48,7 +48,8 @@ def test_the_issues_command_on_data_with_no_usable_sample_ends_in_seconds_in_bou
     assert proc.returncode == 2 and elapsed < 30, (proc.returncode, elapsed, err[-3000:])
     line = one_line(err, "genlip-train: data error: data.train_shards: no usable sample in a whole pass over the "
                          f"data: 1 shard of 48 samples ({data / 's2-000000.tar'}), ")
-    assert "missing caption (looked for the .txt member; data.caption_field names a .json field" in line
+    assert ("missing caption (looked for txt, json conversations (last assistant turn), json caption, json text; "
+            "data.caption says where)") in line
     assert peak < 1.5 * 2**30, f"peak resident set {peak / 2**20:.0f} MiB"  # ~0.5 GiB: torch and the tiny model
     log = (tmp_path / "runs" / "tiny" / "logs" / "rank0.log").read_text()  # the run's log lines, then the traceback
     assert "global batch:" in log and "NoUsableSampleError: no usable sample" in log

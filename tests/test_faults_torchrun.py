@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from genlip_fast.checkpoint import list_checkpoints, verify_checkpoint
-from tiny_run import stage2_layout_shard, tiny_estimate, tiny_overrides
+from tiny_run import recap_layout_shard, tiny_estimate, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"}  # as scripts/slurm/train.sbatch
@@ -201,7 +201,7 @@ def test_a_stream_with_no_usable_sample_stops_every_rank_with_one_line(shapes, t
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(shapes / "train-000000.tar", data / "s-000000.tar")
-    stage2_layout_shard(data / "s-000001.tar", 6)
+    recap_layout_shard(data / "s-000001.tar", 6)
     with _torchrun(tmp_path, tiny_overrides(shapes, tmp_path / "run", steps=4, parallel__data_streams=2,
                                             data__shuffle_shards=1, data__train_shards=str(data))) as proc:
         log = proc.communicate(timeout=240)[0]

@@ -76,16 +76,16 @@ def one_line(err: str, prefix: str) -> str:
     return lines[0]
 
 
-def stage2_layout_shard(path: str | Path, n: int = 48) -> Path:
-    """A shard in the authors' stage-2 layout: ``jpg`` + ``json`` whose ``conversations`` list holds the caption
-    (no ``caption`` key, no ``txt``), so none of its records has a caption the default reader looks for."""
+def recap_layout_shard(path: str | Path, n: int = 48) -> Path:
+    """A shard whose captions are where no default looks: ``jpg`` + ``json`` with Recap-DataComp's ``re_caption``
+    (no ``txt``, ``caption`` or conversation), so none of its records has a caption unless ``data.caption`` says
+    ``json:re_caption``."""
     import json
 
     from genlip_fast.data.synthetic import photo_jpeg
     from genlip_fast.data.webdataset import write_shard
 
-    conv = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
-            {"from": "gpt", "value": "a small photo of some shapes ."}]
-    write_shard(path, [(f"k{i:04d}", {"jpg": photo_jpeg(96, 80, i), "json": json.dumps({"conversations": conv}).encode()})
+    meta = {"re_caption": "a small photo of some shapes .", "url": "https://example.com/x.jpg"}
+    write_shard(path, [(f"k{i:04d}", {"jpg": photo_jpeg(96, 80, i), "json": json.dumps(meta).encode()})
                        for i in range(n)])
     return Path(path)

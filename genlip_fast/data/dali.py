@@ -17,6 +17,7 @@ image of that batch is decoded on the host to find the culprit, and the rest are
 from __future__ import annotations
 
 import logging
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -43,6 +44,24 @@ def gpu_count() -> int:
         return int(GetCUDADeviceCount())
     except Exception:  # noqa: BLE001 - no driver: no GPU
         return 0
+
+
+def resolve_backend(name: str) -> tuple[str, int | None]:
+    """``(kind, device_id)``: ``("dali", 0)`` on a GPU, ``("dali", None)`` for DALI's CPU mode, ``("host", None)``."""
+    if name not in ("auto", "dali", "host"):
+        raise ValueError(f"data backend must be 'auto', 'dali' or 'host', got {name!r}")
+    if name == "host":
+        return "host", None
+    if not dali_available():
+        if name == "dali":
+            raise ImportError("data.backend='dali' but NVIDIA DALI is not installed: pip install '.[dali]'")
+        warnings.warn("NVIDIA DALI is not installed: decoding images on the host with Pillow, which is much slower "
+                      "(pip install '.[dali]')", RuntimeWarning, stacklevel=3)
+        return "host", None
+    if gpu_count() > 0:
+        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return "dali", device
+    return "dali", None
 
 
 def grid_ops():

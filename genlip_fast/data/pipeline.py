@@ -12,12 +12,14 @@ already on the GPU when DALI decodes there (``loader.stats["backend"] == "dali-g
 the rest (and leaves ``patches`` where it is).
 
 Which samples, in which order: :mod:`~genlip_fast.data.sampler` (each stream reads ``data.shuffle_shards`` shards at
-once and draws among them at random). Nothing is read at start but the shard list: a shard's index is loaded when
-the stream reaches it. :meth:`PackedLoader.samples` hands out the same samples one by one, unpacked — how held-out
+once and draws among them at random); with several sources (``[[data.sources]]``), :mod:`~genlip_fast.data.mixture`
+picks each sample's source by weight and each source is such a sampler of its own (:mod:`~genlip_fast.data.stream`).
+Nothing is read at start but the shard list: a shard's index is loaded when the stream reaches it. :meth:`PackedLoader.samples` hands out the same samples one by one, unpacked — how held-out
 images are read for captioning, so there is one reader for training and evaluation.
 
 The position (``state_dict()``) is the sampler's position just past the last sample the packer took (a few integers
-per open shard), the samples the packer still holds (as (shard, sample) pairs) and its counters. Restoring re-reads
+per open shard, and the mixture's draw count), the samples the packer still holds (as (shard, sample) pairs) and its
+counters, per source. Restoring re-reads
 and re-decodes only those held samples, then continues: the packs that follow are exactly those an uninterrupted run
 would have produced. :meth:`PackedLoader.load_remapped` continues the positions of a different number of streams.
 
@@ -27,37 +29,29 @@ memory, so ``batch.to(device, non_blocking=True)`` copies asynchronously.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 
 import torch
 
 from . import storage
 from .batch import PackedBatch, Sample
-from .config import DataConfig
+from .config import DataConfig, data_sources
+from .dali import resolve_backend
 from .packing import Packer, SampleTooLongError, fit_sample
+from .position import checked_position, initial_position, remapped_position, sum_counts
 from .reader import Record, ShardReader, SkipCounter, Skipped
-from .sampler import (
-    EmptyDatasetError,
-    NoUsableSampleError,
-    PassWatch,
-    ShardSampler,
-    initial_state,
-    layout_digest,
-    remap_states,
-)
+from .sampler import EmptyDatasetError, layout_digest
+from .specs import expand_spec
+from .stream import PassTally, SourceStream
 from .tokenizer import Tokenizer
 from .transforms import HostDecoder, check_grid_limits
-from .webdataset import expand_shards
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
 _END = object()
 MAX_READS = 1024
 """Records read (good or bad) between two decode batches at most: bounds the memory and the time between two
@@ -71,78 +65,9 @@ class DataWaitInterrupted(RuntimeError):
     moved and the next call waits again."""
 
 
-class _PassTally:
-    """What a stream read since its last usable sample, as counts (reasons, shard indices), and the check that no
-    whole pass (:class:`~genlip_fast.data.sampler.PassWatch`) goes without one: :meth:`used` (per sample the caller
-    takes) and :meth:`check` (between decode batches) raise :class:`NoUsableSampleError`, worded by ``describe``."""
-
-    def __init__(self, sampler: ShardSampler, skipped: SkipCounter, reader: ShardReader,
-                 describe: Callable[[_PassTally], str]):
-        self.watch, self.skipped, self.reader, self.describe = PassWatch(sampler), skipped, reader, describe
-        self.fresh = False
-        self.failed: str | None = None
-        self._restart()
-
-    def _restart(self) -> None:
-        self.counts, self.bad = dict(self.skipped.counts), len(self.skipped.bad_shards)
-        self.shards: set[int] = set()
-        self.size = 0
-
-    def read(self, shard: int) -> None:
-        """A record of ``shard`` was read (its index is loaded: counting it costs nothing)."""
-        if shard not in self.shards:
-            self.shards.add(shard)
-            self.size += self.reader.count(shard)
-
-    def used(self, position: dict) -> None:
-        """The caller takes a sample; ``position``: the sampler's state just past it. A whole pass that ended since
-        the sample taken before it (a stream whose share of an epoch had none) is raised by the next :meth:`check`,
-        after what the caller made of the samples before it."""
-        if self.watch.passed(position) and self.failed is None:
-            self.failed = self.describe(self)
-        self.watch.usable(position)
-        self.fresh = True
-
-    def check(self) -> None:
-        """Between two decode batches: raise when a whole pass went by without a sample taken, or start counting
-        afresh after one was."""
-        if self.failed is None and not self.fresh and self.watch.passed():
-            self.failed = self.describe(self)
-        if self.failed is not None:
-            raise NoUsableSampleError(self.failed)
-        if self.fresh:
-            self.fresh = False
-            self._restart()
-
-    def skips(self) -> dict[str, int]:
-        """Skipped samples by reason since counting started afresh."""
-        now = self.skipped.counts
-        return {r: now[r] - self.counts.get(r, 0) for r in now if now[r] > self.counts.get(r, 0)}
-
-
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc
-
-
-def resolve_backend(name: str) -> tuple[str, int | None]:
-    """``(kind, device_id)``: ``("dali", 0)`` on a GPU, ``("dali", None)`` for DALI's CPU mode, ``("host", None)``."""
-    from .dali import dali_available, gpu_count
-
-    if name not in ("auto", "dali", "host"):
-        raise ValueError(f"data backend must be 'auto', 'dali' or 'host', got {name!r}")
-    if name == "host":
-        return "host", None
-    if not dali_available():
-        if name == "dali":
-            raise ImportError("data.backend='dali' but NVIDIA DALI is not installed: pip install '.[dali]'")
-        warnings.warn("NVIDIA DALI is not installed: decoding images on the host with Pillow, which is much slower "
-                      "(pip install '.[dali]')", RuntimeWarning, stacklevel=3)
-        return "host", None
-    if gpu_count() > 0:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else 0
-        return "dali", device
-    return "dali", None
 
 
 class PackedLoader:
@@ -152,16 +77,18 @@ class PackedLoader:
     ``epochs=None`` streams forever (training); a number stops after that many passes (evaluation, tests).
     ``device``: the GPU the packs go to (the loader thread binds to it and pins the packs); None on CPU.
     ``stats`` holds: ``backend``, ``packs``, ``samples``, ``skipped`` (by reason) and ``skipped_total``,
-    ``bad_shards`` (shards that are not a readable tar), ``truncated_captions``, ``fill_ratio`` (tokens in use over
-    pack capacity of the packs delivered), ``images_per_s`` (decode + tokenise + pack rate of the background work,
-    not counting time it waited for room in the queue), ``data_wait_s`` (total time ``next()`` waited) and
-    ``last_wait_s``.
+    ``bad_shards`` (shards that are not a readable tar), ``sources`` (per source name: its ``weight``, ``samples``
+    delivered in packs, ``skipped`` by reason, ``skipped_total``, ``bad_shards``), ``truncated_captions``,
+    ``fill_ratio`` (tokens in use over pack capacity of the packs delivered), ``images_per_s`` (decode + tokenise +
+    pack rate of the background work, not counting time it waited for room in the queue), ``data_wait_s`` (total
+    time ``next()`` waited) and ``last_wait_s``.
 
-    A stream that goes a whole pass without a usable sample (every record bad, skipped or too long for a pack)
-    raises :class:`~genlip_fast.data.sampler.NoUsableSampleError` from ``next()``, naming the shards and the skips
-    by reason, instead of reading on forever (``epochs=None``; a finite loader just ends). ``interrupt``: a
-    callable (None by default) that ``next()`` asks every ``POLL_S`` seconds while it waits for a pack; when it
-    returns true, ``next()`` raises :class:`DataWaitInterrupted` (the trainer: a stop signal during a data wait).
+    A stream (or a source of it) that goes a whole pass without a usable sample (every record bad, skipped or too
+    long for a pack) raises :class:`~genlip_fast.data.sampler.NoUsableSampleError` from ``next()``, naming the
+    source, the shards and the skips by reason, instead of reading on forever (``epochs=None``; a finite loader
+    just ends). ``interrupt``: a callable (None by default) that ``next()`` asks every ``POLL_S`` seconds while it
+    waits for a pack; when it returns true, ``next()`` raises :class:`DataWaitInterrupted` (the trainer: a stop
+    signal during a data wait).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,
@@ -180,17 +107,23 @@ class PackedLoader:
         self.kind, self.device_id = resolve_backend(cfg.backend)
         self.backend = "host" if self.kind == "host" else ("dali-gpu" if self.device_id is not None else "dali-cpu")
         storage.configure(cfg.storage_options)
-        shards = expand_shards(cfg.train_shards)
-        self.reader = ShardReader(shards, stage=cfg.stage, patch=cfg.patch_size, caption_field=cfg.caption_field,
-                                  keep_open=cfg.shuffle_shards + 4, image_column=cfg.image_column)
-        self.digest = layout_digest(shards, cfg.seed)
+        self.sources = data_sources(cfg)
+        lists = [expand_spec(src.spec) for src in self.sources]
+        self.reader = ShardReader.of_sources(lists, [src.rule for src in self.sources],
+                                             [src.prompt for src in self.sources], stage=cfg.stage,
+                                             patch=cfg.patch_size, keep_open=cfg.shuffle_shards + 4,
+                                             image_column=cfg.image_column)
+        # one source: the position of a single-dataset run (version 2 checkpoints continue); several: their bounds
+        marks = [f"#source {len(x)}" for x in lists] if len(lists) > 1 else []
+        self.digest = layout_digest(self.reader.shards + marks, cfg.seed)
         self._decoder = None
         self._state = self._initial_state()
         self._thread: threading.Thread | None = None
         self._gen: Iterator | None = None
         self._q: queue.Queue | None = None
         self._stop = threading.Event()
-        self.skipped = SkipCounter()
+        self._counters = [SkipCounter() for _ in self.sources]  # per source, as of the last pack handed out
+        self._taken = [0] * len(self.sources)
         self._delivered = {"packs": 0, "tokens": 0, "samples": 0}
         self._wait = {"total": 0.0, "last": 0.0}
         self._work = {"images": 0, "busy_s": 0.0}
@@ -217,7 +150,7 @@ class PackedLoader:
             raise RuntimeError("the data loader's background thread failed") from item.exc
         pack, state = item
         self._state = state
-        self.skipped.counts, self.skipped.bad_shards = dict(state["skipped"]), list(state["bad_shards"])
+        self._sync_counts()
         if pack is None:
             self._thread, self._gen = None, iter(())
             raise StopIteration
@@ -233,12 +166,10 @@ class PackedLoader:
         the loader's current position, which does not move. For held-out data read sample by sample (captioning):
         build the loader with ``epochs=1`` for one pass (``epochs=None`` never ends). Bad records and unreadable
         shards are skipped and counted in :attr:`stats`, as for packs. Runs on the calling thread."""
-        reader, counters = self.reader, {"truncated": 0}
-        sampler = self._sampler(self._state["sampler"], self.skipped)
-        tally = _PassTally(sampler, self.skipped, reader, self._no_usable_sample)
-        for chunk in self._decoded(sampler, tally, counters):
-            for _, sample, position in chunk:
-                tally.used(position)
+        stream = self._stream(self._state["sampler"], self._counters)
+        for chunk in self._decoded(stream, {"truncated": 0}):
+            for record, sample, position in chunk:
+                stream.used(record.source, position)
                 yield sample
 
     def state_dict(self) -> dict:
@@ -248,7 +179,7 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`state_dict` of the same stream of a loader on the same shards and
         seed, with the same number of streams)."""
-        self._check_saved(state)
+        state = checked_position(state, self.digest)
         for k in ("stream", "streams"):
             if state[k] != self._state[k]:
                 raise ValueError(f"the saved data position belongs to another layout ({k} {state[k]!r}, this loader "
@@ -257,61 +188,55 @@ class PackedLoader:
         self._shutdown()
         self._state = {k: v for k, v in state.items() if k != "delivered"}
         self._delivered = dict(state.get("delivered", self._delivered))
-        self.skipped.counts, self.skipped.bad_shards = dict(state["skipped"]), list(state["bad_shards"])
+        self._sync_counts()
+        old, now = state.get("weights"), [src.weight for src in self.sources]
+        if old is not None and old != now:
+            log.warning("data stream %d: the source weights changed since the checkpoint (%s -> %s); the mixture "
+                        "continues with the new ones", self.rank, old, now)
+        self._state["weights"] = now
 
     def load_remapped(self, states: dict[int, dict]) -> dict:
         """Continue the saved positions of *every* stream of another layout (``{stream: state}``, any number of
-        streams) as this stream of this layout (:func:`~genlip_fast.data.sampler.remap_states`): the old streams'
-        open shards are dealt to the new streams in turn and go on from their exact positions, and the samples old
-        stream ``t``'s packer held go to new stream ``t % streams``, packed as they were held (an old packer's open
-        pack is closed when two meet). No sample is skipped or read twice; the order of the draws and which samples
-        share a pack differ from an uninterrupted run. Returns what was carried over: ``{"from_streams"`` (whose
-        held samples), ``"lanes"`` (old open shards taken over), ``"held"}``."""
-        old = [states[t] for t in sorted(states)]
-        for st in old:
-            self._check_saved(st)
+        streams) as this stream of this layout (:func:`~genlip_fast.data.position.remapped_position`): the old
+        streams' open shards go on from their exact positions, and the samples their packers held are packed as
+        they were held. No sample is skipped or read twice; the order of the draws and which samples share a pack
+        differ from an uninterrupted run. Returns what was carried over: ``{"from_streams"`` (whose held samples),
+        ``"lanes"`` (old open shards taken over), ``"held"}``."""
+        old = [checked_position(states[t], self.digest) for t in sorted(states)]
         if sorted(states) != list(range(old[0]["streams"])):
             raise ValueError(f"load_remapped needs the positions of all {old[0]['streams']} saved streams, got "
                              f"{sorted(states)}")
-        sampler = remap_states([st["sampler"] for st in old], stream=self.rank, streams=self.world_size,
-                               lanes_per_stream=self.cfg.shuffle_shards, seed=self.cfg.seed)
-        mine = [st for t, st in enumerate(old) if t % self.world_size == self.rank]
-        opened = [b for st in mine for b in st["open"] if b]
-        closed = [b for st in mine for b in st["closed"]] + opened[:-1]
-        state = {**self._initial_state(), "sampler": sampler, "closed": closed, "open": opened[-1:],
-                 "min_len": min([self.cfg.pack_tokens] + [int(st["min_len"]) for st in mine]),
-                 "truncated": sum(int(st["truncated"]) for st in mine),
-                 "bad_shards": sorted({p for st in old for p in st["bad_shards"]})}
-        for st in mine:
-            for reason, n in st["skipped"].items():
-                state["skipped"][reason] = state["skipped"].get(reason, 0) + int(n)
+        state, carried = remapped_position(old, stream=self.rank, streams=self.world_size, **self._layout())
         self.load_state_dict(state)
+        mine = [st for t, st in enumerate(old) if t % self.world_size == self.rank]
         self._delivered = {k: sum(int(st.get("delivered", {}).get(k, 0)) for st in mine) for k in self._delivered}
-        return {"from_streams": [t for t in range(len(old)) if t % self.world_size == self.rank],
-                "lanes": len(sampler["lanes"]) - self.cfg.shuffle_shards,
-                "held": sum(len(b) for b in closed + opened[-1:])}
+        return carried
 
-    def _check_saved(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"the saved data position has format version {state.get('version')!r}; this loader "
-                             f"reads version {STATE_VERSION} (streams that read several shards at once). A data "
-                             "position written before that cannot be continued: start a new run from the "
-                             "checkpoint's weights (checkpoint.init_from) instead")
-        if state["digest"] != self.digest:
-            raise ValueError(f"the saved data position belongs to another dataset (digest {state['digest']!r}, "
-                             f"this loader has {self.digest!r}): the same shards (paths, in order) and data.seed "
-                             "are needed to continue")
+    def _layout(self) -> dict:
+        """What a position of this loader is made of, besides its stream."""
+        return dict(lanes_per_stream=self.cfg.shuffle_shards, seed=self.cfg.seed, pack_tokens=self.cfg.pack_tokens,
+                    weights=[src.weight for src in self.sources], digest=self.digest)
+
+    def _sync_counts(self) -> None:
+        """The per-source counters from the position (``self._state``), as of its pack."""
+        for c, src in zip(self._counters, self._state["sources"]):
+            c.counts, c.bad_shards = dict(src["skipped"]), list(src["bad_shards"])
+        self._taken = [int(src["taken"]) for src in self._state["sources"]]
 
     @property
     def stats(self) -> dict:
-        d, w = self._delivered, self._work
+        d, w, counters = self._delivered, self._work, self._counters
+        skipped = sum_counts(c.counts for c in counters)
         return {
             "backend": self.backend,
             "packs": d["packs"],
             "samples": d["samples"],
-            "skipped": dict(self.skipped.counts),
-            "skipped_total": self.skipped.total,
-            "bad_shards": len(self.skipped.bad_shards),
+            "skipped": skipped,
+            "skipped_total": sum(skipped.values()),
+            "bad_shards": sum(len(c.bad_shards) for c in counters),
+            "sources": {src.name: {"weight": src.weight, "samples": n, "skipped": dict(c.counts),
+                                   "skipped_total": c.total, "bad_shards": len(c.bad_shards)}
+                        for src, n, c in zip(self.sources, self._taken, counters)},
             "truncated_captions": self._state["truncated"],
             "fill_ratio": d["tokens"] / max(1, d["packs"] * self.cfg.pack_tokens),
             "images_per_s": w["images"] / w["busy_s"] if w["busy_s"] > 0 else 0.0,
@@ -331,11 +256,16 @@ class PackedLoader:
 
     # -- the work -------------------------------------------------------------------------------------------
     def _initial_state(self) -> dict:
-        sampler = initial_state(seed=self.cfg.seed, stream=self.rank, streams=self.world_size,
-                                lanes_per_stream=self.cfg.shuffle_shards)
-        return {"version": STATE_VERSION, "digest": self.digest, "stream": self.rank, "streams": self.world_size,
-                "sampler": sampler, "closed": [], "open": [], "min_len": self.cfg.pack_tokens, "skipped": {},
-                "bad_shards": [], "truncated": 0}
+        return initial_position(stream=self.rank, streams=self.world_size, **self._layout())
+
+    def _stream(self, position: dict, skipped: list[SkipCounter]) -> SourceStream:
+        """This stream's samples from ``position`` on, its skips counted in ``skipped`` (one counter per source),
+        with the reader fetching ahead of it (remote shards)."""
+        stream = SourceStream(self.reader, [src.weight for src in self.sources], position, skipped,
+                              seed=self.cfg.seed, epochs=self.epochs, describe=self._no_usable_sample,
+                              options=[self._option(k) for k in range(len(self.sources))])
+        stream.sampler = self.reader.read_ahead(stream.sampler, self.cfg.read_ahead)
+        return stream
 
     def _start(self) -> None:
         self._stop = threading.Event()
@@ -393,13 +323,6 @@ class PackedLoader:
                             timeout_s)
         self._thread, self._gen, self._q = None, None, None
 
-    def _sampler(self, position: dict, skipped: SkipCounter) -> ShardSampler:
-        """This stream's sampler from ``position``, with the reader fetching ahead of it (remote shards)."""
-        reader = self.reader
-        sampler = ShardSampler(len(reader.shards), functools.partial(reader.count, skipped=skipped), position,
-                               seed=self.cfg.seed, epochs=self.epochs)
-        return reader.read_ahead(sampler, self.cfg.read_ahead)
-
     def _get_decoder(self):
         if self._decoder is None:
             c = self.cfg
@@ -413,57 +336,64 @@ class PackedLoader:
                 self._decoder = HostDecoder(**kw)
         return self._decoder
 
-    def _samples(self, records: list[Record], skipped: SkipCounter, counters: dict) -> list[Sample | None]:
-        """Decode and tokenise ``records`` (one batch); ``None`` (counted) where a record failed to decode."""
+    def _samples(self, records: list[Record], skipped: list[SkipCounter], counters: dict) -> list[Sample | None]:
+        """Decode and tokenise ``records`` (one batch); ``None`` (counted in its source's ``skipped``) where a record
+        failed to decode."""
         decoded = self._get_decoder()([r.image for r in records])
         ids = self.tokenizer.encode_batch([r.caption for r in records], add_eot=True)
+        prompts = sorted({r.prompt for r in records if r.prompt})
+        prompt_ids = dict(zip(prompts, self.tokenizer.encode_batch(prompts))) if prompts else {}
         cap = self.cfg.max_caption_tokens
         out: list[Sample | None] = []
         for r, d, t in zip(records, decoded, ids):
             if d is None:
-                skipped.skip("undecodable image", r.shard, r.key)
+                skipped[r.source].skip("undecodable image", r.shard, r.key)
                 out.append(None)
                 continue
             if cap and len(t) > cap:
                 t = t[:cap - 1] + [self.tokenizer.eot_id]
                 counters["truncated"] += 1
-            out.append(Sample(d[0], d[1], torch.tensor(t, dtype=torch.int64), key=r.name))
+            prompt = torch.tensor(prompt_ids[r.prompt], dtype=torch.int64) if r.prompt else None
+            out.append(Sample(d[0], d[1], torch.tensor(t, dtype=torch.int64), prompt, key=r.name))
         return out
 
-    def _decoded(self, sampler: ShardSampler, tally: _PassTally,
-                 counters: dict) -> Iterator[list[tuple[Record, Sample, dict]]]:
-        """The sampler's samples read, checked, decoded and tokenised, one decode batch (``data.batch_size`` good
+    def _decoded(self, stream: SourceStream, counters: dict) -> Iterator[list[tuple[Record, Sample, dict]]]:
+        """The stream's samples read, checked, decoded and tokenised, one decode batch (``data.batch_size`` good
         records, or fewer after ``MAX_READS`` records) at a time: ``(record, sample, sampler position just past it)``
         per good sample, in the sampler's order (the list may be empty). Bad records and failed decodes are skipped
-        and counted in ``tally.skipped``. The caller tells ``tally`` which samples it used before it asks for the
-        next batch; a whole pass without one raises :class:`NoUsableSampleError` (endless streams; a finite one
-        just ends). The one path from shards to samples: packs (:meth:`_produce`) and single samples
-        (:meth:`samples`) both come from here."""
-        reader, skipped = self.reader, tally.skipped
+        and counted in ``stream.skipped`` (per source). The caller tells ``stream`` which samples it used before it
+        asks for the next batch; a whole pass of a source without one raises :class:`NoUsableSampleError` (endless
+        streams; a finite one just ends). The one path from shards to samples: packs (:meth:`_produce`) and single
+        samples (:meth:`samples`) both come from here."""
+        reader, sampler, skipped = self.reader, stream.sampler, stream.skipped
         reader.keep_open = max(reader.keep_open, sampler.open_shards + 4)
         endless = sampler.epochs is None
         while True:
             if endless:
-                tally.check()
+                stream.check()
             t0 = time.perf_counter()
             chunk: list[tuple[Record | Skipped, dict | None]] = []
             n_rec = 0
             try:
                 for s, i in sampler:
-                    if endless and not n_rec and tally.watch.passed():
+                    if endless and not n_rec and stream.passed():
                         break  # a whole pass without a usable sample: the check above raises (this draw with it)
                     item = reader.read(s, i)
-                    tally.read(s)
+                    stream.read(s)
                     good = isinstance(item, Record)
                     chunk.append((item, sampler.state_dict() if good else None))
                     n_rec += good
                     if n_rec == self.cfg.batch_size or len(chunk) == MAX_READS:
                         break
             except EmptyDatasetError as e:
-                bad = skipped.bad_shards
-                raise EmptyDatasetError(f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
-                                                  f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
-                                                  if bad else "")) from None
+                k = stream.current
+                bad = skipped[k].bad_shards
+                err = EmptyDatasetError((f"source {self.sources[k].name!r}: " if len(self.sources) > 1 else "")
+                                        + f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
+                                                    f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
+                                                    if bad else ""))
+                err.option = self._option(k)
+                raise err from None
             if not chunk:
                 if endless:
                     continue  # a pass ended at the first draw: the check raises
@@ -473,7 +403,7 @@ class PackedLoader:
             good = []
             for item, position in chunk:
                 if isinstance(item, Skipped):
-                    skipped.skip(item.reason, item.shard, item.key, item.detail)
+                    skipped[item.source].skip(item.reason, item.shard, item.key, item.detail)
                     continue
                 s = next(samples)
                 if s is not None:
@@ -482,42 +412,38 @@ class PackedLoader:
             self._work["busy_s"] += time.perf_counter() - t0
             yield good
 
-    def _no_usable_sample(self, tally: _PassTally) -> str:
-        """The one-line account of a pass without a usable sample: the shards, the records read, why each was
-        skipped (a record read twice in the pass, as lanes that finish first go on, counts twice)."""
-        skips = tally.skips()
-        shards = [self.reader.shards[i] for i in sorted(tally.shards)]
-        reasons = []
-        for reason, n in sorted(skips.items(), key=lambda kv: -kv[1]):
-            detail = tally.skipped.details.get(reason, "")
-            if reason == "missing caption":
-                detail = ("looked for the .txt member; data.caption_field names a .json field instead"
-                          if not self.cfg.caption_field else f"looked for the .json field {self.cfg.caption_field!r}")
-            reasons.append(f"{n} {reason}" + (f" ({detail[:80]})" if detail else ""))
-        bad = tally.skipped.bad_shards[tally.bad:]
-        if bad:
-            reasons.append(f"{len(bad)} shard{'s' * (len(bad) != 1)} not a readable tar ({', '.join(bad[:3])}"
-                           f"{' ...' if len(bad) > 3 else ''})")
-        where = "the data" if self.world_size == 1 else f"data stream {self.rank} of {self.world_size}"
-        listed = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
-        return (f"no usable sample in a whole pass over {where}: {len(shards)} shard{'s' * (len(shards) != 1)} "
-                f"of {tally.size} samples" + (f" ({listed})" if shards else "")
-                + f", {sum(skips.values())} records read: " + ", ".join(reasons or ["none"]))
+    def _option(self, k: int) -> str:
+        """The config option that names source ``k``'s shards."""
+        return f"data.sources[{k}]" if self.cfg.sources else "data.train_shards"
+
+    def _no_usable_sample(self, k: int, tally: PassTally) -> str:
+        """The one-line account of a pass of source ``k`` without a usable sample (:meth:`PassTally.summary`)."""
+        stream = f"data stream {self.rank} of {self.world_size}"
+        if len(self.sources) > 1:
+            where = f"source {self.sources[k].name!r}" + (f" of {stream}" if self.world_size > 1 else "")
+        else:
+            where = "the data" if self.world_size == 1 else stream
+        own = self.cfg.sources and self.cfg.sources[k].caption
+        return tally.summary(where, f"looked for {self.sources[k].rule.describe()}; "
+                                    f"{f'{self._option(k)}.caption' if own else 'data.caption'} says where")
 
     def _produce(self, state: dict) -> Iterator[tuple[PackedBatch, dict]]:
         """Packs with the position just after each; runs on the background thread."""
         cfg, reader = self.cfg, self.reader
         packer = Packer(cfg.pack_tokens, lookahead=cfg.lookahead, truncate=cfg.truncate_captions)
-        skipped = SkipCounter(counts=dict(state["skipped"]), bad_shards=list(state["bad_shards"]))
+        skipped = [SkipCounter(counts=dict(src["skipped"]), bad_shards=list(src["bad_shards"]))
+                   for src in state["sources"]]
+        taken = [int(src["taken"]) for src in state["sources"]]  # per source: samples handed out in packs
         counters = {"truncated": int(state["truncated"])}
-        sampler = self._sampler(state["sampler"], skipped)
+        stream = self._stream(state["sampler"], skipped)
+        sampler = stream.sampler
         where: dict[int, tuple[int, int]] = {}  # id(sample held by the packer) -> (shard, sample)
 
         # samples the packer held at the saved position: read and decode them again, rebuild the packer
         held = [(int(s), int(i)) for b in state["closed"] + state["open"] for s, i in b]
         if held:
             recs = [r for r in (reader.read(s, i) for s, i in held) if isinstance(r, Record)]
-            again = self._samples(recs, SkipCounter(), {"truncated": 0})
+            again = self._samples(recs, [SkipCounter() for _ in skipped], {"truncated": 0})
             by_id = {r.sid: fit_sample(s, cfg.pack_tokens, cfg.truncate_captions)
                      for r, s in zip(recs, again) if s is not None}
             if len(by_id) < len(held):
@@ -538,27 +464,28 @@ class PackedLoader:
         def snapshot(position: dict) -> dict:
             closed, open_bins = packer.buffered()
             live = {id(s) for b in closed + open_bins for s in b}
-            for k in [k for k in where if k not in live]:
+            for k in [k for k in where if k not in live]:  # no longer held: handed out in a pack
+                taken[reader.source_of(where[k][0])] += 1
                 del where[k]
             return {**state, "sampler": position,
                     "closed": [[list(where[id(s)]) for s in b] for b in closed],
                     "open": [[list(where[id(s)]) for s in b] for b in open_bins],
-                    "min_len": packer.min_len, "skipped": dict(skipped.counts),
-                    "bad_shards": list(skipped.bad_shards), "truncated": counters["truncated"]}
+                    "min_len": packer.min_len, "truncated": counters["truncated"],
+                    "sources": [{"taken": n, "skipped": dict(c.counts), "bad_shards": list(c.bad_shards)}
+                                for n, c in zip(taken, skipped)]}
 
         for pack in packer.ready():
             yield self._hand_out(pack), snapshot(sampler.state_dict())
-        tally = _PassTally(sampler, skipped, reader, self._no_usable_sample)
-        for chunk in self._decoded(sampler, tally, counters):
+        for chunk in self._decoded(stream, counters):
             t0 = time.perf_counter()
             ready = []
             for item, s, position in chunk:
                 try:
                     s = packer.place(s)
                 except SampleTooLongError as e:
-                    skipped.skip("too long for a pack", item.shard, item.key, str(e))
+                    skipped[item.source].skip("too long for a pack", item.shard, item.key, str(e))
                     continue
-                tally.used(position)
+                stream.used(item.source, position)
                 where[id(s)] = item.sid
                 for pack in packer.ready():
                     ready.append((self._hand_out(pack), snapshot(position)))

@@ -2,7 +2,8 @@
 
 DALI treats a bad image as a critical error that leaves its pipeline unusable, so every record is checked here, on
 the host, from its bytes: an image member of a supported format with a readable header and a complete file, a size
-of at least one patch, and a non-empty caption. A record that fails is skipped — never silently: it is counted by
+of at least one patch, and a non-empty caption where the source's caption rule (:mod:`~genlip_fast.data.captions`)
+looks for it. A record that fails is skipped — never silently: it is counted by
 reason and logged with its shard and key (the first few one by one, then a summary line now and then). A shard that
 cannot be opened (not a readable tar, a Parquet file without images) is skipped as a whole, counted and logged with
 its path and why.
@@ -10,15 +11,16 @@ its path and why.
 
 from __future__ import annotations
 
-import json
+import bisect
 import logging
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import storage
-from .sampler import ShardSampler
+from .captions import AUTO, CaptionRule, MissingCaption, parse_rule
 from .storage import StorageSetupError
 from .transforms import BadImage, probe_image, too_small
 from .webdataset import SHARD_ERRORS, TarShard, load_index, shard_error
@@ -92,6 +94,10 @@ class Record:
     image: bytes
     caption: str
     hw: tuple[int, int]
+    prompt: str | None = None
+    """Text between image and caption that carries no loss (the source's prompt, or the conversation's user turn)."""
+    source: int = 0
+    """The index of the source (``[[data.sources]]``) the shard belongs to."""
 
     @property
     def name(self) -> str:
@@ -107,46 +113,27 @@ class Skipped:
     key: str
     reason: str
     detail: str = ""
+    source: int = 0
 
 
-def caption_of(fields: dict[str, bytes | dict], caption_field: str = "") -> str | None:
-    """The caption text, or None when it is missing (no .txt, or no .json / field when ``caption_field`` is set).
-    ``fields["json"]`` is the member's bytes, or a dict already (a Parquet row's other columns)."""
-    if caption_field:
-        if "json" not in fields:
-            return None
-        value = fields["json"]
-        if not isinstance(value, dict):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                return None
-        for part in caption_field.split("."):  # "meta.caption" walks nested objects
-            value = value.get(part) if isinstance(value, dict) else None
-        return value if isinstance(value, str) else None
-    if "txt" not in fields:
-        return None
-    return fields["txt"].decode("utf-8", errors="replace")
-
-
-def check_fields(fields: dict[str, bytes | dict], *, stage: int, patch: int, caption_field: str = "",
-                 ) -> tuple[bytes, str, tuple[int, int]]:
-    """``(image bytes, caption, (h, w))`` of a good record, or :class:`BadImage` whose ``reason`` says why not."""
+def check_fields(fields: dict[str, bytes | dict], *, stage: int, patch: int, rule: CaptionRule | None = None,
+                 ) -> tuple[bytes, str, str | None, tuple[int, int]]:
+    """``(image bytes, caption, prompt or None, (h, w))`` of a good record (``rule``: where the caption is; default
+    ``auto``), or :class:`BadImage` whose ``reason`` says why not. ``fields["json"]`` is the member's bytes, or a
+    dict already (a Parquet row's other columns)."""
     ext = next((e for e in IMAGE_EXTS if e in fields), None)
     if ext is None:
         other = next((e for e in OTHER_IMAGE_EXTS if e in fields), None)
         raise BadImage("unsupported format", other) if other else BadImage("missing image")
-    caption = caption_of(fields, caption_field)
-    if caption is None:
-        raise BadImage("missing caption", caption_field or "txt")
-    caption = caption.strip()
-    if not caption:
-        raise BadImage("empty caption")
+    try:
+        found = (rule or parse_rule(AUTO)).caption(fields)
+    except MissingCaption as e:
+        raise BadImage(e.reason, e.detail) from None
     image = fields[ext]
     _, h, w = probe_image(image)
     if too_small(h, w, stage=stage, patch=patch):
         raise BadImage("image smaller than a patch", f"{w}x{h}")
-    return image, caption, (h, w)
+    return image, found.text, found.prompt, (h, w)
 
 
 def open_shard(path: str, *, image_column: str = "", cache=None):
@@ -172,18 +159,42 @@ class ShardReader:
     a Parquet file without images, unreadable) counts as empty: it is reported with its path to the ``skipped``
     counter. Local or remote (:mod:`~genlip_fast.data.storage`): a record is one read of its members' byte range;
     :meth:`read_ahead` fetches the next samples of a stream concurrently, which remote shards need to keep up.
+    Every record's caption is found by ``caption`` (a rule); ``prompt`` (if not '') is every record's prompt, unless
+    the rule takes one from the record's conversation. Several sources (:meth:`of_sources`) are read as one list of
+    shards, each source's after the one before, each with its own rule and prompt.
     """
 
-    def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption_field: str = "",
-                 keep_open: int = 8, image_column: str = ""):
+    def __init__(self, shards: list[str], *, stage: int = 1, patch: int = 16, caption: CaptionRule | None = None,
+                 prompt: str = "", keep_open: int = 8, image_column: str = ""):
         self.shards = list(shards)
-        self.stage, self.patch, self.caption_field, self.keep_open = stage, patch, caption_field, keep_open
+        self.stage, self.patch, self.keep_open = stage, patch, keep_open
         self.image_column = image_column
+        self.starts = [0]
+        """The index of each source's first shard."""
+        self.rules, self.prompts = [caption or parse_rule(AUTO)], [prompt]
         self._open: OrderedDict[int, object] = OrderedDict()
         self._bad: dict[int, str] = {}
         self._cache = None  # Parquet row groups, shared by this reader's Parquet shards
         self._ahead: dict[tuple[int, int], Future] = {}
         self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def of_sources(cls, shards: Sequence[Sequence[str]], rules: Sequence[CaptionRule], prompts: Sequence[str],
+                   **kw) -> ShardReader:
+        """A reader of several sources: ``shards[k]``, ``rules[k]`` and ``prompts[k]`` are source ``k``'s."""
+        reader = cls([s for part in shards for s in part], **kw)
+        reader.starts = [sum(len(p) for p in shards[:k]) for k in range(len(shards))]
+        reader.rules, reader.prompts = list(rules), list(prompts)
+        return reader
+
+    @property
+    def sizes(self) -> list[int]:
+        """Shards per source."""
+        return [b - a for a, b in zip(self.starts, [*self.starts[1:], len(self.shards)])]
+
+    def source_of(self, shard: int) -> int:
+        """The source shard ``shard`` belongs to."""
+        return bisect.bisect_right(self.starts, shard) - 1
 
     def _shard(self, i: int):
         """The open container of shard ``i``, or None for a bad shard."""
@@ -230,28 +241,25 @@ class ShardReader:
 
     def read(self, s: int, i: int) -> Record | Skipped:
         """Sample ``i`` of shard ``s``, read and checked."""
-        shard, path = self._shard(s), self.shards[s]
+        shard, path, k = self._shard(s), self.shards[s], self.source_of(s)
         if shard is None:
-            return Skipped((s, i), path, f"#{i}", "unreadable shard", self._bad[s])
+            return Skipped((s, i), path, f"#{i}", "unreadable shard", self._bad[s], k)
         key = shard.key(i)
         pending = self._ahead.pop((s, i), None)
         try:
             fields = pending.result() if pending is not None else shard.fields(i)
+            image, caption, prompt, hw = check_fields(fields, stage=self.stage, patch=self.patch, rule=self.rules[k])
         except OSError as e:
-            return Skipped((s, i), path, key, "unreadable shard", str(e))
+            return Skipped((s, i), path, key, "unreadable shard", str(e), k)
         except BadImage as e:
-            return Skipped((s, i), path, key, e.reason, e.detail)
-        try:
-            image, caption, hw = check_fields(fields, stage=self.stage, patch=self.patch,
-                                              caption_field=self.caption_field)
-        except BadImage as e:
-            return Skipped((s, i), path, key, e.reason, e.detail)
-        return Record((s, i), path, key, image, caption, hw)
+            return Skipped((s, i), path, key, e.reason, e.detail, k)
+        return Record((s, i), path, key, image, caption, hw, prompt or self.prompts[k] or None, k)
 
-    def read_ahead(self, sampler: ShardSampler, depth: int, threads: int = 16) -> ShardSampler:
+    def read_ahead(self, sampler, depth: int, threads: int = 16):
         """``sampler`` as it is, or — when ``depth > 0`` and some shard is remote — wrapped so that the members of
         its next ``depth`` samples are being fetched (on ``threads`` threads) while the stream works on the current
-        ones. The order, the positions and what :meth:`read` returns are the same either way."""
+        ones. The order, the positions and what :meth:`read` returns are the same either way. ``sampler``: a
+        :class:`~genlip_fast.data.sampler.ShardSampler` or a :class:`~genlip_fast.data.mixture.MixtureSampler`."""
         if depth <= 0 or not any(storage.is_remote(p) for p in self.shards):
             return sampler
         if self._pool is None:
@@ -277,14 +285,13 @@ class ReadAhead:
     counter-based, so it names exactly the samples the stream will ask for. Everything but iteration is the wrapped
     sampler's (``state_dict()`` included), so a saved position does not depend on the read-ahead."""
 
-    def __init__(self, sampler: ShardSampler, reader: ShardReader, depth: int):
+    def __init__(self, sampler, reader: ShardReader, depth: int):
         self.sampler, self.reader, self.depth = sampler, reader, depth
         self._sync()
 
     def _sync(self) -> None:
-        s = self.sampler
-        self._scout: ShardSampler | None = ShardSampler(s.num_shards, self.reader.count, s.state_dict(),
-                                                        seed=s.seed, epochs=s.epochs)
+        # the scout opens shards without reporting bad ones: the stream reports them when it reaches them
+        self._scout = self.sampler.clone(self.reader.count)
         self._next: deque[tuple[int, int]] = deque()
         self.reader._drop_ahead()
         self._fill()

@@ -32,12 +32,13 @@ import torch
 
 from . import storage
 from .batch import Sample
+from .captions import parse_rule
 from .manifest import dataset_size
 from .packing import Packer, SampleTooLongError
 from .reader import Record, ShardReader, SkipCounter
 from .tokenizer import load_tokenizer
+from .specs import expand_spec
 from .transforms import check_grid_limits, grid_for
-from .webdataset import expand_shards
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 SHARDS_SPREAD = 100
@@ -50,7 +51,8 @@ class ReportOptions:
     sample: int = 10000
     """Records to read (0 = all)."""
     tokenizer: str = "qwen"
-    caption_field: str = ""
+    caption: str = "auto"
+    """Where the captions are, as data.caption (a caption rule)."""
     image_column: str = ""
     image_size: int = 224
     patch_size: int = 16
@@ -131,8 +133,8 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     lookahead = opt.lookahead or (1 if opt.stage == 1 else 64)
     global_batch = opt.global_batch or (32768 if opt.stage == 1 else 3600)
     tok = load_tokenizer(opt.tokenizer)
-    shards = expand_shards(spec)
-    reader = ShardReader(shards, stage=opt.stage, patch=opt.patch_size, caption_field=opt.caption_field,
+    shards = [s for part in spec.split(";") if part.strip() for s in expand_spec(part)]  # 'p1;p2': one population
+    reader = ShardReader(shards, stage=opt.stage, patch=opt.patch_size, caption=parse_rule(opt.caption),
                          image_column=opt.image_column, keep_open=4)
     skipped = SkipCounter()
     bar = tqdm(desc="scanning", unit=" samples", total=opt.sample or None, disable=not progress, file=sys.stderr)
@@ -177,7 +179,7 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     mean_tokens = float(np.mean([p + t for p, t in lengths])) if lengths else 0.0
     per_pack_plan = max(1, math.floor(opt.pack_tokens / mean_tokens)) if mean_tokens else 0
     return {
-        "spec": spec, "stage": opt.stage, "tokenizer": opt.tokenizer, "caption_field": opt.caption_field,
+        "spec": spec, "stage": opt.stage, "tokenizer": opt.tokenizer, "caption": opt.caption,
         "dataset": {"shards": len(shards), "samples": samples, "samples_from": source,
                     "bad_shards": dict(reader.bad_shards)},
         "scanned": {"shards": opened, "records": read, "good": len(records),
@@ -231,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     d = ReportOptions()
     ap = argparse.ArgumentParser(prog="python -m genlip_fast.data report", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("::")[1])
-    ap.add_argument("spec", help="shards as data.train_shards takes them (paths, globs, folders, URLs; commas)")
+    ap.add_argument("spec", help="shards as data.train_shards takes them (paths, globs, brace ranges, folders, URLs; "
+                                 "commas; 'p1;p2' read as one)")
     ap.add_argument("--stage", type=int, default=d.stage, choices=(1, 2))
     ap.add_argument("--sample", type=int, default=d.sample, help=f"records to read (0 = all; default {d.sample})")
     ap.add_argument("--tokenizer", default=d.tokenizer, help="as data.tokenizer (default: qwen, as real runs)")
-    ap.add_argument("--caption-field", default=d.caption_field, help="as data.caption_field")
+    ap.add_argument("--caption", default=d.caption, help="as data.caption: a caption rule (default: auto)")
     ap.add_argument("--image-column", default=d.image_column, help="as data.image_column (Parquet)")
     ap.add_argument("--image-size", type=int, default=d.image_size, help="stage 1 (default 224)")
     ap.add_argument("--patch-size", type=int, default=d.patch_size)

@@ -36,7 +36,9 @@ _BLOCK = 4096  # random numbers drawn per RNG call
 
 
 class EmptyDatasetError(ValueError):
-    """No shard holds a readable sample."""
+    """No shard holds a readable sample. ``option`` is the config option of the data it concerns."""
+
+    option = "data.train_shards"
 
 
 class NoUsableSampleError(EmptyDatasetError):
@@ -98,6 +100,16 @@ class ShardSampler:
     @property
     def open_shards(self) -> int:
         return len(self.lanes)
+
+    @property
+    def exhausted(self) -> bool:
+        """Every lane has finished its epochs: ``next()`` raises StopIteration."""
+        return all(self._finished(lane) for lane in self.lanes)
+
+    def clone(self, count: Callable[[int], int] | None = None) -> ShardSampler:
+        """A sampler at this one's position that goes on by itself (``count``: its own, default this one's)."""
+        return ShardSampler(self.num_shards, count or self.count, self.state_dict(), seed=self.seed,
+                            epochs=self.epochs)
 
     def __iter__(self):
         return self

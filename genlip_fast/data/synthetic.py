@@ -96,6 +96,19 @@ def demo_folder(train_shards: str, val_shards: str = "") -> Path:
     return folder
 
 
+def demo_data_folder(train_shards: str) -> Path | None:
+    """The demo generator's folder when ``train_shards`` is the demo's data: ``DIR/train-*.tar`` where the demo's
+    probe set already lies (``DIR/probe/train``) or no shard is yet (so the generator would write it); else None
+    (the user's own data, even when named ``train-*.tar``)."""
+    train = Path(train_shards)
+    if train.name != "train-*.tar" or any(c in train_shards for c in ",;{") or "://" in train_shards:
+        return None
+    folder = train.parent
+    if (folder / "probe" / "train").is_dir() or not any(folder.glob("train-*.tar")):
+        return folder
+    return None
+
+
 def _refuse_existing(paths: list[Path]) -> None:
     for p in paths:
         for q in (p, p.with_name(p.name + ".idx")):

@@ -173,26 +173,3 @@ def iter_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, bytes]]
             fields[ext] = tar.extractfile(m).read()
     if key is not None:
         yield key, fields
-
-
-def expand_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Shard paths or URLs from a path, a glob, a folder (its ``*.tar``, else its ``*.parquet``), a comma-separated
-    list or a list of those; sorted within each entry, must be non-empty."""
-    if isinstance(spec, (str, os.PathLike)):
-        specs = [s for s in str(spec).split(",") if s.strip()] if isinstance(spec, str) else [spec]
-    else:
-        specs = list(spec)
-    out: list[str] = []
-    for s in specs:
-        s = str(s).strip()
-        if any(c in s for c in "*?["):
-            out += storage.glob(s)
-        elif storage.is_dir(s):
-            out += storage.glob(storage.join(s, "*.tar")) or storage.glob(storage.join(s, "*.parquet"))
-        elif storage.is_file(s):
-            out.append(s)
-        else:
-            raise FileNotFoundError(f"no shard at {s!r}")
-    if not out:
-        raise FileNotFoundError(f"no .tar or .parquet shards matched {spec!r}")
-    return out

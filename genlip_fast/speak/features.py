@@ -35,7 +35,8 @@ import torch
 
 from ..data.inputs import open_image
 from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS
-from ..data.webdataset import SHARD_ERRORS, expand_shards, load_index, read_members, shard_error
+from ..data.specs import expand_spec
+from ..data.webdataset import SHARD_ERRORS, load_index, read_members, shard_error
 from .encoder import VisionEncoder
 
 FORMAT = "genlip-features/1"
@@ -102,7 +103,7 @@ def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
         listing = xxhash.xxh64("\n".join(files).encode()).hexdigest()
         return parts, {"folder": str(root.resolve()), "images": len(files), "listing_xxh64": listing,
                        "shard_size": shard_size}
-    shards = expand_shards(spec)
+    shards = expand_spec(spec)
     return ([Part(i, s, (lambda s=s: _shard_items(s))) for i, s in enumerate(shards)],
             {"shards": [str(Path(s).resolve()) for s in shards]})
 

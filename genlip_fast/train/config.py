@@ -1,13 +1,19 @@
 """Job configuration: nested dataclasses, loaded from TOML with ``--section.key=value`` overrides.
 
 Every field has a one-line doc (the string under it). Unknown sections or keys, and values of the wrong type, are
-errors that name the offending key.
+errors that name the offending key. A list of tables (``[[data.sources]]``) is given on the command line as a TOML
+array, ``--data.sources='[{path="a/*.tar", weight=2}, {path="b/*.tar"}]'``, which replaces the whole list.
+
+What the user set (their own TOML, the command line) is told apart from what a bundled preset set: a preset's
+demo-only parts (the tiny preset's held-out shards and probe set) step aside, with one line, when the training data
+is not the demo's, while the same settings written by the user are used as written (and an error if unusable).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import tomllib
@@ -16,10 +22,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.config import DataConfig
+from ..data.config import DataConfig, caption_rule_text, data_sources
 from ..data.transforms import PIXEL_NORMS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+log = logging.getLogger("genlip_fast.train")
 
 
 @dataclass
@@ -208,6 +215,8 @@ def _coerce(value, tp, where: str):
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: {value!r} is not a {tp}")
+    if origin is list:
+        return _coerce_list(value, typing.get_args(tp)[0], where)
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.strip("()[] ").split(",") if v.strip()]
@@ -246,6 +255,26 @@ def _coerce(value, tp, where: str):
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
+def _coerce_list(value, item_tp, where: str) -> list:
+    """A list of dataclass tables: a TOML array of tables, or (from the command line) its TOML text."""
+    if isinstance(value, str):
+        try:
+            value = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where}: {value!r} is not a TOML array of tables ({e}); e.g. "
+                              f"--{where}='[{{path=\"a/*.tar\", weight=2}}, {{path=\"b/*.tar\"}}]'") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: {value!r} is not a list of tables")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}[{i}] must be a table, got {item!r}")
+        obj = item_tp()
+        _apply(obj, item, f"{where}[{i}].")
+        out.append(obj)
+    return out
+
+
 def _apply(obj, values: dict, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
@@ -273,9 +302,20 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"no config file {name!r} (bundled presets: {known})")
 
 
+def _dotted(table: dict, prefix: str = "") -> set[str]:
+    """``{"data.train_shards", ...}``: the keys a TOML table sets (a list of tables counts as one key)."""
+    out = set()
+    for k, v in table.items():
+        out |= _dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
 def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig:
-    """Defaults, then the TOML file, then ``--section.key=value`` overrides (later wins)."""
+    """Defaults, then the TOML file, then ``--section.key=value`` overrides (later wins); then a bundled preset's
+    demo-only parts step aside when the data is not the demo's (:func:`_demo_parts_step_aside`)."""
     cfg = JobConfig()
+    explicit: set[str] = set()  # keys the user set: their own TOML and the command line
+    preset: dict = {}  # what a bundled preset set
     if path:
         file = resolve_config_path(path)
         try:
@@ -284,6 +324,10 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"config file {file}: {e}") from None
         _apply(cfg, table, "")
+        if file.resolve().parent == CONFIG_DIR:
+            preset = table
+        else:
+            explicit |= _dotted(table)
     for item in overrides:
         if not item.startswith("--") or "=" not in item:
             raise ConfigError(f"override {item!r} must look like --section.key=value")
@@ -293,7 +337,61 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> JobConfig
         for p in reversed(parents):
             table = {p: table}
         _apply(cfg, table, "")
+        explicit.add(dotted)
+    _resolve_data(cfg, explicit, preset, Path(path).stem if path else "")
     return validate(cfg)
+
+
+def _resolve_data(cfg: JobConfig, explicit: set[str], preset: dict, name: str) -> None:
+    """The user's data choices over the preset's: sources the user lists replace the preset's train_shards (and
+    the reverse); the deprecated caption_field becomes data.caption (one warning); demo-only parts step aside."""
+    d = cfg.data
+    if d.sources and d.train_shards:
+        if "data.train_shards" not in explicit:
+            d.train_shards = ""
+        elif "data.sources" not in explicit:
+            d.sources = []
+    if d.caption_field:
+        try:
+            rule = caption_rule_text(d)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        log.warning("data.caption_field is deprecated: read as data.caption = %r", rule)
+        d.caption, d.caption_field = rule, ""
+    if preset.get("data", {}).get("generate_demo_data"):
+        _demo_parts_step_aside(cfg, explicit, name)
+
+
+def _demo_parts_step_aside(cfg: JobConfig, explicit: set[str], name: str) -> None:
+    """A demo preset (one that generates the demo data) on other data: its demo-only settings — the demo's held-out
+    shards (data.val_shards), what is measured on them (eval.packs, eval.captions) and its probe set (eval.probe_*
+    = 'demo') — step aside with one line, where the user did not set them. On the demo's data in another folder the
+    held-out shards follow it."""
+    from ..data.synthetic import demo_data_folder
+
+    d, e = cfg.data, cfg.eval
+    folder = None if d.sources else demo_data_folder(d.train_shards)
+    if folder is not None:
+        if "data.val_shards" not in explicit and d.val_shards:
+            d.val_shards = str(folder / "val-*.tar")
+        return
+    aside = []
+    if "data.val_shards" not in explicit and d.val_shards:
+        d.val_shards = ""
+        aside.append("data.val_shards (the demo's held-out shards)")
+        for key in ("packs", "captions"):
+            if f"eval.{key}" not in explicit and getattr(e, key):
+                setattr(e, key, 0)
+                aside.append(f"eval.{key}")
+    demo_probe = [k for k in ("probe_train", "probe_val") if getattr(e, k) == "demo" and f"eval.{k}" not in explicit]
+    if demo_probe:
+        for k in demo_probe:
+            setattr(e, k, "")
+        aside.append("eval.probe_train / eval.probe_val (the demo's probe set)")
+    if aside:
+        log.info("the %s preset's demo-only parts step aside, as the training data is not the demo's: %s. Set them "
+                 "to your own held-out shards and ImageFolders to evaluate on them", name or "bundled",
+                 ", ".join(aside))
 
 
 CHOICES = {
@@ -324,7 +422,7 @@ RANGES = {
              "optim.grad_clip", "parallel.replicate", "parallel.shard", "eval.every", "eval.packs", "eval.captions",
              "eval.probe_l2"),
     # rates
-    "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s"),
+    "> 0": ("optim.lr", "optim.eps", "parallel.collective_timeout_s", "data.sources.weight"),
     "in [0, 1)": ("optim.warmup_ratio", "optim.betas", "model.drop_path"),
     "in (0, 1]": ("parallel.ac_ratio",),
 }
@@ -338,7 +436,8 @@ _IN_RANGE = {
 
 
 def _numeric_fields(obj, prefix: str = "") -> dict[str, object]:
-    """``{"section.key": value}`` for every int / float / tuple-of-numbers field (nested dataclasses walked)."""
+    """``{"section.key": value}`` for every int / float / tuple-of-numbers field (nested dataclasses walked; a list of
+    tables gives ``"section.list.key"``: the tuple of that field's values over the list)."""
     out = {}
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
@@ -347,6 +446,11 @@ def _numeric_fields(obj, prefix: str = "") -> dict[str, object]:
             out.update(_numeric_fields(value, f"{prefix}{f.name}."))
             continue
         tp = hints[f.name]
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0]):
+            item_tp = typing.get_args(tp)[0]
+            for key in _numeric_fields(item_tp()):
+                out[f"{prefix}{f.name}.{key}"] = tuple(getattr(x, key) for x in value)
+            continue
         kinds = set(typing.get_args(tp)) | {tp}
         if kinds & {int, float} or typing.get_origin(tp) is tuple and set(typing.get_args(tp)) <= {int, float}:
             out[f"{prefix}{f.name}"] = value
@@ -388,6 +492,11 @@ def validate(cfg: JobConfig) -> JobConfig:
         raise ConfigError(f"eval.probe_train = {e.probe_train!r} and eval.probe_val = {e.probe_val!r}: the probe "
                           f"needs both folders (or neither)")
     d = cfg.data
+    try:
+        if d.train_shards or d.sources:  # no data at all is found where the data is needed (preflight)
+            data_sources(d)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if d.min_patches > d.max_patches:
         raise ConfigError(f"data.min_patches = {d.min_patches} is above data.max_patches = {d.max_patches}")
     if d.stage == 1 and d.image_size % d.patch_size:

@@ -56,10 +56,10 @@ def held_out_loader(cfg: JobConfig, tokenizer: Tokenizer) -> PackedLoader:
     """One pass over ``data.val_shards`` through training's reader, checks, decode and packing, on the calling
     thread. Pillow decode, so the held-out inputs (and the evaluation's numbers) do not depend on whether DALI is
     installed; the run's pixel normalisation and geometry."""
-    data = dataclasses.replace(cfg.data, train_shards=cfg.data.val_shards, backend="host", prefetch=0)
+    data = dataclasses.replace(cfg.data, train_shards=cfg.data.val_shards, sources=[], backend="host", prefetch=0)
     try:
         return build_data_loader(data, tokenizer, epochs=1)
-    except FileNotFoundError as e:
+    except (OSError, ValueError) as e:  # no shard there, compressed shards, a spec that does not expand
         raise ConfigError(f"data.val_shards = {cfg.data.val_shards!r}: {e}") from None
 
 
@@ -193,8 +193,10 @@ class Evaluator:
                 raise ConfigError(f"eval.probe_train / eval.probe_val: {err}") from None
 
     def due(self, step: int) -> bool:
+        """An evaluation after ``step`` (never when there is nothing to evaluate)."""
         e = self.cfg.eval
-        return bool(e.every) and (step % e.every == 0 or step == self.cfg.train.steps)
+        something = self.slots or self.samples or self.probe is not None
+        return bool(e.every and something) and (step % e.every == 0 or step == self.cfg.train.steps)
 
     def __call__(self, step: int, model: nn.Module) -> dict:
         if not self.due(step):

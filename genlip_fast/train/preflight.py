@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import list_checkpoints, read_meta, resolve_checkpoint
+from ..data.config import data_sources
+from ..data.specs import ShardSpecError, expand_spec
+from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
-from ..data.storage import StorageSetupError
-from ..data.webdataset import expand_shards
 from . import float8
 from .checkpoint import all_gather_objects, format_bytes, nearest_existing
 from .config import ConfigError, JobConfig
@@ -122,13 +123,18 @@ def check_inputs(cfg: JobConfig, out_dir: Path, ckpt_root: Path) -> None:
     """Training and held-out shards, the output and checkpoint folders (writable), and a fresh run not writing
     among an earlier run's checkpoints. Every rank calls it; all raise together."""
     problems = []
-    for option, spec in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
-        if option == "data.train_shards" or spec:
-            try:
-                expand_shards(spec)
-            except (OSError, StorageSetupError) as e:  # missing, unreachable, no credentials or backend
-                hint = " (--data.val_shards='' captions nothing)" if option == "data.val_shards" else ""
-                problems.append(f"{option} = {spec!r}: {e}{hint}")
+    d = cfg.data
+    try:
+        specs = [(f"data.sources[{i}].path" if d.sources else "data.train_shards", s.spec)
+                 for i, s in enumerate(data_sources(d))]
+    except ValueError as e:
+        specs, problems = [], [str(e)]
+    for option, spec in specs + ([("data.val_shards", d.val_shards)] if d.val_shards else []):
+        try:
+            expand_spec(spec)
+        except (ShardSpecError, OSError, StorageSetupError) as e:  # missing, compressed, unreachable, no credentials
+            hint = " (--data.val_shards='' evaluates and captions nothing)" if option == "data.val_shards" else ""
+            problems.append(f"{option} = {spec!r}: {e}{hint}")
     ckpt_option = "checkpoint.dir" if cfg.checkpoint.dir else "train.out_dir (checkpoints go to its checkpoints/)"
     for path, option in ((out_dir, "train.out_dir"), (ckpt_root, ckpt_option)):
         if option == "train.out_dir" or nearest_existing(ckpt_root) != nearest_existing(out_dir):

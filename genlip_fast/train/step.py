@@ -7,7 +7,7 @@ made, while its loader makes the next ones::
         pack = next(its stream)                 # the loader thread is already making the following ones
         (sum of the pack's token losses).backward()      # a padding micro-step: weight 0
         release the pack
-    all_reduce([loss tokens, tokens, samples, FLOPs, loss sum, stop votes])   # one collective, after the last one
+    all_reduce([loss tokens, tokens, samples, FLOPs, stop votes, ..., loss sum])   # one collective, after the last
     gradients *= 1 / (the step's loss tokens, all ranks)                      # the token-mean loss of the batch
     global grad norm, clip; the caller checks it is finite and steps the optimizer
 
@@ -28,7 +28,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ class DataStreamError(RuntimeError):
 def describe_data_failure(e: BaseException) -> tuple[int, str]:
     """``(exit status, one line)`` for an error raised by a data loader."""
     if isinstance(e, EmptyDatasetError):
-        return 2, f"data.train_shards: {e}"
+        return 2, f"{e.option}: {e}"
     cause = e.__cause__ or e.__context__
     return 1, f"{type(e).__name__}: {e}" + (f": {type(cause).__name__}: {cause}" if cause else "")
 
@@ -228,11 +228,14 @@ class StepStats:
     data_wait_s: float
     interrupted: bool = False
     """A rank's wait for a pack was cut short by a stop signal: the step was dropped (gradients zero, no stats)."""
+    counts: list[float] = field(default_factory=list)
+    """The caller's ``counts()``, summed over all ranks (empty when interrupted)."""
 
 
 def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Iterator[PackedBatch]], micro_steps: int,
                *, pad: PackedBatch, mcfg: ModelConfig, device: torch.device, max_norm: float,
-               token_multiple: int = 1, stop_requested: Callable[[], bool] = lambda: False) -> StepStats:
+               token_multiple: int = 1, stop_requested: Callable[[], bool] = lambda: False,
+               counts: Callable[[], list[float]] = list) -> StepStats:
     """Accumulate one step's gradients (see the module doc); returns the step's global stats.
 
     Args:
@@ -242,6 +245,8 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
         pad: the padding pack, on ``device``.
         token_multiple: each pack is padded to a multiple of this many tokens on ``device`` (float8 GEMMs need 16;
             see :mod:`~genlip_fast.train.float8`); the stats count the pack's own tokens.
+        counts: this rank's numbers to add up over all ranks in the step's one all-reduce, asked after its packs
+            were read (the trainer: per-source samples and skips); the same length on every rank.
     Gradients end up as those of the token-mean loss over the global batch, clipped to ``max_norm``.
     """
     local = [0.0] * 4  # loss tokens, tokens, samples, FLOPs
@@ -271,8 +276,11 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
         del batch, loss  # the pack is released here: at most the loader's prefetch queue is held
     interrupted = isinstance(failure, DataWaitInterrupted)
     votes = [float(stop_requested() or interrupted), float(failure is not None and not interrupted), float(interrupted)]
-    totals = torch.cat([torch.tensor(local + votes, dtype=torch.float64, device=device), loss_sum.reshape(1)])
-    loss_tokens, tokens, samples, flops, stop_votes, failed, interrupted, loss_total = all_reduce_sum(totals).tolist()
+    extra = [float(x) for x in counts()]
+    totals = torch.cat([torch.tensor(local + votes + extra, dtype=torch.float64, device=device), loss_sum.reshape(1)])
+    summed = all_reduce_sum(totals).tolist()
+    loss_tokens, tokens, samples, flops, stop_votes, failed, interrupted = summed[:7]
+    extra, loss_total = summed[7:-1], summed[-1]
     if failed:
         raise_agreed(None if isinstance(failure, DataWaitInterrupted) else failure)
     if interrupted:
@@ -283,4 +291,4 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
         torch._foreach_mul_(grads, scale)
     gnorm = grad_norm_and_clip(params, max_norm)
     return StepStats(loss_total * scale, gnorm.item(), int(loss_tokens), int(tokens), int(samples), flops,
-                     int(stop_votes), wait)
+                     int(stop_votes), wait, counts=extra)

@@ -30,12 +30,13 @@ from torch import nn
 
 from ..checkpoint import rng_state, set_rng_state
 from ..data import storage
+from ..data.config import data_sources
 from ..data.manifest import describe_dataset
 from ..data.packing import pad_tokens
 from ..data.pipeline import build_data_loader
+from ..data.specs import NoShardsError, ShardSpecError, expand_spec
 from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
-from ..data.webdataset import expand_shards
 from ..model import GenLIP, get_preset
 from ..model.config import ModelConfig
 from . import float8, preflight, runlog
@@ -116,8 +117,8 @@ def build_optimizer(cfg: JobConfig, model: nn.Module, device: torch.device) -> t
 
 
 def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
-    """Generate the demo shapes dataset when ``data.generate_demo_data`` is on and ``data.train_shards`` matches
-    nothing yet; otherwise a missing shard is a ``ConfigError`` naming the path.
+    """Generate the demo shapes dataset when ``data.generate_demo_data`` is on and ``data.train_shards`` (one
+    source) matches nothing yet. Other problems with the training data are left to ``preflight.check_inputs``.
 
     Every rank checks (reads only, so all ranks fail alike); only ``write=True`` (rank 0) generates. The generator
     writes only into a new or empty folder and never over a file (``data.synthetic.demo_folder``), so a mistyped path
@@ -125,15 +126,20 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
     """
     from ..data.synthetic import demo_folder, generate_probe_set, generate_shards
 
+    d = cfg.data
     try:
-        storage.configure(cfg.data.storage_options)
-        expand_shards(cfg.data.train_shards)
+        storage.configure(d.storage_options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not d.generate_demo_data or d.sources or ";" in d.train_shards or storage.is_remote(d.train_shards):
         return
-    except FileNotFoundError as e:
-        if not cfg.data.generate_demo_data or storage.is_remote(cfg.data.train_shards):
-            raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
-    except (OSError, StorageSetupError, ValueError) as e:  # unreachable store, no credentials, bad storage_options
-        raise ConfigError(f"data.train_shards = {cfg.data.train_shards!r}: {e}") from None
+    try:
+        expand_spec(d.train_shards)
+        return
+    except NoShardsError:
+        pass  # the demo's place: generated below if it is a new or empty folder
+    except (ShardSpecError, OSError, StorageSetupError):
+        return
     try:
         out = demo_folder(cfg.data.train_shards, cfg.data.val_shards)
     except ValueError as e:
@@ -271,6 +277,7 @@ class Run:
     def _build_loaders(self) -> None:
         """The batch plan, this rank's data streams at the checkpoint's positions, and the checkpoint's random
         states (restored last, after everything that is built from them)."""
+        self.sources = data_sources(self.cfg.data)
         self.plan = plan = plan_batch(self.cfg, self.info, self.tokenizer, self.resumed_meta)
         self.loaders = {s: build_data_loader(self.cfg.data, self.tokenizer, rank=s, world_size=plan.data_streams,
                                              device=self.device) for s in plan.streams}
@@ -310,7 +317,10 @@ class Run:
             + ("; compiled blocks" if cfg.parallel.compile else ""))
         if cfg.train.float8 != "off":
             metrics.message(self.float8.describe())
-        metrics.message(describe_dataset(expand_shards(cfg.data.train_shards)))
+        for source in self.sources:
+            line = describe_dataset(expand_spec(source.spec))
+            metrics.message(line if len(self.sources) == 1 else
+                            f"source {source.name!r} (weight {source.weight:g}, caption {source.rule.text}): {line}")
         metrics.message(describe_plan(plan, cfg))
         if plan.remapped_from is not None:
             metrics.message(
@@ -388,7 +398,7 @@ class Run:
         st = train_step(self.model, self.params, [self.loaders[k] for k in plan.packs_of(step)],
                         plan.micro_steps(step), pad=self.pad, mcfg=self.mcfg, device=self.device,
                         max_norm=cfg.optim.grad_clip, token_multiple=self.float8.token_multiple,
-                        stop_requested=lambda: self.signals.received is not None)
+                        stop_requested=lambda: self.signals.received is not None, counts=self._source_counts)
         if st.interrupted:
             opt.zero_grad(set_to_none=True)
             return False
@@ -424,7 +434,7 @@ class Run:
             "mfu": st.flops / (dt * ws * peak) if peak else None,
             "tflops_per_rank": st.flops / dt / ws / 1e12,
             "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
-            "data_wait_s": st.data_wait_s, "step_time_s": dt, **evals,
+            "data_wait_s": st.data_wait_s, "step_time_s": dt, **self._source_row(st.counts), **evals,
         })
         return True
 
@@ -438,19 +448,38 @@ class Run:
             return "stop_at_step"
         return None
 
+    def _source_counts(self) -> list[float]:
+        """This rank's samples handed out and records skipped so far, per source (for a mixture; [] otherwise)."""
+        if len(self.sources) == 1:
+            return []
+        stats = [loader.stats["sources"] for loader in self.loaders.values()]
+        return ([float(sum(st[s.name]["samples"] for st in stats)) for s in self.sources]
+                + [float(sum(st[s.name]["skipped_total"] for st in stats)) for s in self.sources])
+
+    def _source_row(self, counts: list[float]) -> dict:
+        """``source_NAME_samples`` / ``source_NAME_skipped`` over all ranks since the run began (a mixture's)."""
+        n = len(self.sources)
+        return {f"source_{s.name}_{what}": int(counts[i * n + k]) for i, what in enumerate(("samples", "skipped"))
+                for k, s in enumerate(self.sources)} if counts else {}
+
     def _finish(self) -> dict:
         """Close the loaders (what they skipped, one line), caption held-out images after a complete run, and
         return :func:`train`'s result."""
         skipped: dict[str, int] = {}
+        by_source: dict[str, dict[str, int]] = {s.name: {} for s in self.sources}
         bad_shards = 0
         for loader in self.loaders.values():
             loader.close()
-            bad_shards += loader.stats["bad_shards"]
-            for reason, n in loader.stats["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
+            stats = loader.stats
+            bad_shards += stats["bad_shards"]
+            for name, src in stats["sources"].items():
+                for reason, n in src["skipped"].items():
+                    skipped[reason] = skipped.get(reason, 0) + n
+                    by_source[name][reason] = by_source[name].get(reason, 0) + n
         if skipped or bad_shards:
             log.warning("skipped %d bad samples and %d unreadable shards on rank %d: %s", sum(skipped.values()),
-                        bad_shards, self.info.rank, skipped)
+                        bad_shards, self.info.rank, skipped if len(self.sources) == 1 else
+                        {name: counts for name, counts in by_source.items() if counts})
         done = self.stopped_by is None and self.step == self.cfg.train.steps
         captions = caption_heldout(self.model, self.cfg, self.tokenizer) if done else []
         return {"losses": self.losses, "captions": captions, "model": self.model, "step": self.step,
