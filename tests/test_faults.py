@@ -270,7 +270,11 @@ def test_a_real_sigkill_mid_save_then_resume_is_exact(reference, shapes, tmp_pat
         os.fsync = fsync
         sys.exit(main(sys.argv[1:]))
     """))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0"}
+    # The reference ran in this process with torch.get_num_threads() threads (conftest.py); the subprocess must use
+    # as many, or CPU kernels sum in another order (its default: OMP_NUM_THREADS or all cores) and the losses after
+    # the resume differ in their last bits.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     res = subprocess.run([sys.executable, str(script), "--no-progress",
                           *tiny_overrides(shapes, out, steps=6, checkpoint__every=2)],
                          env=env, capture_output=True, text=True, timeout=300)
