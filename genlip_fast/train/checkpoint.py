@@ -62,7 +62,7 @@ from ..checkpoint.safe_load import (
     rng_state,
     to_plain,
 )
-from .distributed import broadcast_object
+from .distributed import all_gather_objects, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +104,6 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer
         data += 2 * sum(p.numel() * p.element_size() for p in params)
     tensors = len(params) + len(list(model.buffers())) + (len(state) if state else 3 * len(params))
     return data + tensors * world_size * DCP_ENTRY_BYTES + world_size * RANK_FILE_BYTES
-
-
-def all_gather_objects(obj) -> list:
-    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 # ---- checking ----
@@ -349,5 +340,5 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> Path:
     return ckpt
 
 
-__all__ = ["CheckpointSpaceError", "Checkpointer", "all_gather_objects", "estimate_checkpoint_bytes", "format_bytes",
-           "load_model_weights", "nearest_existing", "space_message", "verify_together"]
+__all__ = ["CheckpointSpaceError", "Checkpointer", "estimate_checkpoint_bytes", "format_bytes", "load_model_weights",
+           "nearest_existing", "space_message", "verify_together"]

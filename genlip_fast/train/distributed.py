@@ -481,6 +481,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        _mark("all_gather")
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
 def broadcast_object(obj, src: int = 0):
     if dist.is_initialized() and dist.get_world_size() > 1:
         _mark("broadcast")

@@ -41,9 +41,8 @@ from ..data.pipeline import DataWaitInterrupted, build_data_loader
 from ..data.sampler import EmptyDatasetError
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
-from .checkpoint import all_gather_objects
 from .config import ConfigError, JobConfig
-from .distributed import DistInfo, all_reduce_sum, broadcast_object, prepare_micro_step
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, prepare_micro_step
 from .flops import pack_flops
 
 PACKS_MEASURED = 16
