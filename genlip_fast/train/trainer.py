@@ -43,18 +43,15 @@ from . import float8, preflight, runlog
 from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
-    CollectiveError,
     DistInfo,
     apply_activation_checkpointing,
     apply_compile,
     apply_fsdp,
     barrier,
-    describe_failure,
     init_distributed,
     mixed_precision_policy,
     record_stop,
     shutdown,
-    step_done,
     stop_recorded,
 )
 from .evaluate import Evaluator, caption_heldout
@@ -63,6 +60,7 @@ from .metrics import MetricsLogger
 from .schedule import warmup_cosine
 from .signals import RunStopped, StopSignals, ignore_stop_signals
 from .step import describe_plan, grad_norm_and_clip, padding_pack, plan_batch, train_step
+from .watch import CollectiveError, describe_failure, step_done
 
 # plan_batch and grad_norm_and_clip live in .step; imported from here by older callers (benchmarks)
 __all__ = ["NonFiniteLossError", "Run", "grad_norm_and_clip", "plan_batch", "train"]
@@ -156,7 +154,7 @@ def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     checkpoint).
 
     Raises :class:`~genlip_fast.train.signals.RunStopped` in workers torchrun restarted after a stop signal ended
-    the run (a stop is final), and :class:`~genlip_fast.train.distributed.CollectiveError` naming the ranks behind
+    the run (a stop is final), and :class:`~genlip_fast.train.watch.CollectiveError` naming the ranks behind
     when a collective times out or loses a rank."""
     preflight.check_device(cfg)
     par = cfg.parallel
