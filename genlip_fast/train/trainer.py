@@ -4,10 +4,11 @@ One optimizer step (:mod:`~genlip_fast.train.step`)::
 
     every rank runs its packs of the global batch as its loaders make them     (data streams, see plan_batch)
         loss = sum(the pack's token losses); loss.backward()    (FSDP2 reduce-scatters after the last, as a sum)
-    all_reduce(loss tokens, tokens, samples, FLOPs, loss, stop votes); gradients /= the global loss-token count
-    grad norm over the sharded model; clip
-    finite? AdamW step : skip (no update, grads dropped, counted; too many in a row is an error)
-    metrics (rank 0); checkpoint when due, at the end, or after SIGTERM / SIGUSR1 (voted at the end of every step)
+    all_reduce(loss tokens, tokens, samples, FLOPs, stop votes, data failures, per-source counts, loss)
+    gradients /= the global loss-token count; grad norm over the sharded model; clip
+    finite? AdamW step (then float8's weight scales) : skip (no update, grads dropped, counted; too many in a row
+        is an error)
+    metrics (rank 0); checkpoint when due, at the end, or after a stop signal (voted at the end of every step)
 
 Because every token loss enters with weight 1 and the summed gradients are divided by the same global count, the
 update is the same whether a step's packs run on one rank or many: it equals one big batch's token-mean loss.
@@ -380,7 +381,6 @@ class Run:
             saved = "nothing new to save"
         self.metrics.message(f"stopped while waiting for data in step {self.step + 1}, which is dropped; {saved} "
                              f"after step {self.step} — rerun the same command to continue", logging.WARNING)
-        self.metrics.close()
 
     def _one_step(self) -> bool:
         """One optimizer step (:func:`~genlip_fast.train.step.train_step`), the AdamW update unless it was not
