@@ -55,6 +55,7 @@ from ..checkpoint.format import (
 from ..checkpoint.manifest import MANIFEST, check_files, describe, write_manifest
 from ..checkpoint.safe_load import (
     CheckpointError,
+    describe_exception,
     from_plain,
     load_dcp,
     load_rank_file,
@@ -192,7 +193,7 @@ class Checkpointer:
                 out = fn()
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 err = e
-        reports = all_gather_objects(None if err is None else (f"{type(err).__name__}: {err}".strip()[:2000],
+        reports = all_gather_objects(None if err is None else (describe_exception(err).strip()[:2000],
                                                                 _out_of_space(err, tmp, need)))
         failed = {r: rep for r, rep in enumerate(reports) if rep is not None}
         if not failed:
@@ -203,10 +204,12 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 msg = space_message(self.root, need, self.keep) + f"; the partial save {tmp} was removed"
             raise CheckpointSpaceError(broadcast_object(msg)) from err
-        if err is not None:
-            raise err
+        if err is not None and not isinstance(err, CheckpointException):
+            raise err  # this rank's own error, as it was raised
+        # DCP's CheckpointException is a BaseException: raised as it is, it would pass every handler of an ordinary
+        # error and end the run in a traceback
         r, (summary, _) = next(iter(failed.items()))
-        raise CheckpointError(f"saving {tmp} failed on rank {r}: {summary}")
+        raise CheckpointError(f"saving {tmp} failed on rank {r}: {summary}") from err
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *, data_states: dict[int, dict],
              meta: dict, device: torch.device) -> Path:
