@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import rng_state, set_rng_state
+from ..checkpoint import model_config_dict, rng_state, set_rng_state
 from ..data import storage
 from ..data.config import data_sources
 from ..data.manifest import describe_dataset
@@ -329,7 +329,7 @@ class Run:
                 "order in which the open shards' samples are drawn and which samples share a pack differ from an "
                 "uninterrupted run", logging.WARNING)
         self.meta = {"packs_per_step": plan.packs_per_step, "data_streams": plan.data_streams,
-                     "samples_per_pack": plan.samples_per_pack, "model_config": _model_config_dict(self.mcfg),
+                     "samples_per_pack": plan.samples_per_pack, "model_config": model_config_dict(self.mcfg),
                      "job_config": to_dict(cfg)}
 
     def _save(self, step: int, states: dict[int, dict] | None = None) -> Path:
@@ -484,9 +484,3 @@ class Run:
                 "stopped_by": self.stopped_by,
                 "signal": self.signals.agreed(self.device) if self.stopped_by == "signal" else None,
                 "checkpoint": self.last_ckpt, "evals": self.evaluator.history}
-
-
-def _model_config_dict(mcfg: ModelConfig) -> dict:
-    d = dict(mcfg.__dict__)
-    d["mrope_section"] = list(d["mrope_section"])
-    return d
