@@ -558,7 +558,8 @@ def test_a_stop_during_a_wait_for_data_ends_promptly_and_resumes_exactly(referen
         in caplog.text
     assert took < 20, took  # a poll (0.2 s) and a save; generous for the loaded CI machine
     root = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"] and verify_checkpoint(root / "step_00000002") == []
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+    assert verify_checkpoint(root / "step_00000002") == []
     monkeypatch.undo()
     resumed = train(tiny_config(shapes, tmp_path / "run", steps=6), progress=False)
     assert resumed["losses"] == losses[2:]

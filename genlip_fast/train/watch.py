@@ -146,7 +146,8 @@ def step_done(step: int) -> None:
 
 
 class CollectiveError(RuntimeError):
-    """A collective failed (timed out, or lost a rank); the message names the ranks behind (:func:`describe_failure`)."""
+    """A collective failed (timed out, or lost a rank); the message names the ranks behind
+    (:func:`describe_failure`)."""
 
 
 def describe_failure(e: BaseException) -> str | None:
