@@ -177,17 +177,20 @@ def test_convert_llava_json_array_with_images_elsewhere(tmp_path, caplog):
                {"id": "2", "image": "00000/2.jpg", "conversations": [{"from": "human", "value": "<image>"}]},
                {"id": "3", "image": "00000/missing.jpg", "conversations": turns("gone")},
                "not a record",
-               {"id": "5", "image": "00000/3.jpg", "conversations": turns("a red bus")}]
+               {"id": "5", "image": "00000/3.jpg", "conversations": turns("a red bus")},
+               {"id": "6", "image": "00000/3.jpg", "conversations": turns("a first reply") + [
+                   {"from": "human", "value": "<image>\nAnd now?"}, {"from": "gpt", "value": "<image> the last one"}]}]
     src = tmp_path / "meta" / "blip_laion_cc_sbu_558k.json"
     src.parent.mkdir()
     src.write_text(json.dumps(records))
     before = snapshot(tmp_path)
     with caplog.at_level(logging.WARNING):
         res = convert(src, tmp_path / "out", images=tmp_path / "images")
-    assert res["samples"] == 3
+    assert res["samples"] == 4
     assert res["skipped"] == {"missing caption": 1, "unreadable file": 1, "not a record": 1}
     got = shard_samples(res)
-    assert [s["txt"] for s in got] == ["a dog on a beach", "a cat", "a red bus"]
+    # a conversation's caption is the reply the loader's conv rule takes: the last one, placeholders removed
+    assert [s["txt"] for s in got] == ["a dog on a beach", "a cat", "a red bus", "the last one"]
     assert got[0]["jpg"] == jpeg(0) and got[0]["json"] == records[0]  # the whole record kept beside the caption
     assert f"skipping record 2 in {src}: missing caption" in caplog.text
     assert f"skipping record 3 in {src}: unreadable file" in caplog.text and "missing.jpg" in caplog.text
