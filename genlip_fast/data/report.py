@@ -36,8 +36,8 @@ from .captions import parse_rule
 from .manifest import dataset_size
 from .packing import Packer, SampleTooLongError
 from .reader import Record, ShardReader, SkipCounter
+from .specs import expand_spec, split_sources
 from .tokenizer import load_tokenizer
-from .specs import expand_spec
 from .transforms import check_grid_limits, grid_for
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -133,7 +133,7 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     lookahead = opt.lookahead or (1 if opt.stage == 1 else 64)
     global_batch = opt.global_batch or (32768 if opt.stage == 1 else 3600)
     tok = load_tokenizer(opt.tokenizer)
-    shards = [s for part in spec.split(";") if part.strip() for s in expand_spec(part)]  # 'p1;p2': one population
+    shards = [s for part in split_sources(spec) for s in expand_spec(part)]  # 'p1;p2': one population
     reader = ShardReader(shards, stage=opt.stage, patch=opt.patch_size, caption=parse_rule(opt.caption),
                          image_column=opt.image_column, keep_open=4)
     skipped = SkipCounter()

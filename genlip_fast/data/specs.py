@@ -78,6 +78,12 @@ def _split_commas(text: str) -> list[str]:
     return items + [text[start:]]
 
 
+def split_sources(spec: str) -> list[str]:
+    """``"p1;p2"`` -> ``["p1", "p2"]``: the authors' form of several sources in one ``data.train_shards`` (each
+    part a spec of its own)."""
+    return [p.strip() for p in str(spec).split(";") if p.strip()]
+
+
 def split_parts(spec: str) -> list[str]:
     """``"a/{1,2}.tar, b/*.tar"`` -> ``["a/{1,2}.tar", "b/*.tar"]``: commas outside braces separate parts."""
     return [p.strip() for p in _split_commas(spec) if p.strip()]
