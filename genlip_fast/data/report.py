@@ -10,7 +10,8 @@ reader — the same checks, caption rule and tokenizer, no image decode — and 
 
 * shards and samples (from the folders' manifests, else counted or estimated from the shards read), shards that
   cannot be read and why, bad records by reason;
-* caption length in tokens (end-of-text included: percentiles, and the share cut at ``--max-caption-tokens``);
+* caption length in tokens (end-of-text included: percentiles, and the share cut at ``--max-caption-tokens``), and
+  the prompt's where the caption rule keeps a conversation's question (``conv+prompt``);
 * image sizes, patches per image (stage 2: the 16–1024-patch grid), tokens per sample;
 * the packing the loader will make: pack fill and samples per ``--pack-tokens`` pack (the packer itself, with the
   stage's look-ahead), samples too long for a pack;
@@ -156,11 +157,15 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     cap_tokens = []
     for k in range(0, len(records), 512):
         cap_tokens += [len(ids) for ids in tok.encode_batch([r.caption for r in records[k:k + 512]], add_eot=True)]
+    # a conversation's question kept as the prompt (conv+prompt) is in the sample too, as the loader packs it
+    prompts = sorted({r.prompt for r in records if r.prompt})
+    prompt_len = dict(zip(prompts, map(len, tok.encode_batch(prompts)))) if prompts else {}
+    prompt_tokens = [prompt_len[r.prompt] if r.prompt else 0 for r in records]
     grids = [grid_for(r.hw[0], r.hw[1], stage=opt.stage, image_size=opt.image_size, patch=opt.patch_size,
                       min_patches=opt.min_patches, max_patches=opt.max_patches) for r in records]
     patches = [h * w for h, w in grids]
     cap = opt.max_caption_tokens
-    text = [min(t, cap) if cap else t for t in cap_tokens]
+    text = [(min(t, cap) if cap else t) + p for t, p in zip(cap_tokens, prompt_tokens)]
     lengths = list(zip(patches, text))
 
     listed, in_manifest, missing = dataset_size(shards)
@@ -188,6 +193,7 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
         "caption_tokens": {**summary(cap_tokens), "cap": cap,
                            "share_cut": round(sum(t > cap for t in cap_tokens) / len(cap_tokens), 4)
                            if cap and cap_tokens else 0.0},
+        "prompt_tokens": summary(prompt_tokens) if prompts else {},
         "image_size": {"height": summary([r.hw[0] for r in records]), "width": summary([r.hw[1] for r in records])},
         "patches_per_image": summary(patches),
         "tokens_per_sample": summary([p + t for p, t in lengths]),
@@ -215,8 +221,11 @@ def format_report(rep: dict) -> str:
         lines.append(f"  skipped       {n:,}  {reason}")
     for path, why in list(d["bad_shards"].items())[:5]:
         lines.append(f"  bad shard     {path}: {why}")
-    lines += [f"caption tokens  {pct(c)}" + (f"  cut at {c['cap']}: {100 * c['share_cut']:.1f}%" if c["cap"] else ""),
-              f"image height    {pct(rep['image_size']['height'])}",
+    cut = f"  cut at {c['cap']}: {100 * c['share_cut']:.1f}%" if c["cap"] else ""
+    lines.append(f"caption tokens  {pct(c)}{cut}")
+    if rep["prompt_tokens"]:
+        lines.append(f"prompt tokens   {pct(rep['prompt_tokens'])}")
+    lines += [f"image height    {pct(rep['image_size']['height'])}",
               f"image width     {pct(rep['image_size']['width'])}",
               f"patches/image   {pct(rep['patches_per_image'])}",
               f"tokens/sample   {pct(rep['tokens_per_sample'])}",
