@@ -22,7 +22,7 @@ from PIL import Image
 import genlip_fast.data.reader as reader_mod
 from genlip_fast.data.batch import PackedBatch
 from genlip_fast.data.config import DataConfig
-from genlip_fast.data.manifest import dataset_size, read_manifest, update_manifest
+from genlip_fast.data.manifest import build_manifest, dataset_size, read_manifest, update_manifest
 from genlip_fast.data.pipeline import DataWaitInterrupted, build_data_loader
 from genlip_fast.data.sampler import (
     EmptyDatasetError,
@@ -198,6 +198,13 @@ def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tm
     m = read_manifest(other)
     assert m["train-000001.tar"]["samples"] == 10 and m["broken.tar"]["samples"] == 0 and "error" in m["broken.tar"]
     assert dataset_size([str(p) for p in sorted(other.glob("*.tar"))]) == (30, 3, [])
+    # img2dataset's NNNNN.parquet beside each NNNNN.tar is metadata, not a shard: not listed (nor counted as bad)
+    (other / "train-000000.parquet").write_bytes(b"URLs and captions")
+    (other / "standalone.parquet").write_bytes(b"not parquet")
+    res = build_manifest(other)
+    assert sorted(read_manifest(other)) == ["broken.tar", "standalone.parquet", "train-000000.tar",
+                                            "train-000001.tar"]
+    assert res["bad"] == ["broken.tar", "standalone.parquet"]
 
 
 def test_start_up_reads_no_shard_index_and_2000_shards_start_fast(tmp_path, monkeypatch):

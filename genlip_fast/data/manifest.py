@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 from . import storage
 from .reader import open_shard
+from .specs import folder_shards
 from .webdataset import SHARD_ERRORS, read_sidecar, shard_error, write_index
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,6 @@ MANIFEST_FORMAT = "genlip-shard-manifest/1"
 
 def manifest_path(folder: str | os.PathLike) -> str:
     return storage.join(str(folder), MANIFEST_NAME)
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(path) else os.path.basename(path)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
@@ -86,21 +83,22 @@ def shard_entry(path: str | os.PathLike, samples: int | None = None) -> dict:
 
 
 def build_manifest(folder: str | os.PathLike, *, index: bool = False) -> dict:
-    """Write the manifest of every ``*.tar`` and ``*.parquet`` in ``folder`` (local or a URL), and with ``index``
-    the ``.idx`` sidecar of every tar that lacks a valid one; returns ``{"shards", "samples", "bad": [names],
+    """Write the manifest of every shard in ``folder`` (local or a URL: its ``*.tar`` and ``*.parquet`` files but
+    img2dataset's metadata, as :func:`~genlip_fast.data.specs.folder_shards` takes them), and with ``index`` the
+    ``.idx`` sidecar of every tar that lacks a valid one; returns ``{"shards", "samples", "bad": [names],
     "indexed": [names]}``."""
     folder = str(folder)
-    paths = storage.glob(storage.join(folder, "*.tar")) + storage.glob(storage.join(folder, "*.parquet"))
+    paths = folder_shards(folder)
     indexed = []
     if index:
         for p in paths:
             if p.endswith(".tar") and read_sidecar(p) is None:
                 try:
                     write_index(p)
-                    indexed.append(_name(p))
+                    indexed.append(storage.name(p))
                 except SHARD_ERRORS:
                     pass  # listed with its error below
-    entries = {_name(p): shard_entry(p) for p in paths}
+    entries = {storage.name(p): shard_entry(p) for p in paths}
     update_manifest(folder, entries)
     return {"shards": len(entries), "samples": sum(e["samples"] for e in entries.values()),
             "bad": [name for name, e in entries.items() if "error" in e], "indexed": indexed}
@@ -111,7 +109,7 @@ def dataset_size(shards: Iterable[str]) -> tuple[int, int, list[str]]:
     the shards' folders (one file read per folder; no shard is opened)."""
     by_folder: dict[str, list[str]] = {}
     for s in shards:
-        by_folder.setdefault(storage.parent(s), []).append(_name(s))
+        by_folder.setdefault(storage.parent(s), []).append(storage.name(s))
     samples = listed = 0
     missing = []
     for folder, names in by_folder.items():
