@@ -276,7 +276,7 @@ def test_no_readable_shard_is_one_clear_error(tmp_path):
     for s in range(2):
         (tmp_path / f"s-{s:06d}.tar").write_text("not a tar")
     loader = build_data_loader(config(tmp_path), TOK)
-    with pytest.raises(EmptyDatasetError, match=r"none of the 2 shards.*2 are not readable tars.*s-000000\.tar"):
+    with pytest.raises(EmptyDatasetError, match=r"none of the 2 shards.*2 cannot be read.*s-000000\.tar"):
         next(loader)
     loader.close()
 

@@ -78,7 +78,7 @@ def shard_entry(path: str | os.PathLike, samples: int | None = None) -> dict:
             shard.close()
         return {"samples": int(samples), "bytes": storage.size(path)}
     except SHARD_ERRORS as e:
-        error = shard_error(e)
+        error = shard_error(e, path)
     return {"samples": 0, "bytes": storage.size(path) if storage.is_file(path) else 0, "error": error}
 
 

@@ -77,7 +77,7 @@ class PackedLoader:
     ``epochs=None`` streams forever (training); a number stops after that many passes (evaluation, tests).
     ``device``: the GPU the packs go to (the loader thread binds to it and pins the packs); None on CPU.
     ``stats`` holds: ``backend``, ``packs``, ``samples``, ``skipped`` (by reason) and ``skipped_total``,
-    ``bad_shards`` (shards that are not a readable tar), ``sources`` (per source name: its ``weight``, ``samples``
+    ``bad_shards`` (shards that cannot be read), ``sources`` (per source name: its ``weight``, ``samples``
     delivered in packs, ``skipped`` by reason, ``skipped_total``, ``bad_shards``), ``truncated_captions``,
     ``fill_ratio`` (tokens in use over pack capacity of the packs delivered), ``images_per_s`` (decode + tokenise +
     pack rate of the background work, not counting time it waited for room in the queue), ``data_wait_s`` (total
@@ -389,7 +389,7 @@ class PackedLoader:
                 k = stream.current
                 bad = skipped[k].bad_shards
                 err = EmptyDatasetError((f"source {self.sources[k].name!r}: " if len(self.sources) > 1 else "")
-                                        + f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
+                                        + f"{e}" + (f": {len(bad)} cannot be read ({', '.join(bad[:5])}"
                                                     f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
                                                     if bad else ""))
                 err.option = self._option(k)

@@ -79,7 +79,7 @@ def _shard_items(path: str) -> list[Item]:
     try:
         index = load_index(path)
     except SHARD_ERRORS as e:
-        def unreadable(reason=shard_error(e)) -> bytes:
+        def unreadable(reason=shard_error(e, path)) -> bytes:
             raise ValueError(reason)
         return [Item("", path, unreadable)]
     return [Item(key, path, reader(members)) for key, members in index]
