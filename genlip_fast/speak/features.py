@@ -36,6 +36,7 @@ import torch
 from ..data.inputs import open_image
 from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS
 from ..data.specs import expand_spec
+from ..data.storage import open_source
 from ..data.webdataset import SHARD_ERRORS, load_index, read_members, shard_error
 from .encoder import VisionEncoder
 
@@ -68,8 +69,11 @@ def _shard_items(path: str) -> list[Item]:
     records why and the run goes on."""
     def reader(members):
         def read() -> bytes:
-            with open(path, "rb") as f:
-                fields = read_members(f, members)
+            src = open_source(path)  # read_members reads byte ranges of a source (local or remote), not a file
+            try:
+                fields = read_members(src, members)
+            finally:
+                src.close()
             ext = next((e for e in IMAGE_EXTS + OTHER_IMAGE_EXTS if e in fields), None)
             if ext is None:
                 raise ValueError(f"no image member (fields {sorted(fields)})")
