@@ -23,7 +23,8 @@ import genlip_fast.data.reader as reader_mod
 from genlip_fast.data.batch import PackedBatch
 from genlip_fast.data.config import DataConfig
 from genlip_fast.data.manifest import build_manifest, dataset_size, read_manifest, update_manifest
-from genlip_fast.data.pipeline import DataWaitInterrupted, build_data_loader
+from genlip_fast.data.pipeline import build_data_loader
+from genlip_fast.data.prefetch import DataWaitInterrupted
 from genlip_fast.data.sampler import (
     EmptyDatasetError,
     NoUsableSampleError,
