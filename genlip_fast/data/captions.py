@@ -195,11 +195,6 @@ class CaptionRule:
     def __hash__(self) -> int:
         return hash(self.alternatives)
 
-    @property
-    def keeps_prompt(self) -> bool:
-        """Whether a conversation's user turn becomes the sample's prompt."""
-        return any(a.prompt for a in self.alternatives)
-
     def describe(self) -> str:
         """What the rule looks for, for messages: ``"txt, json conversations (last assistant turn), json caption"``."""
         return ", ".join(a.describe() for a in self.alternatives)
