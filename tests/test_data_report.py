@@ -112,3 +112,27 @@ def test_report_counts_the_prompt_a_conversation_keeps(tmp_path):
     assert kept["prompt_tokens"]["min"] == kept["prompt_tokens"]["max"] == prompt
     assert kept["tokens_per_sample"]["mean"] == round(16 + prompt + np.mean(captions), 2)
     assert kept["caption_tokens"] == plain["caption_tokens"]
+
+
+def test_report_on_a_sample_estimates_the_size_from_the_shards_it_opened(tmp_path, monkeypatch):
+    """No manifest: the size is counted from every shard (each opened once, though the reader keeps only 4 open),
+    or, reading a sample, estimated from the shards opened for it."""
+    from genlip_fast.data import reader as reader_mod
+    from genlip_fast.data.report import ReportOptions, build_report
+
+    opened = []
+    real_open = reader_mod.open_shard
+    monkeypatch.setattr(reader_mod, "open_shard", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+
+    for s in range(6):
+        write_shard(tmp_path / f"{s:06d}.tar", [(f"k{s}{i}", {"jpg": flat_jpeg(32, 32, seed=i), "txt": b"a box"})
+                                               for i in range(5)])
+    rep = build_report(str(tmp_path), ReportOptions(sample=3, tokenizer="demo", image_size=32), progress=False)
+    assert rep["dataset"]["samples"] == 30 and rep["dataset"]["samples_from"] == "estimated from 3 of 6 shards"
+    assert rep["scanned"] == {"shards": 3, "records": 3, "good": 3, "skipped": {}, "good_share": 1.0}
+    (tmp_path / "000006.tar").write_bytes(b"not a tar")
+    del opened[:]
+    rep = build_report(str(tmp_path), ReportOptions(sample=0, tokenizer="demo", image_size=32), progress=False)
+    assert rep["dataset"]["samples"] == 30 and rep["dataset"]["samples_from"] == "counted"
+    assert list(rep["dataset"]["bad_shards"]) == [str(tmp_path / "000006.tar")]
+    assert sorted(opened) == [str(tmp_path / f"{s:06d}.tar") for s in range(7)]  # each once

@@ -80,24 +80,33 @@ def summary(values) -> dict:
     return out
 
 
-def pick_records(reader: ShardReader, n: int, seed: int, skipped: SkipCounter, bar) -> tuple[list, int]:
-    """Records to read: every one (``n == 0``), or about ``n`` spread over up to :data:`SHARDS_SPREAD` shards in a
-    seeded random order (a random subset of each). Returns ``([(shard, sample)], shards opened)``."""
+def read_records(reader: ShardReader, n: int, seed: int, skipped: SkipCounter, bar,
+                 ) -> tuple[list[Record], int, dict[int, int]]:
+    """Read every record (``n == 0``), or about ``n`` spread over up to :data:`SHARDS_SPREAD` shards in a seeded
+    random order (a random subset of each), a shard's records right after it is opened (so each shard is opened
+    once, whatever the reader keeps open); bad ones counted in ``skipped``. Returns ``(good records, records read,
+    {shard opened: its samples})``."""
     order = list(range(len(reader.shards)))
     if n:
         random.Random(seed).shuffle(order)
     quota = math.ceil(n / min(len(order), SHARDS_SPREAD)) if n else None
-    picked, opened = [], 0
+    records, read, counts = [], 0, {}
     rng = random.Random(seed + 1)
     for s in order:
-        if n and len(picked) >= n:
+        if n and read >= n:
             break
-        count = reader.count(s, skipped)
-        opened += 1
-        ids = range(count) if quota is None else sorted(rng.sample(range(count), min(quota, count, n - len(picked))))
-        picked += [(s, i) for i in ids]
-        bar.set_postfix(shards=opened)
-    return picked, opened
+        count = counts[s] = reader.count(s, skipped)
+        ids = range(count) if quota is None else sorted(rng.sample(range(count), min(quota, count, n - read)))
+        for i in ids:
+            r = reader.read(s, i)
+            if isinstance(r, Record):
+                records.append(r)
+            else:
+                skipped.skip(r.reason, r.shard, r.key, r.detail)
+            bar.update(1)
+        read += len(ids)
+        bar.set_postfix(shards=len(counts))
+    return records, read, counts
 
 
 def predicted_packing(lengths: list[tuple[int, int]], pack_tokens: int, lookahead: int) -> dict:
@@ -138,19 +147,13 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     reader = ShardReader(shards, stage=opt.stage, patch=opt.patch_size, caption=parse_rule(opt.caption),
                          image_column=opt.image_column, keep_open=4)
     skipped = SkipCounter()
-    bar = tqdm(desc="scanning", unit=" samples", total=opt.sample or None, disable=not progress, file=sys.stderr)
+    listed, _, missing = dataset_size(shards)
+    total = None if missing else listed  # what the bar runs to: the records to read, where known
+    if opt.sample:
+        total = opt.sample if total is None else min(opt.sample, total)
+    bar = tqdm(desc="scanning", unit=" samples", total=total, disable=not progress, file=sys.stderr)
     try:
-        picked, opened = pick_records(reader, opt.sample, opt.seed, skipped, bar)
-        bar.total = len(picked)
-        bar.refresh()
-        records: list[Record] = []
-        for s, i in picked:
-            r = reader.read(s, i)
-            if isinstance(r, Record):
-                records.append(r)
-            else:
-                skipped.skip(r.reason, r.shard, r.key, r.detail)
-            bar.update(1)
+        records, read, counts = read_records(reader, opt.sample, opt.seed, skipped, bar)
     finally:
         bar.close()
         reader.close()
@@ -168,17 +171,15 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     text = [(min(t, cap) if cap else t) + p for t, p in zip(cap_tokens, prompt_tokens)]
     lengths = list(zip(patches, text))
 
-    listed, in_manifest, missing = dataset_size(shards)
-    read = len(picked)
     good_share = len(records) / read if read else 0.0
+    # the shards opened for the records, counted then (an unreadable one holds 0 samples)
     if not missing:
         samples, source = listed, "manifest"
-    elif opened == len(shards):
-        samples, source = sum(reader.count(s) for s in range(len(shards))), "counted"
+    elif len(counts) == len(shards):
+        samples, source = sum(counts.values()), "counted"
     else:
-        counted = [reader.count(s) for s in range(len(shards)) if s in {p[0] for p in picked}]
-        samples = round(sum(counted) / max(1, len(counted)) * len(shards))
-        source = f"estimated from {len(counted)} of {len(shards)} shards"
+        samples = round(sum(counts.values()) / max(1, len(counts)) * len(shards))
+        source = f"estimated from {len(counts)} of {len(shards)} shards"
     usable = round(samples * good_share)
     packing = predicted_packing(lengths, opt.pack_tokens, lookahead)
     mean_tokens = float(np.mean([p + t for p, t in lengths])) if lengths else 0.0
@@ -187,7 +188,7 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
         "spec": spec, "stage": opt.stage, "tokenizer": opt.tokenizer, "caption": opt.caption,
         "dataset": {"shards": len(shards), "samples": samples, "samples_from": source,
                     "bad_shards": dict(reader.bad_shards)},
-        "scanned": {"shards": opened, "records": read, "good": len(records),
+        "scanned": {"shards": len(counts), "records": read, "good": len(records),
                     "skipped": dict(sorted(skipped.counts.items())),
                     "good_share": round(good_share, 4)},
         "caption_tokens": {**summary(cap_tokens), "cap": cap,
