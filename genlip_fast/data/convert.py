@@ -180,7 +180,7 @@ def list_table(path: Path, images: Path, *, image_col: str, caption_col: str, se
                every: bool) -> Iterator[Item]:
     """The rows of a table: image path (relative to ``images``) or bytes, captions, the row itself."""
     cols: tuple[str, str] | None = None
-    image_kind = "path"
+    stored = "path"  # how a row holds its image: a path, or the bytes ("binary", "struct" {bytes, path})
     if path.suffix.lower() == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -192,7 +192,7 @@ def list_table(path: Path, images: Path, *, image_col: str, caption_col: str, se
         kind = image_kind(schema.field(ic).type)
         if kind is None and not pa.types.is_string(schema.field(ic).type):
             raise ConvertError(f"{path}: column {ic!r} holds {schema.field(ic).type}, neither image paths nor images")
-        image_kind = kind or "path"
+        stored = kind or "path"
         cols = (ic, pick(schema.names, caption_col, CAPTION_COLUMNS, "caption", str(path)))
     for where, row in read_records(path, separator):
         if row is None:
@@ -211,13 +211,13 @@ def list_table(path: Path, images: Path, *, image_col: str, caption_col: str, se
         except BadImage as e:
             yield Item(str(path), where, problem=e)
             continue
-        if image_kind == "struct":
+        if stored == "struct":
             image = value.get("bytes") or (images / value["path"] if value.get("path") else None)
-        elif image_kind == "binary":
+        elif stored == "binary":
             image = value
         else:
             image = images / str(value)  # an absolute path stays as it is
-        record = {k: v for k, v in row.items() if k != ic or image_kind == "path"}
+        record = {k: v for k, v in row.items() if k != ic or stored == "path"}
         yield Item(str(path), where, image, caps, record)
 
 
