@@ -74,6 +74,23 @@ def test_hugging_face_image_structs_read_bytes_or_the_path_beside_the_file(tmp_p
     assert isinstance(got[3], Skipped) and got[3].reason == "missing image" and "null" in got[3].detail
 
 
+def test_a_damaged_row_group_skips_its_rows_by_row_group_and_the_rest_reads(tmp_path, caplog):
+    """A local file's row group that does not decode: its rows are skipped naming the row group, at once (a local
+    read is not retried as if the network had failed), and the other row groups read."""
+    path = write_parquet(tmp_path / "d.parquet", {"jpg": pa.array([jpeg(i) for i in range(8)], pa.binary()),
+                                                  "txt": [f"c {i}" for i in range(8)]})
+    data = bytearray((tmp_path / "d.parquet").read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    data[start + 16:start + 48] = bytes(b ^ 0xFF for b in data[start + 16:start + 48])  # its first page header
+    (tmp_path / "d.parquet").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        got = read_all(ShardReader([path]))
+    assert [r.key for r in got if isinstance(r, Skipped)] == [f"row {i}" for i in range(4)]
+    assert all(r.reason == "unreadable shard" and r.detail.startswith("row group 0: ") for r in got[:4])
+    assert [r.caption for r in got[4:]] == [f"c {i}" for i in range(4, 8)]
+    assert "retrying" not in caplog.text
+
+
 def test_parquet_without_images_is_refused_with_what_it_holds(tmp_path, caplog):
     """Recap-DataComp-1B's metadata (URLs and captions, no images) and a listing of image paths: both refused with
     the way forward (img2dataset to download; the converter for a listing); no sample is read from them."""
