@@ -208,8 +208,8 @@ class PassWatch:
     same epoch, from the epoch's start to its end, after the last usable sample (:meth:`usable`) — so the stream
     read all its samples of that epoch and none was usable. From a stream's start that is its first epoch; from the
     middle of one, the next. What counts as usable is the caller's call (the loader: a sample its packer took). The
-    watch keeps one integer per lane, whatever the data; a check over a subset of the shards (one source of
-    several) would keep one watch per subset.
+    watch keeps one integer per lane, whatever the data. A mixture keeps one watch per source, on that source's
+    sampler (:class:`~genlip_fast.data.stream.PassTally`).
     """
 
     def __init__(self, sampler: ShardSampler):
