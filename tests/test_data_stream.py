@@ -180,7 +180,7 @@ def test_a_whole_pass_is_every_sample_of_the_streams_share_of_an_epoch(counts, s
 
 
 # -- manifest and start-up ----------------------------------------------------------------------------------------
-def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tmp_path):
+def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tmp_path, capsys):
     from genlip_fast.data.manifest import main
     from genlip_fast.data.synthetic import generate_shards
 
@@ -206,6 +206,13 @@ def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tm
     assert sorted(read_manifest(other)) == ["broken.tar", "standalone.parquet", "train-000000.tar",
                                             "train-000001.tar"]
     assert res["bad"] == ["broken.tar", "standalone.parquet"]
+    # a folder without shards (mistyped, or the shards one level down) is one error line; nothing is written there
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "nowhere"):
+        assert main([str(folder)]) == 2
+        assert capsys.readouterr().err == (f"python -m genlip_fast.data.manifest: error: no shard in {str(folder)!r} "
+                                           "(.tar or .parquet files directly in it)\n")
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "nowhere").exists()
 
 
 def test_start_up_reads_no_shard_index_and_2000_shards_start_fast(tmp_path, monkeypatch):

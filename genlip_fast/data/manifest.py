@@ -22,11 +22,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable
 
 from . import storage
 from .reader import open_shard
-from .specs import folder_shards
+from .specs import NoShardsError, folder_shards
+from .storage import StorageSetupError
 from .webdataset import SHARD_ERRORS, read_sidecar, shard_error, write_index
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,8 @@ def build_manifest(folder: str | os.PathLike, *, index: bool = False) -> dict:
     "indexed": [names]}``."""
     folder = str(folder)
     paths = folder_shards(folder)
+    if not paths:  # a mistyped folder: say so rather than write an empty manifest there (or fail to)
+        raise NoShardsError(f"no shard in {folder!r} (.tar or .parquet files directly in it)")
     indexed = []
     if index:
         for p in paths:
@@ -132,19 +136,25 @@ def describe_dataset(shards: list[str]) -> str:
             f"train, but `python -m genlip_fast.data.manifest {' '.join(missing[:3])}` records the dataset's size")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="write genlip-manifest.json (per-shard sample counts) for shard folders")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genlip_fast.data.manifest",
+                                 description="write genlip-manifest.json (per-shard sample counts) for shard folders")
     ap.add_argument("folders", nargs="+", help="folders of webdataset .tar or Parquet shards (local or URLs)")
     ap.add_argument("--index", action="store_true",
                     help="also write the .idx sidecar of every tar without a valid one (shards made by other tools)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for folder in a.folders:
-        res = build_manifest(folder, index=a.index)
+        try:
+            res = build_manifest(folder, index=a.index)
+        except (OSError, StorageSetupError) as e:  # NoShardsError is a FileNotFoundError
+            print(f"{ap.prog}: error: {e}", file=sys.stderr)
+            return 2
         print(f"{manifest_path(folder)}: {res['shards']} shards, {res['samples']:,} samples"
               + (f"; {len(res['indexed'])} .idx sidecars written" if a.index else "")
               + (f"; unreadable: {', '.join(res['bad'])}" if res["bad"] else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
