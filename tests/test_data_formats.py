@@ -287,6 +287,11 @@ def test_convert_refuses_what_it_cannot_use_in_one_line(tmp_path, capsys):
         assert str(tmp_path / name) in err[0]
     (tmp_path / "img.jpg").write_bytes(jpeg(0))
     (tmp_path / "ok.jsonl").write_text(json.dumps({"image": "img.jpg", "caption": "c"}) + "\n")
+    (tmp_path / "file").write_text("a file where the output folder should be")
+    for args, message in ((["out", "--per-shard", "0"], "--per-shard must be at least 1"), (["file/out"], "file/out")):
+        assert main([str(tmp_path / "ok.jsonl"), *[str(tmp_path / args[0]), *args[1:]]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("python -m genlip_fast.data.convert: error: ") and message in err[0]
     assert main([str(tmp_path / "ok.jsonl"), str(tmp_path / "out")]) == 0
     written = snapshot(tmp_path / "out")
     assert main([str(tmp_path / "ok.jsonl"), str(tmp_path / "out")]) == 2  # never over existing shards

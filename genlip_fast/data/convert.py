@@ -267,6 +267,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str =
     when the source cannot be read as a whole, or not one of its records is usable."""
     if captions not in ("all", "first"):
         raise ConvertError(f"--captions must be 'all' or 'first', got {captions!r}")
+    if per_shard < 1:
+        raise ConvertError(f"--per-shard must be at least 1, got {per_shard}")
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.is_dir() and any(out_dir.glob(f"{prefix}-*.tar")):
         raise ConvertError(f"{out_dir} already holds {prefix}-*.tar shards: choose another --prefix or folder "
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         res = convert(a.src, a.out_dir, prefix=a.prefix, per_shard=a.per_shard, image_col=a.image_col,
                       caption_col=a.caption_col, caption_field=a.caption_field, images=a.images,
                       separator=a.separator, captions=a.captions, check=not a.no_check)
-    except (ConvertError, ImportError) as e:
+    except (ConvertError, ImportError, OSError) as e:  # OSError: the output folder cannot be written
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=2))
