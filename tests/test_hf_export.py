@@ -147,22 +147,55 @@ def test_other_blocks_match_too(preset, tmp_path):
         torch.testing.assert_close(got.last_hidden_state, enc.features(batch), atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(hf):
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(hf):
+    """Under both names of the switch (4.x's ``gradient_checkpointing_enable``, 5.x's
+    ``activation_checkpointing_enable`` with ``every_n_layers``) the blocks run again in the backward and the
+    gradients do not change; reentrant checkpointing with a frozen patch embedding reaches the blocks once
+    ``enable_input_require_grads`` (PEFT's call) hooks the patch embedding."""
     model, proc = hf["native"]
     batch = proc(images()[:2], return_tensors="pt")
-    grads = []
-    try:
-        for ckpt in (False, True):
-            model.train()
-            model.gradient_checkpointing_enable() if ckpt else model.gradient_checkpointing_disable()
-            model.zero_grad()
+    calls = []
+    # a recompute calls the block's forward (5.x) or __call__ (4.x): only its children's hooks see it in both
+    hooks = [b.attn.register_forward_hook(lambda *_: calls.append(1)) for b in model.blocks]
+
+    def run(enable=None, **kwargs):
+        calls.clear()
+        model.train().zero_grad(set_to_none=True)
+        if enable is not None:
+            getattr(model, enable)(**kwargs)
+        try:
             model(**batch).pooler_output.square().sum().backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
+        finally:
+            model.gradient_checkpointing_disable()
+        return [None if p.grad is None else p.grad.clone() for p in model.parameters()], len(calls)
+
+    n = len(model.blocks)
+    try:
+        plain, count = run()
+        assert count == n
+        switches = [("gradient_checkpointing_enable", {}, 2 * n)]
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+            switches += [("activation_checkpointing_enable", {}, 2 * n),
+                         ("activation_checkpointing_enable", {"every_n_layers": 2}, n + (n + 1) // 2)]
+        for name, kwargs, want in switches:
+            grads, count = run(name, **kwargs)
+            assert count == want, (name, kwargs, count)  # each checkpointed block ran again in the backward
+            for a, b in zip(plain, grads):
+                torch.testing.assert_close(a, b)
+        model.patch_embed.requires_grad_(False)
+        model.enable_input_require_grads()
+        grads, count = run("gradient_checkpointing_enable",
+                           gradient_checkpointing_kwargs={"use_reentrant": True})
+        assert count == 2 * n
+        blocks = [i for i, (name, _) in enumerate(model.named_parameters()) if name.startswith("blocks.")]
+        for i in blocks:
+            torch.testing.assert_close(grads[i], plain[i])
     finally:
-        model.gradient_checkpointing_disable()
+        for h in hooks + getattr(model, "_require_grads_hooks", [model.__dict__.get("_require_grads_hook")]):
+            if h is not None:
+                h.remove()
+        model.patch_embed.requires_grad_(True)
         model.eval().zero_grad(set_to_none=True)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
 
 
 def test_save_pretrained_round_trips(hf, tmp_path):
