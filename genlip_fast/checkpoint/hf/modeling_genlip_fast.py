@@ -233,12 +233,13 @@ class GenLIPVisionModel(PreTrainedModel):
             if output_hidden_states:
                 hidden.append(x)
         last = self.norm(x)
-        counts = torch.tensor(lengths, device=x.device, dtype=torch.float32)[:, None]
+        valid = valid.to(last.device)  # under a device_map the blocks may end on another device than they began
+        counts = torch.tensor(lengths, device=last.device, dtype=torch.float32)[:, None]
         pooled = ((last.float() * valid[..., None]).sum(1) / counts).to(last.dtype)  # (B, d)
 
         if flat:  # back to one row per patch, padding dropped
             last = last[valid]
-            hidden = [h[valid] for h in hidden] if hidden is not None else None
+            hidden = [h[valid.to(h.device)] for h in hidden] if hidden is not None else None
         hidden = tuple(hidden) if hidden is not None else None
         if not return_dict:
             return tuple(v for v in (last, pooled, hidden) if v is not None)
