@@ -22,7 +22,7 @@ from genlip_fast.checkpoint.hf.export import HFExportError, hf_config
 from genlip_fast.checkpoint.official import config_to_official, to_official, write_official
 from genlip_fast.convert import main as convert_main
 from genlip_fast.data.inputs import ImageTransform, InputSpec
-from genlip_fast.data.transforms import grid_for
+from genlip_fast.data.transforms import grid_for, stage1_geometry
 from genlip_fast.model import GenLIP, get_preset
 
 pytest.importorskip("transformers")
@@ -88,12 +88,35 @@ def test_processor_makes_genlip_fasts_patches_bit_for_bit(hf):
     for im, x in zip(ims, px):
         p, grid = square(im)
         assert grid == (2, 2) and torch.equal(x.reshape(3, 2, 16, 2, 16).permute(1, 3, 0, 2, 4).reshape(4, 768), p)
-    # the grid rule itself, over many sizes (pure arithmetic: cheap)
-    from genlip_fast.checkpoint.hf.image_processing_genlip_fast import native_grid
+
+
+def test_restated_geometry_equals_its_originals():
+    """The remote processor cannot import genlip_fast, so it restates three rules; each equals its original (and
+    ``smart_resize`` transformers' own) over many sizes. Pure arithmetic: cheap."""
+    try:  # transformers 5 (its other Qwen2-VL processor module needs torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen2vl_smart_resize
+    except ImportError:  # 4.x
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen2vl_smart_resize
+
+    from genlip_fast.checkpoint.hf import image_processing_genlip_fast as remote
+    from genlip_fast.data.inputs import smart_resize
+
+    def outcome(f, *args):
+        try:
+            return f(*args)
+        except ValueError as e:
+            return "aspect ratio" in str(e)  # all three refuse past 200 with that phrase
 
     for h in range(1, 700, 7):
         for w in (1, 2, 15, 16, 17, 100, 333, 1000, 4000):
-            assert native_grid(h, w, 16, 16, 1024) == grid_for(h, w, stage=2, image_size=0, patch=16), (h, w)
+            assert remote.native_grid(h, w, 16, 16, 1024) == grid_for(h, w, stage=2, image_size=0, patch=16), (h, w)
+            for S in (16, 32, 224, 384):
+                want = tuple(int(v) for v in stage1_geometry(h, w, size=S))
+                assert remote.shorter_side_geometry(h, w, S) == want, (h, w, S)
+            for lo, hi in ((4096, 262144), (16 * 256, 1024 * 256), (256, 64 * 256)):
+                got = outcome(remote.smart_resize, h, w, 16, lo, hi)
+                assert got == outcome(smart_resize, h, w, 16, lo, hi) == outcome(qwen2vl_smart_resize, h, w, 16, lo,
+                                                                                     hi), (h, w, lo, hi)
 
 
 def test_features_equal_load_encoder(hf):
