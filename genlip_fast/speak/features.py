@@ -164,6 +164,7 @@ class FeatureJob:
     """What ``features`` computes; stored in ``features.json``."""
 
     checkpoint: str
+    """The checkpoint read (absolute; for a run folder, the checkpoint it resolved to)."""
     layer: int | None = None
     """Block whose output is pooled (negative from the end); None: the final-norm features."""
     norm: bool = False
