@@ -97,9 +97,11 @@ def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
                        if p.is_file() and p.suffix.lower() in FOLDER_EXTS)
         if not files:
             raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(FOLDER_EXTS))}) and no *.tar shards")
-        items = [Item(f, f, (lambda f=f: (root / f).read_bytes())) for f in files]
-        parts = [Part(i // shard_size, str(root), (lambda i=i: items[i:i + shard_size]))
-                 for i in range(0, len(items), shard_size)]
+
+        def shard(start: int) -> list[Item]:  # made when the shard is processed: memory holds paths, not items
+            return [Item(f, f, (lambda f=f: (root / f).read_bytes())) for f in files[start:start + shard_size]]
+
+        parts = [Part(i // shard_size, str(root), (lambda i=i: shard(i))) for i in range(0, len(files), shard_size)]
         listing = xxhash.xxh64("\n".join(files).encode()).hexdigest()
         return parts, {"folder": str(root.resolve()), "images": len(files), "listing_xxh64": listing,
                        "shard_size": shard_size}
