@@ -142,8 +142,8 @@ def features_main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m genlip_fast.speak features", description=features.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="a folder of images (searched recursively) or shards: a .tar, a glob, a folder of "
-                                  "*.tar, a comma-separated list")
+    ap.add_argument("input", help="a folder of images (searched recursively) or shards (.tar, .parquet; local or "
+                                  "remote): a file, a glob, a folder holding shards, a brace range, a comma list")
     _model_args(ap)
     ap.add_argument("--out", required=True, help="output folder (a rerun continues it)")
     ap.add_argument("--batch-size", type=int, default=64, help="images encoded together")
