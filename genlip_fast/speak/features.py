@@ -34,9 +34,10 @@ import numpy as np
 import torch
 
 from ..data.inputs import open_image
-from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS
+from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS, open_shard
 from ..data.specs import expand_spec
-from ..data.webdataset import SHARD_ERRORS, load_index, read_members, shard_error
+from ..data.storage import is_remote
+from ..data.webdataset import SHARD_ERRORS, shard_error
 from .encoder import VisionEncoder
 
 FORMAT = "genlip-features/1"
@@ -64,25 +65,26 @@ class Part:
 
 
 def _shard_items(path: str) -> list[Item]:
-    """The images of one shard; a shard that cannot be indexed is one item whose reading fails, so its output shard
-    records why and the run goes on."""
-    def reader(members):
+    """The images of one shard (an indexed tar or a Parquet file, local or remote: the training reader's
+    containers); a shard that cannot be opened is one item whose reading fails, so its output shard records why and
+    the run goes on."""
+    try:
+        shard = open_shard(path)
+    except SHARD_ERRORS as e:
+        def unreadable(reason=shard_error(e)) -> bytes:
+            raise ValueError(reason)
+        return [Item("", path, unreadable)]
+
+    def reader(i: int) -> Callable[[], bytes]:
         def read() -> bytes:
-            with open(path, "rb") as f:
-                fields = read_members(f, members)
+            fields = shard.fields(i)
             ext = next((e for e in IMAGE_EXTS + OTHER_IMAGE_EXTS if e in fields), None)
             if ext is None:
                 raise ValueError(f"no image member (fields {sorted(fields)})")
             return fields[ext]
         return read
 
-    try:
-        index = load_index(path)
-    except SHARD_ERRORS as e:
-        def unreadable(reason=shard_error(e)) -> bytes:
-            raise ValueError(reason)
-        return [Item("", path, unreadable)]
-    return [Item(key, path, reader(members)) for key, members in index]
+    return [Item(shard.key(i), path, reader(i)) for i in range(len(shard))]
 
 
 def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
@@ -105,7 +107,7 @@ def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
                        "shard_size": shard_size}
     shards = expand_spec(spec)
     return ([Part(i, s, (lambda s=s: _shard_items(s))) for i, s in enumerate(shards)],
-            {"shards": [str(Path(s).resolve()) for s in shards]})
+            {"shards": [s if is_remote(s) else str(Path(s).resolve()) for s in shards]})
 
 
 def write_patch_file(path: Path, rows: Iterator[np.ndarray], dim: int, dtype: type,
