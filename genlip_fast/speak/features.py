@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import storage
 from ..data.inputs import open_image
 from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS, open_shard
 from ..data.specs import COMPRESSED_SUFFIXES, SHARD_SUFFIXES, expand_spec
+from ..data.storage import is_remote
 from ..data.webdataset import SHARD_ERRORS, shard_error
 from .encoder import VisionEncoder
 
@@ -106,8 +106,7 @@ def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
     if root.is_dir():
         files, shards_inside = [], False
         for p in root.rglob("*"):
-            name = p.name.lower()
-            if name.endswith(SHARD_ENDS):
+            if p.name.lower().endswith(SHARD_ENDS):
                 shards_inside = True
                 break
             if p.suffix.lower() in FOLDER_EXTS and p.is_file():
@@ -128,7 +127,7 @@ def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
                            "shard_size": shard_size}
     shards = expand_spec(spec)
     return ([Part(i, s, (lambda s=s: _shard_items(s))) for i, s in enumerate(shards)],
-            {"shards": [s if storage.is_remote(s) else str(Path(s).resolve()) for s in shards]})
+            {"shards": [s if is_remote(s) else str(Path(s).resolve()) for s in shards]})
 
 
 def write_patch_file(path: Path, rows: Iterator[np.ndarray], dim: int, dtype: type,
