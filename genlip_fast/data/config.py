@@ -84,8 +84,9 @@ class DataConfig:
     num_threads: int = 4
     """CPU threads of the DALI pipeline (or of the host decoder)."""
     shuffle_shards: int = 16
-    """Shards each data stream reads at once; every sample is drawn at random from one of them (a shuffle buffer
-    across open shards). More mixes batches better; each open shard holds its index in memory."""
+    """Shards each data stream reads at once (of each source, in a mixture); every sample is drawn at random from one
+    of them (a shuffle buffer across open shards). More mixes batches better; each open shard holds its index in
+    memory."""
     prefetch: int = 4
     """Packs prepared ahead of the training step by the background thread (0 = no thread, build on demand)."""
     seed: int = 0
