@@ -133,8 +133,12 @@ def configure(options: Mapping[str, Mapping] | None) -> None:
         conf = copy.deepcopy(_base_conf)
         for proto, opts in options.items():
             conf.setdefault(proto, {}).update(opts)
-        fsspec.config.conf.clear()
-        fsspec.config.conf.update(conf)
+        # in place and never emptied on the way: a loader thread may be opening a filesystem meanwhile (the
+        # held-out loader is built, with the same options, while the training stream reads)
+        live = fsspec.config.conf
+        for proto in [p for p in live if p not in conf]:
+            del live[proto]
+        live.update(conf)
 
 
 def filesystem(url: str):
