@@ -75,7 +75,7 @@ def _shard_items(path: str) -> Iterator[list[Item]]:
     try:
         shard = open_shard(path)
     except SHARD_ERRORS as e:
-        def unreadable(reason=shard_error(e)) -> bytes:
+        def unreadable(reason=shard_error(e, path)) -> bytes:
             raise ValueError(reason)
         yield [Item("", path, unreadable)]
         return
