@@ -74,6 +74,23 @@ def test_hugging_face_image_structs_read_bytes_or_the_path_beside_the_file(tmp_p
     assert isinstance(got[3], Skipped) and got[3].reason == "missing image" and "null" in got[3].detail
 
 
+def test_a_damaged_row_group_skips_its_rows_by_row_group_and_the_rest_reads(tmp_path, caplog):
+    """A local file's row group that does not decode: its rows are skipped naming the row group, at once (a local
+    read is not retried as if the network had failed), and the other row groups read."""
+    path = write_parquet(tmp_path / "d.parquet", {"jpg": pa.array([jpeg(i) for i in range(8)], pa.binary()),
+                                                  "txt": [f"c {i}" for i in range(8)]})
+    data = bytearray((tmp_path / "d.parquet").read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(0).column(0).data_page_offset
+    data[start + 16:start + 48] = bytes(b ^ 0xFF for b in data[start + 16:start + 48])  # its first page header
+    (tmp_path / "d.parquet").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        got = read_all(ShardReader([path]))
+    assert [r.key for r in got if isinstance(r, Skipped)] == [f"row {i}" for i in range(4)]
+    assert all(r.reason == "unreadable shard" and r.detail.startswith("row group 0: ") for r in got[:4])
+    assert [r.caption for r in got[4:]] == [f"c {i}" for i in range(4, 8)]
+    assert "retrying" not in caplog.text
+
+
 def test_parquet_without_images_is_refused_with_what_it_holds(tmp_path, caplog):
     """Recap-DataComp-1B's metadata (URLs and captions, no images) and a listing of image paths: both refused with
     the way forward (img2dataset to download; the converter for a listing); no sample is read from them."""
@@ -177,17 +194,20 @@ def test_convert_llava_json_array_with_images_elsewhere(tmp_path, caplog):
                {"id": "2", "image": "00000/2.jpg", "conversations": [{"from": "human", "value": "<image>"}]},
                {"id": "3", "image": "00000/missing.jpg", "conversations": turns("gone")},
                "not a record",
-               {"id": "5", "image": "00000/3.jpg", "conversations": turns("a red bus")}]
+               {"id": "5", "image": "00000/3.jpg", "conversations": turns("a red bus")},
+               {"id": "6", "image": "00000/3.jpg", "conversations": turns("a first reply") + [
+                   {"from": "human", "value": "<image>\nAnd now?"}, {"from": "gpt", "value": "<image> the last one"}]}]
     src = tmp_path / "meta" / "blip_laion_cc_sbu_558k.json"
     src.parent.mkdir()
     src.write_text(json.dumps(records))
     before = snapshot(tmp_path)
     with caplog.at_level(logging.WARNING):
         res = convert(src, tmp_path / "out", images=tmp_path / "images")
-    assert res["samples"] == 3
+    assert res["samples"] == 4
     assert res["skipped"] == {"missing caption": 1, "unreadable file": 1, "not a record": 1}
     got = shard_samples(res)
-    assert [s["txt"] for s in got] == ["a dog on a beach", "a cat", "a red bus"]
+    # a conversation's caption is the reply the loader's conv rule takes: the last one, placeholders removed
+    assert [s["txt"] for s in got] == ["a dog on a beach", "a cat", "a red bus", "the last one"]
     assert got[0]["jpg"] == jpeg(0) and got[0]["json"] == records[0]  # the whole record kept beside the caption
     assert f"skipping record 2 in {src}: missing caption" in caplog.text
     assert f"skipping record 3 in {src}: unreadable file" in caplog.text and "missing.jpg" in caplog.text
@@ -267,6 +287,11 @@ def test_convert_refuses_what_it_cannot_use_in_one_line(tmp_path, capsys):
         assert str(tmp_path / name) in err[0]
     (tmp_path / "img.jpg").write_bytes(jpeg(0))
     (tmp_path / "ok.jsonl").write_text(json.dumps({"image": "img.jpg", "caption": "c"}) + "\n")
+    (tmp_path / "file").write_text("a file where the output folder should be")
+    for args, message in ((["out", "--per-shard", "0"], "--per-shard must be at least 1"), (["file/out"], "file/out")):
+        assert main([str(tmp_path / "ok.jsonl"), *[str(tmp_path / args[0]), *args[1:]]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("python -m genlip_fast.data.convert: error: ") and message in err[0]
     assert main([str(tmp_path / "ok.jsonl"), str(tmp_path / "out")]) == 0
     written = snapshot(tmp_path / "out")
     assert main([str(tmp_path / "ok.jsonl"), str(tmp_path / "out")]) == 2  # never over existing shards

@@ -131,6 +131,39 @@ def test_remote_stream_matches_local_and_resumes_exactly(s3_server, remote, monk
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_a_remote_mixture_is_read_ahead_across_its_sources_and_resumes_exactly(s3_server, remote, monkeypatch):
+    """Two remote sources mixed by weight: the read-ahead's scout follows the mixture's draws (it never has to
+    start over), the packs are the local copy's, and a saved position continues exactly."""
+    from genlip_fast.data import reader as reader_mod
+    from genlip_fast.data.config import SourceConfig
+
+    local, url = remote
+    syncs = []
+    real_sync = reader_mod.ReadAhead._sync
+    monkeypatch.setattr(reader_mod.ReadAhead, "_sync", lambda self: syncs.append(1) or real_sync(self))
+
+    def config(root):
+        return DataConfig(sources=[SourceConfig(path=f"{root}/s-000000.tar", weight=2, name="a"),
+                                   SourceConfig(path=f"{root}/s-00000{{1,2}}.tar", name="b")],
+                          backend="host", image_size=32, batch_size=8, num_threads=1, pack_tokens=192,
+                          shuffle_shards=2, read_ahead=8)
+
+    def keys(packs):
+        return [[k.split(":")[-1] for k in p.keys] for p in packs]
+
+    want = keys(build_data_loader(config(local), TOK, epochs=2))
+    assert syncs == []  # local shards: no read-ahead
+    loader = build_data_loader(config(url), TOK, epochs=2)
+    assert keys(loader) == want and loader.reader._pool is not None and syncs == [1]
+    first = build_data_loader(config(url), TOK, epochs=2)
+    head = keys(next(first) for _ in range(3))
+    state = first.state_dict()
+    first.close()
+    rest = build_data_loader(config(url), TOK, epochs=2)
+    rest.load_state_dict(state)
+    assert head + keys(rest) == want and syncs == [1, 1, 1]  # each stream's scout kept up with its draws
+
+
 def test_the_manifest_command_indexes_and_counts_remote_shards(s3_server, tmp_path, capsys):
     """Shards made elsewhere (no sidecar, no manifest) on S3: `python -m genlip_fast.data.manifest --index URL`
     writes the .idx sidecars and the manifest beside them."""

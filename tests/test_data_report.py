@@ -87,3 +87,52 @@ def test_report_on_a_stage2_mixture_with_bad_records(tmp_path):
     assert max(patches) <= 1024 and rep["tokens_per_sample"]["mean"] == round(np.mean(patches) + np.mean(tokens), 2)
     assert rep["packing"]["lookahead"] == 64 and 0 < rep["packing"]["fill"] <= 1
     assert rep["steps"]["steps_per_epoch"] == 1 and rep["steps"]["usable_samples"] == round(42 * 39 / 42)
+
+
+def test_report_counts_the_prompt_a_conversation_keeps(tmp_path):
+    """With conv+prompt the question goes into every sample (the loader packs it, without loss): the report's tokens
+    per sample and packing count it. Two sources in the authors' 'p1;p2' form are read as one population."""
+    from genlip_fast.data.report import ReportOptions, build_report
+
+    question = "<image>\nDescribe the image in detail."
+    for name in ("a", "b"):
+        write_shard(tmp_path / name / "000000.tar", [
+            (f"{name}{i}", {"jpg": flat_jpeg(64, 64, seed=i), "json": json.dumps({"conversations": [
+                {"from": "human", "value": question}, {"from": "gpt", "value": f"a red circle {i}"}]}).encode()})
+            for i in range(3)])
+    spec = f"{tmp_path}/a;{tmp_path}/b"
+    opt = ReportOptions(sample=0, tokenizer="demo", image_size=64, pack_tokens=256)
+    plain = build_report(spec, opt, progress=False)
+    kept = build_report(spec, ReportOptions(**{**opt.__dict__, "caption": "conv+prompt"}), progress=False)
+    tok = load_tokenizer("demo")
+    prompt = len(tok.encode("Describe the image in detail."))
+    captions = [len(t) for t in tok.encode_batch([f"a red circle {i}" for i in range(3)] * 2, add_eot=True)]
+    assert plain["scanned"]["good"] == kept["scanned"]["good"] == 6 and plain["prompt_tokens"] == {}
+    assert plain["tokens_per_sample"]["mean"] == round(16 + np.mean(captions), 2)
+    assert kept["prompt_tokens"]["min"] == kept["prompt_tokens"]["max"] == prompt
+    assert kept["tokens_per_sample"]["mean"] == round(16 + prompt + np.mean(captions), 2)
+    assert kept["caption_tokens"] == plain["caption_tokens"]
+
+
+def test_report_on_a_sample_estimates_the_size_from_the_shards_it_opened(tmp_path, monkeypatch):
+    """No manifest: the size is counted from every shard (each opened once, though the reader keeps only 4 open),
+    or, reading a sample, estimated from the shards opened for it."""
+    from genlip_fast.data import reader as reader_mod
+    from genlip_fast.data.report import ReportOptions, build_report
+
+    opened = []
+    real_open = reader_mod.open_shard
+    monkeypatch.setattr(reader_mod, "open_shard", lambda path, **kw: opened.append(path) or real_open(path, **kw))
+
+    for s in range(6):
+        write_shard(tmp_path / f"{s:06d}.tar", [(f"k{s}{i}", {"jpg": flat_jpeg(32, 32, seed=i), "txt": b"a box"})
+                                               for i in range(5)])
+    rep = build_report(str(tmp_path), ReportOptions(sample=3, tokenizer="demo", image_size=32), progress=False)
+    assert rep["dataset"]["samples"] == 30 and rep["dataset"]["samples_from"] == "estimated from 3 of 6 shards"
+    assert rep["scanned"] == {"shards": 3, "records": 3, "good": 3, "skipped": {}, "good_share": 1.0}
+    (tmp_path / "000006.tar").write_bytes(b"not a tar")
+    del opened[:]
+    rep = build_report(str(tmp_path), ReportOptions(sample=0, tokenizer="demo", image_size=32), progress=False)
+    assert rep["dataset"]["samples"] == 30 and rep["dataset"]["samples_from"] == "counted"
+    assert list(rep["dataset"]["bad_shards"]) == [str(tmp_path / "000006.tar")]
+    assert sorted(opened) == [str(tmp_path / f"{s:06d}.tar") for s in range(7)]  # each once

@@ -130,6 +130,16 @@ def test_converter_from_folder_and_lists(tmp_path):
     got = sorted(reader.read(s, j).caption for s in range(len(res["shards"])) for j in range(reader.count(s)))
     assert got == ["a red circle 0", "a red circle 1", "a red circle 2"]
 
+    # captions from a field of the .json beside each image, as data.caption_field reads it: a text or skipped
+    side = tmp_path / "side"
+    side.mkdir()
+    for i, value in enumerate(["a text", ["a", "list"], None]):
+        (side / f"im{i}.png").write_bytes(image_bytes(30, 20, "PNG", i))
+        (side / f"im{i}.json").write_text(json.dumps({"meta": {"caption": value}}))
+    res = convert(side, tmp_path / "out-side", caption_field="meta.caption")
+    assert res["samples"] == 1 and res["skipped"] == {"missing caption": 2}
+    assert ShardReader(res["shards"]).read(0, 0).caption == "a text"
+
     (tmp_path / "list.jsonl").write_text("\n".join(json.dumps({"image": f"src/im{i}.png", "caption": f"c{i}"})
                                                    for i in range(5)))
     assert convert(tmp_path / "list.jsonl", tmp_path / "out2")["samples"] == 5

@@ -22,8 +22,9 @@ from PIL import Image
 import genlip_fast.data.reader as reader_mod
 from genlip_fast.data.batch import PackedBatch
 from genlip_fast.data.config import DataConfig
-from genlip_fast.data.manifest import dataset_size, read_manifest, update_manifest
-from genlip_fast.data.pipeline import DataWaitInterrupted, build_data_loader
+from genlip_fast.data.manifest import build_manifest, dataset_size, read_manifest, update_manifest
+from genlip_fast.data.pipeline import build_data_loader
+from genlip_fast.data.prefetch import DataWaitInterrupted
 from genlip_fast.data.sampler import (
     EmptyDatasetError,
     NoUsableSampleError,
@@ -179,7 +180,7 @@ def test_a_whole_pass_is_every_sample_of_the_streams_share_of_an_epoch(counts, s
 
 
 # -- manifest and start-up ----------------------------------------------------------------------------------------
-def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tmp_path):
+def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tmp_path, capsys):
     from genlip_fast.data.manifest import main
     from genlip_fast.data.synthetic import generate_shards
 
@@ -198,6 +199,20 @@ def test_convert_and_generator_write_the_manifest_and_the_command_rebuilds_it(tm
     m = read_manifest(other)
     assert m["train-000001.tar"]["samples"] == 10 and m["broken.tar"]["samples"] == 0 and "error" in m["broken.tar"]
     assert dataset_size([str(p) for p in sorted(other.glob("*.tar"))]) == (30, 3, [])
+    # img2dataset's NNNNN.parquet beside each NNNNN.tar is metadata, not a shard: not listed (nor counted as bad)
+    (other / "train-000000.parquet").write_bytes(b"URLs and captions")
+    (other / "standalone.parquet").write_bytes(b"not parquet")
+    res = build_manifest(other)
+    assert sorted(read_manifest(other)) == ["broken.tar", "standalone.parquet", "train-000000.tar",
+                                            "train-000001.tar"]
+    assert res["bad"] == ["broken.tar", "standalone.parquet"]
+    # a folder without shards (mistyped, or the shards one level down) is one error line; nothing is written there
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "nowhere"):
+        assert main([str(folder)]) == 2
+        assert capsys.readouterr().err == (f"python -m genlip_fast.data.manifest: error: no shard in {str(folder)!r} "
+                                           "(.tar or .parquet files directly in it)\n")
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "nowhere").exists()
 
 
 def test_start_up_reads_no_shard_index_and_2000_shards_start_fast(tmp_path, monkeypatch):
@@ -269,7 +284,7 @@ def test_no_readable_shard_is_one_clear_error(tmp_path):
     for s in range(2):
         (tmp_path / f"s-{s:06d}.tar").write_text("not a tar")
     loader = build_data_loader(config(tmp_path), TOK)
-    with pytest.raises(EmptyDatasetError, match=r"none of the 2 shards.*2 are not readable tars.*s-000000\.tar"):
+    with pytest.raises(EmptyDatasetError, match=r"none of the 2 shards.*2 cannot be read.*s-000000\.tar"):
         next(loader)
     loader.close()
 

@@ -534,7 +534,7 @@ def test_a_stop_during_a_wait_for_data_ends_promptly_and_resumes_exactly(referen
 
         def started():
             start()
-            get, calls = loader._q.get, []
+            get, calls = loader._prefetch.q.get, []
 
             def get_or_wait(block=True, timeout=None):
                 calls.append(block)
@@ -546,7 +546,7 @@ def test_a_stop_during_a_wait_for_data_ends_promptly_and_resumes_exactly(referen
                 time.sleep(timeout)
                 raise queue.Empty
 
-            loader._q.get = get_or_wait
+            loader._prefetch.q.get = get_or_wait
 
         loader._start = started
         return loader

@@ -67,7 +67,7 @@ def test_unusable_shards_end_in_one_line_and_exit_2(tmp_path, capsys, kind):
                 f"({data / 'bad-000000.tar'}), ")
     else:  # D4 of the issue: before, a 30-line EmptyDatasetError traceback
         (data / "bad-000000.tar").write_bytes(b"this was never a tar file\n" * 40)
-        want = f"none of the 1 shards holds a readable sample: 1 are not readable tars ({data / 'bad-000000.tar'}"
+        want = f"none of the 1 shards holds a readable sample: 1 cannot be read ({data / 'bad-000000.tar'}"
     rc, err = run_cli(capsys, data, tmp_path / "run", steps=3, data__train_shards=str(data))
     line = one_line(err, f"genlip-train: data error: data.train_shards: {want}")
     assert rc == 2, line

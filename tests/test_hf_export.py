@@ -22,7 +22,7 @@ from genlip_fast.checkpoint.hf.export import HFExportError, hf_config
 from genlip_fast.checkpoint.official import config_to_official, to_official, write_official
 from genlip_fast.convert import main as convert_main
 from genlip_fast.data.inputs import ImageTransform, InputSpec
-from genlip_fast.data.transforms import grid_for
+from genlip_fast.data.transforms import grid_for, stage1_geometry
 from genlip_fast.model import GenLIP, get_preset
 
 pytest.importorskip("transformers")
@@ -88,12 +88,35 @@ def test_processor_makes_genlip_fasts_patches_bit_for_bit(hf):
     for im, x in zip(ims, px):
         p, grid = square(im)
         assert grid == (2, 2) and torch.equal(x.reshape(3, 2, 16, 2, 16).permute(1, 3, 0, 2, 4).reshape(4, 768), p)
-    # the grid rule itself, over many sizes (pure arithmetic: cheap)
-    from genlip_fast.checkpoint.hf.image_processing_genlip_fast import native_grid
+
+
+def test_restated_geometry_equals_its_originals():
+    """The remote processor cannot import genlip_fast, so it restates three rules; each equals its original (and
+    ``smart_resize`` transformers' own) over many sizes. Pure arithmetic: cheap."""
+    try:  # transformers 5 (its other Qwen2-VL processor module needs torchvision)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as qwen2vl_smart_resize
+    except ImportError:  # 4.x
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as qwen2vl_smart_resize
+
+    from genlip_fast.checkpoint.hf import image_processing_genlip_fast as remote
+    from genlip_fast.data.inputs import smart_resize
+
+    def outcome(f, *args):
+        try:
+            return f(*args)
+        except ValueError as e:
+            return "aspect ratio" in str(e)  # all three refuse past 200 with that phrase
 
     for h in range(1, 700, 7):
         for w in (1, 2, 15, 16, 17, 100, 333, 1000, 4000):
-            assert native_grid(h, w, 16, 16, 1024) == grid_for(h, w, stage=2, image_size=0, patch=16), (h, w)
+            assert remote.native_grid(h, w, 16, 16, 1024) == grid_for(h, w, stage=2, image_size=0, patch=16), (h, w)
+            for S in (16, 32, 224, 384):
+                want = tuple(int(v) for v in stage1_geometry(h, w, size=S))
+                assert remote.shorter_side_geometry(h, w, S) == want, (h, w, S)
+            for lo, hi in ((4096, 262144), (16 * 256, 1024 * 256), (256, 64 * 256)):
+                got = outcome(remote.smart_resize, h, w, 16, lo, hi)
+                assert got == outcome(smart_resize, h, w, 16, lo, hi) == outcome(qwen2vl_smart_resize, h, w, 16, lo,
+                                                                                     hi), (h, w, lo, hi)
 
 
 def test_features_equal_load_encoder(hf):
@@ -147,22 +170,55 @@ def test_other_blocks_match_too(preset, tmp_path):
         torch.testing.assert_close(got.last_hidden_state, enc.features(batch), atol=1e-5, rtol=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(hf):
+def test_gradient_checkpointing_recomputes_blocks_and_gives_the_same_gradients(hf):
+    """Under both names of the switch (4.x's ``gradient_checkpointing_enable``, 5.x's
+    ``activation_checkpointing_enable`` with ``every_n_layers``) the blocks run again in the backward and the
+    gradients do not change; reentrant checkpointing with a frozen patch embedding reaches the blocks once
+    ``enable_input_require_grads`` (PEFT's call) hooks the patch embedding."""
     model, proc = hf["native"]
     batch = proc(images()[:2], return_tensors="pt")
-    grads = []
-    try:
-        for ckpt in (False, True):
-            model.train()
-            model.gradient_checkpointing_enable() if ckpt else model.gradient_checkpointing_disable()
-            model.zero_grad()
+    calls = []
+    # a recompute calls the block's forward (5.x) or __call__ (4.x): only its children's hooks see it in both
+    hooks = [b.attn.register_forward_hook(lambda *_: calls.append(1)) for b in model.blocks]
+
+    def run(enable=None, **kwargs):
+        calls.clear()
+        model.train().zero_grad(set_to_none=True)
+        if enable is not None:
+            getattr(model, enable)(**kwargs)
+        try:
             model(**batch).pooler_output.square().sum().backward()
-            grads.append([p.grad.clone() for p in model.parameters()])
+        finally:
+            model.gradient_checkpointing_disable()
+        return [None if p.grad is None else p.grad.clone() for p in model.parameters()], len(calls)
+
+    n = len(model.blocks)
+    try:
+        plain, count = run()
+        assert count == n
+        switches = [("gradient_checkpointing_enable", {}, 2 * n)]
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5
+            switches += [("activation_checkpointing_enable", {}, 2 * n),
+                         ("activation_checkpointing_enable", {"every_n_layers": 2}, n + (n + 1) // 2)]
+        for name, kwargs, want in switches:
+            grads, count = run(name, **kwargs)
+            assert count == want, (name, kwargs, count)  # each checkpointed block ran again in the backward
+            for a, b in zip(plain, grads):
+                torch.testing.assert_close(a, b)
+        model.patch_embed.requires_grad_(False)
+        model.enable_input_require_grads()
+        grads, count = run("gradient_checkpointing_enable",
+                           gradient_checkpointing_kwargs={"use_reentrant": True})
+        assert count == 2 * n
+        blocks = [i for i, (name, _) in enumerate(model.named_parameters()) if name.startswith("blocks.")]
+        for i in blocks:
+            torch.testing.assert_close(grads[i], plain[i])
     finally:
-        model.gradient_checkpointing_disable()
+        for h in hooks + getattr(model, "_require_grads_hooks", [model.__dict__.get("_require_grads_hook")]):
+            if h is not None:
+                h.remove()
+        model.patch_embed.requires_grad_(True)
         model.eval().zero_grad(set_to_none=True)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
 
 
 def test_save_pretrained_round_trips(hf, tmp_path):

@@ -154,3 +154,29 @@ def test_exported_files_caption_and_vision_only_ones_encode(run_dir, image_files
     a = genlip_fast.load_encoder(vision, attn_backend="reference")([np.zeros((64, 64, 3), np.uint8)])[0]
     b = genlip_fast.load_encoder(run_dir, attn_backend="reference")([np.zeros((64, 64, 3), np.uint8)])[0]
     assert torch.equal(a, b)
+
+
+def test_features_of_a_run_folder_record_its_checkpoint_and_refuse_a_newer_one(run_dir, image_files, tmp_path,
+                                                                              capsys):
+    """``features --checkpoint RUN`` reads RUN's latest checkpoint; after training saves another, continuing the
+    same output folder is refused instead of mixing the two checkpoints' features."""
+    import shutil
+
+    from genlip_fast.checkpoint.format import latest_checkpoint
+
+    images, out = tmp_path / "images", tmp_path / "feats"
+    images.mkdir()
+    for p in image_files:
+        shutil.copy(p, images)
+    args = ["features", str(images), "--checkpoint", str(run_dir), "--out", str(out), "--no-progress", *REF]
+    assert speak_main(args) == 0
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    assert json.loads((out / "features.json").read_text())["checkpoint"] == str(latest.resolve())
+    newer = latest.with_name("step_99999999")
+    shutil.copytree(latest, newer)  # a later save of the same run
+    try:
+        capsys.readouterr()
+        assert speak_main(args) == 2
+        assert "another job (checkpoint differ)" in capsys.readouterr().err
+    finally:
+        shutil.rmtree(newer)

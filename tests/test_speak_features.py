@@ -1,10 +1,13 @@
 """``python -m genlip_fast.speak features``: its files equal genlip_fast.load_encoder at any batch size, a corrupt
-image is recorded and skipped, a rerun skips finished shards and redoes a partial one, shards work as inputs."""
+image is recorded and skipped, a rerun skips finished shards and redoes a partial one, tar and Parquet shards work as
+inputs."""
 
 import io
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -117,14 +120,19 @@ def test_shards_as_input_with_a_layer_and_parquet_metadata(setup, tmp_path):
     write_shard(tmp_path / "a-000.tar", samples[:2])
     write_shard(tmp_path / "a-001.tar", samples[2:])
     (tmp_path / "a-002.tar").write_bytes(b"not a tar at all" * 64)
+    # a Hugging Face-style Parquet shard: an image struct column {bytes, path}, a null image, a caption column
+    pq.write_table(pa.table({"image": [{"bytes": png(33, 70, 30), "path": None}, None], "text": ["x", "y"]}),
+                   tmp_path / "b-000.parquet")
     out = tmp_path / "out"
-    assert run(tmp_path / "a-*.tar", "--checkpoint", root / "ckpt", "--out", out, "--layer", "0", "--norm",
-               "--meta", "parquet", "--out-dtype", "float16") == 0
-    feats, _, rows = read_out(out, 3, "parquet")
-    assert [r["key"] for r in rows] == ["k0", "broken", "k1", "k2", ""] and rows[1]["row"] is None
+    assert run(f"{tmp_path / 'a-*.tar'},{tmp_path / 'b-000.parquet'}", "--checkpoint", root / "ckpt", "--out", out,
+               "--layer", "0", "--norm", "--meta", "parquet", "--out-dtype", "float16") == 0
+    feats, _, rows = read_out(out, 4, "parquet")
+    assert [r["key"] for r in rows] == ["k0", "broken", "k1", "k2", "", "row 0", "row 1"] and rows[1]["row"] is None
     assert rows[0]["source"].endswith("a-000.tar") and rows[2]["source"].endswith("a-001.tar")
     assert "not a readable tar" in rows[4]["error"]  # a bad shard is recorded and the run goes on
+    assert rows[5]["source"].endswith("b-000.parquet") and rows[5]["row"] == 0 and "missing image" in rows[6]["error"]
     images = [Image.open(io.BytesIO(s[1]["png"])) for s in samples if s[0] != "broken"]
+    images.append(Image.open(io.BytesIO(png(33, 70, 30))))
     with torch.no_grad():
         want = enc.encode(images, layers=[0], norm=True).pooled[0]
     assert feats.dtype == np.float16

@@ -16,8 +16,8 @@ A rule is a ``;``-separated list of places tried in order; the first that gives 
 
 A conversation is a list of turns, each ``{"from": ROLE, "value": TEXT}`` (LLaVA / ShareGPT), ``{"role": ROLE,
 "content": TEXT}`` (chat format; ``content`` may be a list of ``{"type": "text", "text": ...}`` parts) or
-``{ROLE: TEXT}``; assistant roles are ``gpt`` and ``assistant``, user roles ``human`` and ``user``. ``<image>``
-placeholders and the whitespace around them are removed from the turns taken.
+``{ROLE: TEXT}``; assistant roles are ``gpt``, ``assistant`` and ``model`` (Gemini's), user roles ``human`` and
+``user``. ``<image>`` placeholders and the whitespace around them are removed from the turns taken.
 
 ``auto`` tries the conversation before ``json:caption`` because the authors' stage-2 records carry a conversation,
 "else caption". A value that is not a string where the path ends (a number, a list, an object) is no caption: the
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 AUTO = "txt;conv;json:caption;json:text"
 CONVERSATION_KEYS = ("conversations", "conversation", "messages")
-ASSISTANT_ROLES = ("gpt", "assistant")
+ASSISTANT_ROLES = ("gpt", "assistant", "model")
 USER_ROLES = ("human", "user")
 _PLACEHOLDER = re.compile(r"\s*<image>\s*")
 _INDEX = re.compile(r"-?\d+")
@@ -195,11 +195,6 @@ class CaptionRule:
     def __hash__(self) -> int:
         return hash(self.alternatives)
 
-    @property
-    def keeps_prompt(self) -> bool:
-        """Whether a conversation's user turn becomes the sample's prompt."""
-        return any(a.prompt for a in self.alternatives)
-
     def describe(self) -> str:
         """What the rule looks for, for messages: ``"txt, json conversations (last assistant turn), json caption"``."""
         return ", ".join(a.describe() for a in self.alternatives)
@@ -269,20 +264,35 @@ class CaptionRule:
             if key is None:
                 raise _Bad(f"no {' / '.join(CONVERSATION_KEYS)} in the .json")
             turns = doc[key]
-        if not isinstance(turns, list):
-            raise _Bad(f"the conversation is {_kind(turns)}, not a list of turns")
-        roles = [_turn(t) for t in turns]
-        last = next((i for i in range(len(roles) - 1, -1, -1) if roles[i][0] in ASSISTANT_ROLES), None)
-        if last is None:
-            raise _Bad(f"no assistant turn (roles {', '.join(ASSISTANT_ROLES)}) among {len(turns)} turns")
-        text = _turn_text(roles[last][1])
-        if text is None:
-            raise _Bad(f"the last assistant turn holds {_kind(roles[last][1])}, not text")
-        prompt = None
-        if alt.prompt:
-            user = next((i for i in range(last - 1, -1, -1) if roles[i][0] in USER_ROLES), None)
-            prompt = _turn_text(roles[user][1]) if user is not None else None
-        return Caption(text, prompt or None)
+        return _reply(turns, alt.prompt)
 
 
-__all__ = ["AUTO", "Caption", "CaptionRule", "MissingCaption", "RuleError", "parse_rule"]
+def _reply(turns, prompt: bool) -> Caption:
+    if not isinstance(turns, list):
+        raise _Bad(f"the conversation is {_kind(turns)}, not a list of turns")
+    roles = [_turn(t) for t in turns]
+    last = next((i for i in range(len(roles) - 1, -1, -1) if roles[i][0] in ASSISTANT_ROLES), None)
+    if last is None:
+        raise _Bad(f"no assistant turn (roles {', '.join(ASSISTANT_ROLES)}) among {len(turns)} turns")
+    text = _turn_text(roles[last][1])
+    if text is None:
+        raise _Bad(f"the last assistant turn holds {_kind(roles[last][1])}, not text")
+    question = None
+    if prompt:
+        user = next((i for i in range(last - 1, -1, -1) if roles[i][0] in USER_ROLES), None)
+        question = _turn_text(roles[user][1]) if user is not None else None
+    return Caption(text, question or None)
+
+
+def conversation_reply(turns) -> Caption:
+    """The caption the ``conv`` rule takes from a conversation (a list of turns in any of the shapes the module doc
+    names): its last assistant turn, placeholders removed (the text may be empty); :class:`MissingCaption` ("missing
+    caption") saying what the turns hold otherwise. For readers of conversations outside a sample's ``.json`` (the
+    converter's listings)."""
+    try:
+        return _reply(turns, False)
+    except _Bad as e:
+        raise MissingCaption("missing caption", e.why) from None
+
+
+__all__ = ["AUTO", "Caption", "CaptionRule", "MissingCaption", "RuleError", "conversation_reply", "parse_rule"]

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from .captions import CaptionRule, parse_rule
+from .specs import split_sources
 
 
 @dataclass
@@ -83,8 +84,9 @@ class DataConfig:
     num_threads: int = 4
     """CPU threads of the DALI pipeline (or of the host decoder)."""
     shuffle_shards: int = 16
-    """Shards each data stream reads at once; every sample is drawn at random from one of them (a shuffle buffer
-    across open shards). More mixes batches better; each open shard holds its index in memory."""
+    """Shards each data stream reads at once (of each source, in a mixture); every sample is drawn at random from one
+    of them (a shuffle buffer across open shards). More mixes batches better; each open shard holds its index in
+    memory."""
     prefetch: int = 4
     """Packs prepared ahead of the training step by the background thread (0 = no thread, build on demand)."""
     seed: int = 0
@@ -128,7 +130,7 @@ def data_sources(cfg: DataConfig) -> list[Source]:
     if cfg.sources and cfg.train_shards:
         raise ValueError(f"data.train_shards = {cfg.train_shards!r} and [[data.sources]] are both set: use one "
                          "(train_shards is the one-source form; list every source under [[data.sources]])")
-    entries = cfg.sources or [SourceConfig(path=p.strip()) for p in cfg.train_shards.split(";") if p.strip()]
+    entries = cfg.sources or [SourceConfig(path=p) for p in split_sources(cfg.train_shards)]
     if not entries:
         raise ValueError("no training data: set data.train_shards (a path, glob, brace range or folder of shards) "
                          "or list [[data.sources]]")

@@ -12,7 +12,7 @@
 Inputs:
 
 * a folder: every ``.jpg/.jpeg/.png/.webp`` under it (sorted), captioned by the ``.txt`` beside it with the same stem
-  (or by ``--caption-field`` of a ``.json`` beside it);
+  (or by ``--caption-field`` of a ``.json`` beside it: a text at that dotted path, as ``data.caption_field``);
 * a table with one image and its caption per row: ``.csv`` / ``.tsv`` (a header row; ``--separator`` for any
   other), ``.jsonl``, a ``.json`` array of records (LLaVA's ``{id, image, conversations}``), or ``.parquet``
   (an image path column, or the images themselves: binary or ``{bytes, path}`` structs);
@@ -22,7 +22,8 @@ Inputs:
 Columns: ``--image-col`` / ``--caption-col``, or found among the usual names (``image``, ``filepath``,
 ``file_name``, ...; ``caption``, ``title``, ``text``, ..., then ``conversations``). A caption may be text, a list of
 texts (one sample each with ``--captions all``, else the first) or a conversation ``[{from, value}, ...]`` (its
-first gpt / assistant reply). Relative image paths start at ``--images DIR``, by default the list's own folder.
+last assistant reply, as the loader's ``conv`` caption rule takes it). Relative image paths start at ``--images
+DIR``, by default the list's own folder.
 
 Each shard ``<prefix>-NNNNNN.tar`` holds ``key.<ext>`` + ``key.txt`` (+ ``key.json``: the source record, so nothing
 of it is lost) and gets a ``.idx`` sidecar; the folder's ``genlip-manifest.json`` lists every shard's sample count.
@@ -43,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .captions import MissingCaption, RuleError, conversation_reply, parse_rule
 from .manifest import shard_entry, update_manifest
 from .reader import IMAGE_EXTS, SkipCounter
 from .transforms import BadImage, image_ext, probe_image
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ("image", "filepath", "file_name", "image_path", "img_path", "img", "path", "jpg")
 CAPTION_COLUMNS = ("caption", "title", "text", "re_caption", "txt", "captions", "conversations", "conversation")
-ASSISTANT_ROLES = ("gpt", "assistant", "model")
 
 
 class ConvertError(ValueError):
@@ -73,24 +74,17 @@ class Item:
 
 
 # -- captions ----------------------------------------------------------------------------------------------------
-def conversation_caption(turns: list) -> str | None:
-    """The first gpt / assistant reply of ``[{from|role, value|content}, ...]`` (LLaVA, ShareGPT, OpenAI styles)."""
-    for t in turns:
-        if isinstance(t, dict) and str(t.get("from", t.get("role", ""))).lower() in ASSISTANT_ROLES:
-            value = t.get("value", t.get("content"))
-            return value if isinstance(value, str) else None
-    return None
-
-
 def captions_of(value, *, every: bool) -> list[str]:
-    """The caption texts of a record's caption value; :class:`BadImage` naming what the value is otherwise."""
+    """The caption texts of a record's caption value: a text, a list of texts (all, or the first), or a conversation
+    (the reply the loader's ``conv`` rule takes: :func:`~genlip_fast.data.captions.conversation_reply`);
+    :class:`BadImage` naming what the value is otherwise."""
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        c = conversation_caption(value)
-        if c is None:
-            raise BadImage("missing caption", "a conversation without a gpt / assistant reply")
-        return [c]
+        try:
+            return [conversation_reply(value).text]
+        except MissingCaption as e:
+            raise BadImage(e.reason, e.detail) from None
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         return list(value) if every else value[:1]
     if value is None:
@@ -115,25 +109,26 @@ def pick(columns, wanted: str, usual: tuple[str, ...], what: str, where: str) ->
 
 # -- sources -----------------------------------------------------------------------------------------------------
 def list_folder(root: Path, caption_field: str = "") -> Iterator[Item]:
-    """The images under ``root`` with the ``.txt`` (or ``.json`` field) beside each."""
+    """The images under ``root`` with the ``.txt`` beside each, or with ``caption_field`` of the ``.json`` beside
+    each, read as the loader reads ``data.caption_field`` (the caption rule ``json:FIELD``; dotted paths too)."""
+    member = "json" if caption_field else "txt"
+    rule = _folder_rule(caption_field)
     for p in sorted(root.rglob("*")):
         if not p.is_file() or p.suffix.lower().lstrip(".") not in IMAGE_EXTS:
             continue
-        caption = None
-        if caption_field:
-            j = p.with_suffix(".json")
-            if j.is_file():
-                try:
-                    v = json.loads(j.read_text())
-                    caption = v.get(caption_field) if isinstance(v, dict) else None
-                except ValueError:
-                    caption = None
-        else:
-            t = p.with_suffix(".txt")
-            if t.is_file():
-                caption = t.read_text(encoding="utf-8", errors="replace")
-        yield Item(str(root), str(p.relative_to(root)), p, None if caption is None else [caption],
-                   problem=None if caption is not None else BadImage("missing caption"))
+        side = p.with_suffix("." + member)
+        try:
+            caption, problem = [rule.caption({member: side.read_bytes()} if side.is_file() else {}).text], None
+        except MissingCaption as e:
+            caption, problem = None, BadImage(e.reason, e.detail)
+        yield Item(str(root), str(p.relative_to(root)), p, caption, problem=problem)
+
+
+def _folder_rule(caption_field: str):
+    try:
+        return parse_rule(f"json:{caption_field}" if caption_field else "txt")
+    except RuleError as e:
+        raise ConvertError(f"--caption-field {caption_field!r}: {e}") from None
 
 
 def read_records(path: Path, separator: str | None) -> Iterator[tuple[str, dict | None]]:
@@ -185,7 +180,7 @@ def list_table(path: Path, images: Path, *, image_col: str, caption_col: str, se
                every: bool) -> Iterator[Item]:
     """The rows of a table: image path (relative to ``images``) or bytes, captions, the row itself."""
     cols: tuple[str, str] | None = None
-    image_kind = "path"
+    stored = "path"  # how a row holds its image: a path, or the bytes ("binary", "struct" {bytes, path})
     if path.suffix.lower() == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -197,7 +192,7 @@ def list_table(path: Path, images: Path, *, image_col: str, caption_col: str, se
         kind = image_kind(schema.field(ic).type)
         if kind is None and not pa.types.is_string(schema.field(ic).type):
             raise ConvertError(f"{path}: column {ic!r} holds {schema.field(ic).type}, neither image paths nor images")
-        image_kind = kind or "path"
+        stored = kind or "path"
         cols = (ic, pick(schema.names, caption_col, CAPTION_COLUMNS, "caption", str(path)))
     for where, row in read_records(path, separator):
         if row is None:
@@ -216,13 +211,13 @@ def list_table(path: Path, images: Path, *, image_col: str, caption_col: str, se
         except BadImage as e:
             yield Item(str(path), where, problem=e)
             continue
-        if image_kind == "struct":
+        if stored == "struct":
             image = value.get("bytes") or (images / value["path"] if value.get("path") else None)
-        elif image_kind == "binary":
+        elif stored == "binary":
             image = value
         else:
             image = images / str(value)  # an absolute path stays as it is
-        record = {k: v for k, v in row.items() if k != ic or image_kind == "path"}
+        record = {k: v for k, v in row.items() if k != ic or stored == "path"}
         yield Item(str(path), where, image, caps, record)
 
 
@@ -272,6 +267,8 @@ def convert(src: str | os.PathLike, out_dir: str | os.PathLike, *, prefix: str =
     when the source cannot be read as a whole, or not one of its records is usable."""
     if captions not in ("all", "first"):
         raise ConvertError(f"--captions must be 'all' or 'first', got {captions!r}")
+    if per_shard < 1:
+        raise ConvertError(f"--per-shard must be at least 1, got {per_shard}")
     src, out_dir = Path(src), Path(out_dir)
     if out_dir.is_dir() and any(out_dir.glob(f"{prefix}-*.tar")):
         raise ConvertError(f"{out_dir} already holds {prefix}-*.tar shards: choose another --prefix or folder "
@@ -353,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-col", default="", help="list column / field with the image (default: the usual names)")
     ap.add_argument("--caption-col", default="", help="list column / field with the caption (default: the usual "
                                                       "names, then conversations)")
-    ap.add_argument("--caption-field", default="", help="folder mode: take captions from this field of key.json")
+    ap.add_argument("--caption-field", default="", help="folder mode: take captions from this field of the .json "
+                                                        "beside each image (a dotted path, as data.caption_field)")
     ap.add_argument("--images", default=None, help="folder where relative image paths start (default: the list's "
                                                    "own folder)")
     ap.add_argument("--separator", default=None, help="column separator of a delimited list (default: tab for "
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         res = convert(a.src, a.out_dir, prefix=a.prefix, per_shard=a.per_shard, image_col=a.image_col,
                       caption_col=a.caption_col, caption_field=a.caption_field, images=a.images,
                       separator=a.separator, captions=a.captions, check=not a.no_check)
-    except (ConvertError, ImportError) as e:
+    except (ConvertError, ImportError, OSError) as e:  # OSError: the output folder cannot be written
         print(f"{ap.prog}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=2))

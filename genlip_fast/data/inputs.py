@@ -34,7 +34,9 @@ def smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) 
     """Qwen2-VL's resize rule (its image processor's ``smart_resize``; the authors' native-aspect processor uses
     it with factor 16 and 4,096-262,144 pixels): ``(height, width)``, both multiples of ``factor``, the pixel
     count within [min_pixels, max_pixels], the aspect ratio kept as closely as that allows (Python's ``round``,
-    half to even, as there). An aspect ratio past 200 is refused, as there."""
+    half to even, as there). An aspect ratio past 200 is refused, as there. Restated, not imported: transformers is
+    no runtime dependency, and the exported processor (``checkpoint/hf/image_processing_genlip_fast.py``) cannot
+    import genlip_fast; a test holds the three equal."""
     if max(h, w) / min(h, w) > 200:
         raise ValueError(f"image {w}x{h}: absolute aspect ratio must be smaller than 200 (Qwen2-VL's resize rule)")
     h_bar, w_bar = round(h / factor) * factor, round(w / factor) * factor

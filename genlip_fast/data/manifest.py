@@ -22,10 +22,13 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable
 
 from . import storage
 from .reader import open_shard
+from .specs import NoShardsError, folder_shards
+from .storage import StorageSetupError
 from .webdataset import SHARD_ERRORS, read_sidecar, shard_error, write_index
 
 log = logging.getLogger(__name__)
@@ -36,10 +39,6 @@ MANIFEST_FORMAT = "genlip-shard-manifest/1"
 
 def manifest_path(folder: str | os.PathLike) -> str:
     return storage.join(str(folder), MANIFEST_NAME)
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(path) else os.path.basename(path)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, dict]:
@@ -81,26 +80,29 @@ def shard_entry(path: str | os.PathLike, samples: int | None = None) -> dict:
             shard.close()
         return {"samples": int(samples), "bytes": storage.size(path)}
     except SHARD_ERRORS as e:
-        error = shard_error(e)
+        error = shard_error(e, path)
     return {"samples": 0, "bytes": storage.size(path) if storage.is_file(path) else 0, "error": error}
 
 
 def build_manifest(folder: str | os.PathLike, *, index: bool = False) -> dict:
-    """Write the manifest of every ``*.tar`` and ``*.parquet`` in ``folder`` (local or a URL), and with ``index``
-    the ``.idx`` sidecar of every tar that lacks a valid one; returns ``{"shards", "samples", "bad": [names],
+    """Write the manifest of every shard in ``folder`` (local or a URL: its ``*.tar`` and ``*.parquet`` files but
+    img2dataset's metadata, as :func:`~genlip_fast.data.specs.folder_shards` takes them), and with ``index`` the
+    ``.idx`` sidecar of every tar that lacks a valid one; returns ``{"shards", "samples", "bad": [names],
     "indexed": [names]}``."""
     folder = str(folder)
-    paths = storage.glob(storage.join(folder, "*.tar")) + storage.glob(storage.join(folder, "*.parquet"))
+    paths = folder_shards(folder)
+    if not paths:  # a mistyped folder: say so rather than write an empty manifest there (or fail to)
+        raise NoShardsError(f"no shard in {folder!r} (.tar or .parquet files directly in it)")
     indexed = []
     if index:
         for p in paths:
             if p.endswith(".tar") and read_sidecar(p) is None:
                 try:
                     write_index(p)
-                    indexed.append(_name(p))
+                    indexed.append(storage.name(p))
                 except SHARD_ERRORS:
                     pass  # listed with its error below
-    entries = {_name(p): shard_entry(p) for p in paths}
+    entries = {storage.name(p): shard_entry(p) for p in paths}
     update_manifest(folder, entries)
     return {"shards": len(entries), "samples": sum(e["samples"] for e in entries.values()),
             "bad": [name for name, e in entries.items() if "error" in e], "indexed": indexed}
@@ -111,7 +113,7 @@ def dataset_size(shards: Iterable[str]) -> tuple[int, int, list[str]]:
     the shards' folders (one file read per folder; no shard is opened)."""
     by_folder: dict[str, list[str]] = {}
     for s in shards:
-        by_folder.setdefault(storage.parent(s), []).append(_name(s))
+        by_folder.setdefault(storage.parent(s), []).append(storage.name(s))
     samples = listed = 0
     missing = []
     for folder, names in by_folder.items():
@@ -134,19 +136,25 @@ def describe_dataset(shards: list[str]) -> str:
             f"train, but `python -m genlip_fast.data.manifest {' '.join(missing[:3])}` records the dataset's size")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="write genlip-manifest.json (per-shard sample counts) for shard folders")
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m genlip_fast.data.manifest",
+                                 description="write genlip-manifest.json (per-shard sample counts) for shard folders")
     ap.add_argument("folders", nargs="+", help="folders of webdataset .tar or Parquet shards (local or URLs)")
     ap.add_argument("--index", action="store_true",
                     help="also write the .idx sidecar of every tar without a valid one (shards made by other tools)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for folder in a.folders:
-        res = build_manifest(folder, index=a.index)
+        try:
+            res = build_manifest(folder, index=a.index)
+        except (OSError, StorageSetupError) as e:  # NoShardsError is a FileNotFoundError
+            print(f"{ap.prog}: error: {e}", file=sys.stderr)
+            return 2
         print(f"{manifest_path(folder)}: {res['shards']} shards, {res['samples']:,} samples"
               + (f"; {len(res['indexed'])} .idx sidecars written" if a.index else "")
               + (f"; unreadable: {', '.join(res['bad'])}" if res["bad"] else ""))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

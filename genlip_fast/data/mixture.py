@@ -22,10 +22,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .sampler import ShardSampler, initial_state, remap_states
+from .sampler import CounterUniforms, ShardSampler, initial_state, remap_states
 
 MIXTURE_FORMAT = "mixture/1"
-_BLOCK = 4096  # uniform numbers drawn per RNG call
 
 
 def source_seed(seed: int, k: int) -> int:
@@ -71,7 +70,7 @@ class MixtureSampler:
         self.draws = int(state["draws"])
         self.done = [s.exhausted for s in self.samplers]  # as the draws that found them finished left them
         self.current = -1
-        self._block: tuple[int, np.ndarray] | None = None
+        self._uniforms = CounterUniforms(*self.key, 7)  # 7: a sequence of its own, apart from the lanes' draws
 
     def state_dict(self) -> dict:
         return {"format": MIXTURE_FORMAT, "key": list(self.key), "draws": self.draws,
@@ -91,7 +90,8 @@ class MixtureSampler:
 
     def __next__(self) -> tuple[int, int]:
         while not all(self.done):
-            k = self.current = self.pick(self._uniform())
+            k = self.current = self.pick(self._uniforms(self.draws))
+            self.draws += 1
             try:
                 shard, i = next(self.samplers[k])
             except StopIteration:  # this source finished its epochs; the others go on
@@ -111,12 +111,6 @@ class MixtureSampler:
                 return k
         return live[-1]  # u within rounding of 1
 
-    def _uniform(self) -> float:
-        b, i = divmod(self.draws, _BLOCK)
-        if self._block is None or self._block[0] != b:
-            self._block = (b, np.random.default_rng([*self.key, 7, b]).random(_BLOCK))
-        self.draws += 1
-        return float(self._block[1][i])
 
 
 def remap_mixture(old: list[dict], *, stream: int, streams: int, lanes_per_stream: int, seed: int) -> dict:

@@ -162,9 +162,10 @@ class ParquetShard:
             with self._lock:
                 t = self.cache.get((self.path, g))  # another thread may have read it meanwhile
                 if t is None:
-                    try:
-                        t = storage.retrying(self.path, lambda: self._pf.read_row_group(g), "read")
-                    except pa.ArrowException as e:
+                    read = lambda: self._pf.read_row_group(g)  # noqa: E731
+                    try:  # a remote read is retried on transient errors; a local file's failure is its content
+                        t = storage.retrying(self.path, read, "read") if storage.is_remote(self.path) else read()
+                    except (OSError, pa.ArrowException) as e:
                         raise OSError(f"row group {g}: {type(e).__name__}: {e}") from None
                     self.cache.put((self.path, g), t)
         return t

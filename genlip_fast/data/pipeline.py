@@ -19,19 +19,17 @@ images are read for captioning, so there is one reader for training and evaluati
 
 The position (``state_dict()``) is the sampler's position just past the last sample the packer took (a few integers
 per open shard, and the mixture's draw count), the samples the packer still holds (as (shard, sample) pairs) and its
-counters, per source. Restoring re-reads
-and re-decodes only those held samples, then continues: the packs that follow are exactly those an uninterrupted run
-would have produced. :meth:`PackedLoader.load_remapped` continues the positions of a different number of streams.
+counters, per source. Restoring re-reads and re-decodes only those held samples, then continues: the packs that
+follow are exactly those an uninterrupted run would have produced. :meth:`PackedLoader.load_remapped` continues the positions of a different number of streams.
 
-On a GPU (``device`` given) the background thread binds to that device and packs are handed out in pinned host
-memory, so ``batch.to(device, non_blocking=True)`` copies asynchronously.
+The background thread is a :class:`~genlip_fast.data.prefetch.Prefetcher`. On a GPU (``device`` given) it binds to
+that device and packs are handed out in pinned host memory, so ``batch.to(device, non_blocking=True)`` copies
+asynchronously.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -43,6 +41,7 @@ from .config import DataConfig, data_sources
 from .dali import resolve_backend
 from .packing import Packer, SampleTooLongError, fit_sample
 from .position import checked_position, initial_position, remapped_position, sum_counts
+from .prefetch import END, Failure, Prefetcher
 from .reader import Record, ShardReader, SkipCounter, Skipped
 from .sampler import EmptyDatasetError, layout_digest
 from .specs import expand_spec
@@ -52,22 +51,9 @@ from .transforms import HostDecoder, check_grid_limits
 
 log = logging.getLogger(__name__)
 
-_END = object()
 MAX_READS = 1024
 """Records read (good or bad) between two decode batches at most: bounds the memory and the time between two
 checks for a pass without a usable sample, whatever the share of bad records."""
-POLL_S = 0.2
-"""How often a wait for the next pack looks at :attr:`PackedLoader.interrupt`."""
-
-
-class DataWaitInterrupted(RuntimeError):
-    """``next(loader)`` gave up waiting for a pack because :attr:`PackedLoader.interrupt` said so; the stream has not
-    moved and the next call waits again."""
-
-
-class _Failure:
-    def __init__(self, exc: BaseException):
-        self.exc = exc
 
 
 class PackedLoader:
@@ -77,7 +63,7 @@ class PackedLoader:
     ``epochs=None`` streams forever (training); a number stops after that many passes (evaluation, tests).
     ``device``: the GPU the packs go to (the loader thread binds to it and pins the packs); None on CPU.
     ``stats`` holds: ``backend``, ``packs``, ``samples``, ``skipped`` (by reason) and ``skipped_total``,
-    ``bad_shards`` (shards that are not a readable tar), ``sources`` (per source name: its ``weight``, ``samples``
+    ``bad_shards`` (shards that cannot be read), ``sources`` (per source name: its ``weight``, ``samples``
     delivered in packs, ``skipped`` by reason, ``skipped_total``, ``bad_shards``), ``truncated_captions``,
     ``fill_ratio`` (tokens in use over pack capacity of the packs delivered), ``images_per_s`` (decode + tokenise +
     pack rate of the background work, not counting time it waited for room in the queue), ``data_wait_s`` (total
@@ -86,9 +72,9 @@ class PackedLoader:
     A stream (or a source of it) that goes a whole pass without a usable sample (every record bad, skipped or too
     long for a pack) raises :class:`~genlip_fast.data.sampler.NoUsableSampleError` from ``next()``, naming the
     source, the shards and the skips by reason, instead of reading on forever (``epochs=None``; a finite loader
-    just ends). ``interrupt``: a callable (None by default) that ``next()`` asks every ``POLL_S`` seconds while it
-    waits for a pack; when it returns true, ``next()`` raises :class:`DataWaitInterrupted` (the trainer: a stop
-    signal during a data wait).
+    just ends). ``interrupt``: a callable (None by default) that ``next()`` asks every
+    :data:`~genlip_fast.data.prefetch.POLL_S` seconds while it waits for a pack; when it returns true, ``next()``
+    raises :class:`~genlip_fast.data.prefetch.DataWaitInterrupted` (the trainer: a stop signal during a data wait).
     """
 
     def __init__(self, cfg: DataConfig, tokenizer: Tokenizer, *, rank: int = 0, world_size: int = 1,
@@ -118,10 +104,8 @@ class PackedLoader:
         self.digest = layout_digest(self.reader.shards + marks, cfg.seed)
         self._decoder = None
         self._state = self._initial_state()
-        self._thread: threading.Thread | None = None
-        self._gen: Iterator | None = None
-        self._q: queue.Queue | None = None
-        self._stop = threading.Event()
+        self._prefetch: Prefetcher | None = None  # the background thread (data.prefetch > 0)
+        self._gen: Iterator | None = None  # or the packs made on the calling thread
         self._counters = [SkipCounter() for _ in self.sources]  # per source, as of the last pack handed out
         self._taken = [0] * len(self.sources)
         self._delivered = {"packs": 0, "tokens": 0, "samples": 0}
@@ -134,17 +118,20 @@ class PackedLoader:
         return self
 
     def __next__(self) -> PackedBatch:
-        if self._gen is None and self._thread is None:
+        if self._gen is None and self._prefetch is None:
             self._start()
         t0 = time.perf_counter()
-        item = self._get() if self._thread is not None else self._next_direct()
+        if self._prefetch is not None:
+            item = self._prefetch.get(self.interrupt, f"data stream {self.rank}: stopped waiting for a pack")
+        else:
+            item = next(self._gen, END)
         dt = time.perf_counter() - t0
         self._wait["total"] += dt
         self._wait["last"] = dt
-        if item is _END:
-            self._thread, self._gen = None, iter(())
+        if item is END:
+            self._prefetch, self._gen = None, iter(())
             raise StopIteration
-        if isinstance(item, _Failure):
+        if isinstance(item, Failure):
             if isinstance(item.exc, EmptyDatasetError):
                 raise item.exc
             raise RuntimeError("the data loader's background thread failed") from item.exc
@@ -152,7 +139,7 @@ class PackedLoader:
         self._state = state
         self._sync_counts()
         if pack is None:
-            self._thread, self._gen = None, iter(())
+            self._prefetch, self._gen = None, iter(())
             raise StopIteration
         d = self._delivered
         d["packs"] += 1
@@ -268,60 +255,18 @@ class PackedLoader:
         return stream
 
     def _start(self) -> None:
-        self._stop = threading.Event()
         gen = self._produce(dict(self._state))
         if self.cfg.prefetch <= 0:
             self._gen = gen
             return
-        self._q = queue.Queue(maxsize=self.cfg.prefetch)
-        self._thread = threading.Thread(target=self._run, args=(gen, self._q, self._stop), daemon=True,
-                                        name=f"genlip-data-stream{self.rank}")
-        self._thread.start()
-
-    def _get(self):
-        while True:
-            try:
-                return self._q.get(timeout=POLL_S)
-            except queue.Empty:
-                if self.interrupt is not None and self.interrupt():
-                    raise DataWaitInterrupted(f"data stream {self.rank}: stopped waiting for a pack") from None
-
-    def _next_direct(self):
-        try:
-            return next(self._gen)
-        except StopIteration:
-            return _END
-
-    def _run(self, gen, q: queue.Queue, stop: threading.Event) -> None:
-        try:
-            if self.pin:  # pinned buffers and DALI's GPU work belong to this rank's device, not to GPU 0
-                torch.cuda.set_device(self.device)
-            for item in gen:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(_END)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
-            q.put(_Failure(e))
+        self._prefetch = Prefetcher(gen, self.cfg.prefetch, name=f"genlip-data-stream{self.rank}",
+                                    device=self.device if self.pin else None)
 
     def _shutdown(self, timeout_s: float = 30.0) -> None:
-        if self._thread is not None:
-            self._stop.set()
-            deadline = time.monotonic() + timeout_s
-            while self._thread.is_alive() and time.monotonic() < deadline:
-                try:  # unblock a producer waiting for room
-                    self._q.get_nowait()
-                except queue.Empty:
-                    self._thread.join(0.05)
-            if self._thread.is_alive():  # stuck in a read (storage that hangs): a daemon, it ends with the process
-                log.warning("data stream %d: the loader thread did not stop within %.0f s; leaving it", self.rank,
-                            timeout_s)
-        self._thread, self._gen, self._q = None, None, None
+        if self._prefetch is not None and not self._prefetch.close(timeout_s):
+            log.warning("data stream %d: the loader thread did not stop within %.0f s; leaving it", self.rank,
+                        timeout_s)
+        self._prefetch, self._gen = None, None
 
     def _get_decoder(self):
         if self._decoder is None:
@@ -389,7 +334,7 @@ class PackedLoader:
                 k = stream.current
                 bad = skipped[k].bad_shards
                 err = EmptyDatasetError((f"source {self.sources[k].name!r}: " if len(self.sources) > 1 else "")
-                                        + f"{e}" + (f": {len(bad)} are not readable tars ({', '.join(bad[:5])}"
+                                        + f"{e}" + (f": {len(bad)} cannot be read ({', '.join(bad[:5])}"
                                                     f"{' ...' if len(bad) > 5 else ''}; see the warnings above)"
                                                     if bad else ""))
                 err.option = self._option(k)

@@ -70,7 +70,8 @@ class SkipCounter:
             log.warning("%d samples skipped so far: %s", total, dict(sorted(self.counts.items())))
 
     def bad_shard(self, path: str, reason: str) -> None:
-        """A shard that is not a readable tar: its samples are skipped (logged once per path)."""
+        """A shard that cannot be read (not a readable tar, a Parquet file without images, ...): its samples are
+        skipped (logged once per path)."""
         with self._lock:
             if path in self.bad_shards:
                 return
@@ -211,7 +212,7 @@ class ShardReader:
         try:
             shard = open_shard(path, image_column=self.image_column, cache=self._cache)
         except SHARD_ERRORS as e:
-            self._bad[i] = shard_error(e)
+            self._bad[i] = shard_error(e, path)
             return None
         self._open[i] = shard
         while len(self._open) > self.keep_open:

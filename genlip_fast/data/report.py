@@ -10,7 +10,8 @@ reader — the same checks, caption rule and tokenizer, no image decode — and 
 
 * shards and samples (from the folders' manifests, else counted or estimated from the shards read), shards that
   cannot be read and why, bad records by reason;
-* caption length in tokens (end-of-text included: percentiles, and the share cut at ``--max-caption-tokens``);
+* caption length in tokens (end-of-text included: percentiles, and the share cut at ``--max-caption-tokens``), and
+  the prompt's where the caption rule keeps a conversation's question (``conv+prompt``);
 * image sizes, patches per image (stage 2: the 16–1024-patch grid), tokens per sample;
 * the packing the loader will make: pack fill and samples per ``--pack-tokens`` pack (the packer itself, with the
   stage's look-ahead), samples too long for a pack;
@@ -36,8 +37,8 @@ from .captions import parse_rule
 from .manifest import dataset_size
 from .packing import Packer, SampleTooLongError
 from .reader import Record, ShardReader, SkipCounter
+from .specs import expand_spec, split_sources
 from .tokenizer import load_tokenizer
-from .specs import expand_spec
 from .transforms import check_grid_limits, grid_for
 
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
@@ -79,24 +80,33 @@ def summary(values) -> dict:
     return out
 
 
-def pick_records(reader: ShardReader, n: int, seed: int, skipped: SkipCounter, bar) -> tuple[list, int]:
-    """Records to read: every one (``n == 0``), or about ``n`` spread over up to :data:`SHARDS_SPREAD` shards in a
-    seeded random order (a random subset of each). Returns ``([(shard, sample)], shards opened)``."""
+def read_records(reader: ShardReader, n: int, seed: int, skipped: SkipCounter, bar,
+                 ) -> tuple[list[Record], int, dict[int, int]]:
+    """Read every record (``n == 0``), or about ``n`` spread over up to :data:`SHARDS_SPREAD` shards in a seeded
+    random order (a random subset of each), a shard's records right after it is opened (so each shard is opened
+    once, whatever the reader keeps open); bad ones counted in ``skipped``. Returns ``(good records, records read,
+    {shard opened: its samples})``."""
     order = list(range(len(reader.shards)))
     if n:
         random.Random(seed).shuffle(order)
     quota = math.ceil(n / min(len(order), SHARDS_SPREAD)) if n else None
-    picked, opened = [], 0
+    records, read, counts = [], 0, {}
     rng = random.Random(seed + 1)
     for s in order:
-        if n and len(picked) >= n:
+        if n and read >= n:
             break
-        count = reader.count(s, skipped)
-        opened += 1
-        ids = range(count) if quota is None else sorted(rng.sample(range(count), min(quota, count, n - len(picked))))
-        picked += [(s, i) for i in ids]
-        bar.set_postfix(shards=opened)
-    return picked, opened
+        count = counts[s] = reader.count(s, skipped)
+        ids = range(count) if quota is None else sorted(rng.sample(range(count), min(quota, count, n - read)))
+        for i in ids:
+            r = reader.read(s, i)
+            if isinstance(r, Record):
+                records.append(r)
+            else:
+                skipped.skip(r.reason, r.shard, r.key, r.detail)
+            bar.update(1)
+        read += len(ids)
+        bar.set_postfix(shards=len(counts))
+    return records, read, counts
 
 
 def predicted_packing(lengths: list[tuple[int, int]], pack_tokens: int, lookahead: int) -> dict:
@@ -133,47 +143,43 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
     lookahead = opt.lookahead or (1 if opt.stage == 1 else 64)
     global_batch = opt.global_batch or (32768 if opt.stage == 1 else 3600)
     tok = load_tokenizer(opt.tokenizer)
-    shards = [s for part in spec.split(";") if part.strip() for s in expand_spec(part)]  # 'p1;p2': one population
+    shards = [s for part in split_sources(spec) for s in expand_spec(part)]  # 'p1;p2': one population
     reader = ShardReader(shards, stage=opt.stage, patch=opt.patch_size, caption=parse_rule(opt.caption),
                          image_column=opt.image_column, keep_open=4)
     skipped = SkipCounter()
-    bar = tqdm(desc="scanning", unit=" samples", total=opt.sample or None, disable=not progress, file=sys.stderr)
+    listed, _, missing = dataset_size(shards)
+    total = None if missing else listed  # what the bar runs to: the records to read, where known
+    if opt.sample:
+        total = opt.sample if total is None else min(opt.sample, total)
+    bar = tqdm(desc="scanning", unit=" samples", total=total, disable=not progress, file=sys.stderr)
     try:
-        picked, opened = pick_records(reader, opt.sample, opt.seed, skipped, bar)
-        bar.total = len(picked)
-        bar.refresh()
-        records: list[Record] = []
-        for s, i in picked:
-            r = reader.read(s, i)
-            if isinstance(r, Record):
-                records.append(r)
-            else:
-                skipped.skip(r.reason, r.shard, r.key, r.detail)
-            bar.update(1)
+        records, read, counts = read_records(reader, opt.sample, opt.seed, skipped, bar)
     finally:
         bar.close()
         reader.close()
     cap_tokens = []
     for k in range(0, len(records), 512):
         cap_tokens += [len(ids) for ids in tok.encode_batch([r.caption for r in records[k:k + 512]], add_eot=True)]
+    # a conversation's question kept as the prompt (conv+prompt) is in the sample too, as the loader packs it
+    prompts = sorted({r.prompt for r in records if r.prompt})
+    prompt_len = dict(zip(prompts, map(len, tok.encode_batch(prompts)))) if prompts else {}
+    prompt_tokens = [prompt_len[r.prompt] if r.prompt else 0 for r in records]
     grids = [grid_for(r.hw[0], r.hw[1], stage=opt.stage, image_size=opt.image_size, patch=opt.patch_size,
                       min_patches=opt.min_patches, max_patches=opt.max_patches) for r in records]
     patches = [h * w for h, w in grids]
     cap = opt.max_caption_tokens
-    text = [min(t, cap) if cap else t for t in cap_tokens]
+    text = [(min(t, cap) if cap else t) + p for t, p in zip(cap_tokens, prompt_tokens)]
     lengths = list(zip(patches, text))
 
-    listed, in_manifest, missing = dataset_size(shards)
-    read = len(picked)
     good_share = len(records) / read if read else 0.0
+    # the shards opened for the records, counted then (an unreadable one holds 0 samples)
     if not missing:
         samples, source = listed, "manifest"
-    elif opened == len(shards):
-        samples, source = sum(reader.count(s) for s in range(len(shards))), "counted"
+    elif len(counts) == len(shards):
+        samples, source = sum(counts.values()), "counted"
     else:
-        counted = [reader.count(s) for s in range(len(shards)) if s in {p[0] for p in picked}]
-        samples = round(sum(counted) / max(1, len(counted)) * len(shards))
-        source = f"estimated from {len(counted)} of {len(shards)} shards"
+        samples = round(sum(counts.values()) / max(1, len(counts)) * len(shards))
+        source = f"estimated from {len(counts)} of {len(shards)} shards"
     usable = round(samples * good_share)
     packing = predicted_packing(lengths, opt.pack_tokens, lookahead)
     mean_tokens = float(np.mean([p + t for p, t in lengths])) if lengths else 0.0
@@ -182,12 +188,13 @@ def build_report(spec: str, opt: ReportOptions, *, progress: bool = True) -> dic
         "spec": spec, "stage": opt.stage, "tokenizer": opt.tokenizer, "caption": opt.caption,
         "dataset": {"shards": len(shards), "samples": samples, "samples_from": source,
                     "bad_shards": dict(reader.bad_shards)},
-        "scanned": {"shards": opened, "records": read, "good": len(records),
+        "scanned": {"shards": len(counts), "records": read, "good": len(records),
                     "skipped": dict(sorted(skipped.counts.items())),
                     "good_share": round(good_share, 4)},
         "caption_tokens": {**summary(cap_tokens), "cap": cap,
                            "share_cut": round(sum(t > cap for t in cap_tokens) / len(cap_tokens), 4)
                            if cap and cap_tokens else 0.0},
+        "prompt_tokens": summary(prompt_tokens) if prompts else {},
         "image_size": {"height": summary([r.hw[0] for r in records]), "width": summary([r.hw[1] for r in records])},
         "patches_per_image": summary(patches),
         "tokens_per_sample": summary([p + t for p, t in lengths]),
@@ -215,8 +222,11 @@ def format_report(rep: dict) -> str:
         lines.append(f"  skipped       {n:,}  {reason}")
     for path, why in list(d["bad_shards"].items())[:5]:
         lines.append(f"  bad shard     {path}: {why}")
-    lines += [f"caption tokens  {pct(c)}" + (f"  cut at {c['cap']}: {100 * c['share_cut']:.1f}%" if c["cap"] else ""),
-              f"image height    {pct(rep['image_size']['height'])}",
+    cut = f"  cut at {c['cap']}: {100 * c['share_cut']:.1f}%" if c["cap"] else ""
+    lines.append(f"caption tokens  {pct(c)}{cut}")
+    if rep["prompt_tokens"]:
+        lines.append(f"prompt tokens   {pct(rep['prompt_tokens'])}")
+    lines += [f"image height    {pct(rep['image_size']['height'])}",
               f"image width     {pct(rep['image_size']['width'])}",
               f"patches/image   {pct(rep['patches_per_image'])}",
               f"tokens/sample   {pct(rep['tokens_per_sample'])}",

@@ -49,6 +49,22 @@ def _rng(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) for w in words])
 
 
+class CounterUniforms:
+    """Uniform numbers in [0, 1) by their index: ``u(n)`` is the n-th of the sequence that ``words`` key, drawn in
+    blocks of 4096 from a generator seeded by the key and the block number (counter-based: any draw, no earlier
+    state). The draws of a stream (which lane) and of a mixture (which source) come from here."""
+
+    def __init__(self, *words: int):
+        self.words = [int(w) for w in words]
+        self._block: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, n: int) -> float:
+        b, i = divmod(n, _BLOCK)
+        if self._block is None or self._block[0] != b:
+            self._block = (b, _rng(*self.words, b).random(_BLOCK))
+        return float(self._block[1][i])
+
+
 def parts_per_shard(num_shards: int, lanes: int) -> int:
     """How many parts each shard is split into so that ``lanes`` lanes all get one (1 when shards are plenty)."""
     return max(1, math.ceil(lanes / max(1, num_shards)))
@@ -87,7 +103,7 @@ class ShardSampler:
         self.key = [int(x) for x in state["key"]]
         self.draws = int(state["draws"])
         self.lanes = [[int(x) for x in lane] for lane in state["lanes"]]
-        self._block: tuple[int, np.ndarray] | None = None
+        self._uniforms = CounterUniforms(*self.key)
         self._orders: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._nonempty = False
@@ -132,11 +148,8 @@ class ShardSampler:
 
     def _uniform(self) -> float:
         """The stream's ``draws``-th uniform number in [0, 1) (counter-based: no hidden state)."""
-        b, i = divmod(self.draws, _BLOCK)
-        if self._block is None or self._block[0] != b:
-            self._block = (b, _rng(*self.key, b).random(_BLOCK))
         self.draws += 1
-        return float(self._block[1][i])
+        return self._uniforms(self.draws - 1)
 
     def _epoch_order(self, epoch: int, parts: int) -> np.ndarray:
         """Virtual shards ``part * N + shard`` of an epoch, permuted (N * parts int64: small)."""
@@ -195,8 +208,8 @@ class PassWatch:
     same epoch, from the epoch's start to its end, after the last usable sample (:meth:`usable`) — so the stream
     read all its samples of that epoch and none was usable. From a stream's start that is its first epoch; from the
     middle of one, the next. What counts as usable is the caller's call (the loader: a sample its packer took). The
-    watch keeps one integer per lane, whatever the data; a check over a subset of the shards (one source of
-    several) would keep one watch per subset.
+    watch keeps one integer per lane, whatever the data. A mixture keeps one watch per source, on that source's
+    sampler (:class:`~genlip_fast.data.stream.PassTally`).
     """
 
     def __init__(self, sampler: ShardSampler):

@@ -78,6 +78,12 @@ def _split_commas(text: str) -> list[str]:
     return items + [text[start:]]
 
 
+def split_sources(spec: str) -> list[str]:
+    """``"p1;p2"`` -> ``["p1", "p2"]``: the authors' form of several sources in one ``data.train_shards`` (each
+    part a spec of its own)."""
+    return [p.strip() for p in str(spec).split(";") if p.strip()]
+
+
 def split_parts(spec: str) -> list[str]:
     """``"a/{1,2}.tar, b/*.tar"`` -> ``["a/{1,2}.tar", "b/*.tar"]``: commas outside braces separate parts."""
     return [p.strip() for p in _split_commas(spec) if p.strip()]
@@ -222,7 +228,7 @@ def _shards_among(files: list[str], fs) -> tuple[list[str], int]:
     """The shards among files found by a folder or glob search: shard and compressed suffixes only, no hidden
     files, and no img2dataset metadata (a ``.parquet`` with a ``.tar`` of the same name beside it); and how many
     such metadata files were left out."""
-    keep = [f for f in files if _suffix(f) and not _name(f).startswith(".")]
+    keep = [f for f in files if _suffix(f) and not storage.name(f).startswith(".")]
     parquets = [f for f in keep if f.lower().endswith(".parquet")]
     if not parquets:
         return keep, 0
@@ -234,13 +240,9 @@ def _shards_among(files: list[str], fs) -> tuple[list[str], int]:
         parent = storage.parent(f)
         if parent not in listed:
             listed[parent] = fs.entries(parent) or {}
-        if tar in tars or _name(tar) in listed[parent]:
+        if tar in tars or storage.name(tar) in listed[parent]:
             meta.add(f)
     return [f for f in keep if f not in meta], len(meta)
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1] if storage.is_remote(path) else os.path.basename(path)
 
 
 def _kinds(paths: list[str], fs) -> dict[str, str]:
@@ -254,7 +256,7 @@ def _kinds(paths: list[str], fs) -> dict[str, str]:
         if len(group) >= LIST_PARENT_AT:
             listed = fs.entries(parent) or {}
             for p in group:
-                is_dir = listed.get(_name(p))
+                is_dir = listed.get(storage.name(p))
                 out[p] = "missing" if is_dir is None else ("dir" if is_dir else "file")
         else:
             for p in group:
@@ -262,9 +264,21 @@ def _kinds(paths: list[str], fs) -> dict[str, str]:
     return out
 
 
+def _filesystem(path: str) -> tuple[_LocalFS | _RemoteFS, str]:
+    """The filesystem ``path`` is on, and ``path`` as it lists there (``file://`` URLs are local paths)."""
+    return (_RemoteFS(path), path) if storage.is_remote(path) else (_LocalFS(), storage.local_path(path))
+
+
+def folder_shards(folder: str) -> list[str]:
+    """The shards directly in ``folder`` (not below it), sorted, taken as a folder search takes them: ``.tar`` and
+    ``.parquet`` files, no hidden files, no img2dataset metadata (what a folder's manifest lists)."""
+    fs, folder = _filesystem(folder)
+    found = [f for suffix in SHARD_SUFFIXES for f in fs.glob(storage.join(folder, "*" + suffix))]
+    return sorted(_shards_among(found, fs)[0])
+
+
 def _expand_part(part: str) -> list[str]:
-    fs = _RemoteFS(part) if storage.is_remote(part) else _LocalFS()
-    part = part if storage.is_remote(part) else storage.local_path(part)  # file:// URLs are local paths
+    fs, part = _filesystem(part)
     patterns = expand_braces(part)
     literal = [p for p in patterns if not any(c in p for c in GLOB_CHARS)]
     kinds = _kinds(literal, fs)

@@ -5,7 +5,9 @@ protocol (``s3://bucket/s1/000123.tar``, ``gs://...``, ``https://...``); the rea
 so a remote sample costs one ranged GET of its members (never a download of the whole shard). ::
 
     open_source(path).read(offset, size)    # one sample's members: os.pread locally, a ranged GET remotely
-    read_file(path) / size(path) / exists(path) / glob(pattern) / write_file(path, data)
+    read_file(path) / size(path) / exists(path) / is_file(path) / write_file(path, data)
+
+(Listing folders and patterns is :mod:`~genlip_fast.data.specs`'s, through the same retries.)
 
 Every remote call is retried with exponential back-off (and jitter) on transient failures: connection errors,
 timeouts, HTTP 408/425/429/5xx. What retrying cannot mend is one clear error naming the URL:
@@ -93,6 +95,11 @@ def join(base: str, *names: str) -> str:
     return os.path.join(base, *names)
 
 
+def name(path: str) -> str:
+    """The file name of ``path`` (``x.tar`` for ``s3://b/d/x.tar`` and for ``/d/x.tar``)."""
+    return path.rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else os.path.basename(path)
+
+
 def parent(path: str) -> str:
     """The folder of ``path`` (``s3://b/d`` for ``s3://b/d/x.tar``)."""
     if is_remote(path):
@@ -126,8 +133,12 @@ def configure(options: Mapping[str, Mapping] | None) -> None:
         conf = copy.deepcopy(_base_conf)
         for proto, opts in options.items():
             conf.setdefault(proto, {}).update(opts)
-        fsspec.config.conf.clear()
-        fsspec.config.conf.update(conf)
+        # in place and never emptied on the way: a loader thread may be opening a filesystem meanwhile (the
+        # held-out loader is built, with the same options, while the training stream reads)
+        live = fsspec.config.conf
+        for proto in [p for p in live if p not in conf]:
+            del live[proto]
+        live.update(conf)
 
 
 def filesystem(url: str):
@@ -236,23 +247,6 @@ def is_file(path: str) -> bool:
         return os.path.isfile(local_path(path))
     fs, p = filesystem(path)
     return bool(retrying(path, lambda: fs.isfile(p), "stat"))
-
-
-def is_dir(path: str) -> bool:
-    if not is_remote(path):
-        return os.path.isdir(local_path(path))
-    fs, p = filesystem(path)
-    return bool(retrying(path, lambda: fs.isdir(p), "stat"))
-
-
-def glob(pattern: str) -> list[str]:
-    """Sorted matches of ``pattern``; remote matches keep the pattern's protocol (``s3://b/d/x.tar``)."""
-    if not is_remote(pattern):
-        import glob as _glob
-
-        return sorted(_glob.glob(local_path(pattern)))
-    fs, p = filesystem(pattern)
-    return sorted(fs.unstrip_protocol(m) for m in retrying(pattern, lambda: fs.glob(p), "list"))
 
 
 def write_file(path: str, data: bytes) -> None:

@@ -82,7 +82,7 @@ class PassTally:
             reasons.append(f"{n} {reason}" + (f" ({detail[:120]})" if detail else ""))
         bad = self.skipped.bad_shards[self.bad:]
         if bad:
-            reasons.append(f"{len(bad)} shard{'s' * (len(bad) != 1)} not a readable tar ({', '.join(bad[:3])}"
+            reasons.append(f"{len(bad)} unreadable shard{'s' * (len(bad) != 1)} ({', '.join(bad[:3])}"
                            f"{' ...' if len(bad) > 3 else ''})")
         listed = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
         return (f"no usable sample in a whole pass over {where}: {len(shards)} shard{'s' * (len(shards) != 1)} "

@@ -32,9 +32,12 @@ SHARD_ERRORS = (OSError, EOFError, tarfile.TarError, ShardError)
 """What opening a file that is no (complete) shard raises."""
 
 
-def shard_error(e: BaseException) -> str:
-    """Why a shard was skipped, for logs and manifests."""
-    return str(e) if isinstance(e, ShardError) else f"not a readable tar ({type(e).__name__}: {e})"
+def shard_error(e: BaseException, path: str) -> str:
+    """Why shard ``path`` (a tar or a Parquet file) was skipped, for logs and manifests."""
+    if isinstance(e, ShardError):
+        return str(e)
+    kind = "Parquet file" if path.lower().endswith(".parquet") else "tar"
+    return f"not a readable {kind} ({type(e).__name__}: {e})"
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..data.inputs import open_image
 from ..data.reader import IMAGE_EXTS
 from ..speak import ImageTransform, VisionEncoder
-from ..data.inputs import open_image
 
 log = logging.getLogger(__name__)
 

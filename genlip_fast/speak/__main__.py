@@ -136,13 +136,14 @@ def readout_main(argv: list[str]) -> int:
 
 
 def features_main(argv: list[str]) -> int:
+    from ..checkpoint.load import origin
     from . import features
     from .encoder import load_encoder
 
     ap = argparse.ArgumentParser(prog="python -m genlip_fast.speak features", description=features.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("input", help="a folder of images (searched recursively) or shards: a .tar, a glob, a folder of "
-                                  "*.tar, a comma-separated list")
+    ap.add_argument("input", help="a folder of images (searched recursively) or shards (.tar, .parquet; local or "
+                                  "remote): a file, a glob, a folder holding shards, a brace range, a comma list")
     _model_args(ap)
     ap.add_argument("--out", required=True, help="output folder (a rerun continues it)")
     ap.add_argument("--batch-size", type=int, default=64, help="images encoded together")
@@ -161,15 +162,17 @@ def features_main(argv: list[str]) -> int:
     if args.norm and args.layer is None:
         ap.error("--norm needs --layer (the default features are the final norm's already)")
     device, dtype = _device_dtype(args)
-    encoder = load_encoder(args.checkpoint, dtype=dtype, device=device, image_size=args.image_size,
+    # A run folder means its latest checkpoint: fix which one here and record it, so a rerun after training saved a
+    # newer one refuses to continue the folder rather than mix two checkpoints' features.
+    read = origin(args.checkpoint)["path"]
+    encoder = load_encoder(read, dtype=dtype, device=device, image_size=args.image_size,
                            attn_backend=args.attn_backend)
     n = len(encoder.model.blocks)
     if args.layer is not None and not -n <= args.layer < n:
         ap.error(f"--layer {args.layer}: the model has {n} blocks (0..{n - 1} or -{n}..-1)")
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
-    job = features.FeatureJob(checkpoint=str(Path(args.checkpoint).resolve()), layer=args.layer, norm=args.norm,
-                              patches=args.patches, out_dtype=args.out_dtype, meta=args.meta,
-                              image_size=args.image_size, dtype=dtype_name)
+    job = features.FeatureJob(checkpoint=read, layer=args.layer, norm=args.norm, patches=args.patches,
+                              out_dtype=args.out_dtype, meta=args.meta, image_size=args.image_size, dtype=dtype_name)
     c = features.extract(encoder, job, args.input, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
                          workers=args.workers, progress=not args.no_progress)
     print(f"{args.out}: {c['written']} shard(s) written, {c['skipped']} complete already; {c['encoded']} images "

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from ..data.batch import PackedBatch
+from ..data.inputs import ImageTransform
 from ..data.packing import pack_images
 from ..model import GenLIP
-from ..data.inputs import ImageTransform
 
 TEXT_MODULES = ("text_embed", "text_in", "text_out", "lm_head")
 

@@ -2,9 +2,10 @@
 
     python -m genlip_fast.speak features INPUT --checkpoint C --out DIR [--patches] [--layer -2] [--norm]
 
-INPUT is a folder of images (searched recursively, in sorted order) or webdataset shards (any spec the data
-pipeline reads: a glob, a folder of ``*.tar``, a comma-separated list). DIR receives, per output shard ``NNNNN``
-(one per input shard; for a folder, one per ``--shard-size`` images)::
+INPUT is a folder of images (searched recursively, in sorted order) or shards: webdataset tars or Parquet files,
+local or remote, named by any spec the data pipeline reads (a glob, a folder holding shards, a brace range, a
+comma-separated list). DIR receives, per output shard ``NNNNN`` (one per input shard; for a folder of images, one
+per ``--shard-size`` images)::
 
     features-NNNNN.npy          (n_ok, d) pooled features: the mean of each image's patch features
     patches-NNNNN.safetensors   with --patches: "features" (P, d) every patch's features, the images' rows one after
@@ -27,6 +28,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,14 +36,16 @@ import numpy as np
 import torch
 
 from ..data.inputs import open_image
-from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS
-from ..data.specs import expand_spec
-from ..data.webdataset import SHARD_ERRORS, load_index, read_members, shard_error
+from ..data.reader import IMAGE_EXTS, OTHER_IMAGE_EXTS, open_shard
+from ..data.specs import COMPRESSED_SUFFIXES, SHARD_SUFFIXES, expand_spec
+from ..data.storage import is_remote
+from ..data.webdataset import SHARD_ERRORS, shard_error
 from .encoder import VisionEncoder
 
 FORMAT = "genlip-features/1"
 MANIFEST = "features.json"
 FOLDER_EXTS = {f".{e}" for e in IMAGE_EXTS + OTHER_IMAGE_EXTS}
+SHARD_ENDS = (*SHARD_SUFFIXES, *COMPRESSED_SUFFIXES)
 OUT_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -56,20 +60,29 @@ class Item:
 
 @dataclass
 class Part:
-    """One output shard: its input items, read when the shard is processed."""
+    """One output shard: its input items, opened when the shard is processed (``with part.open() as items``)."""
 
     index: int
     source: str
-    items: Callable[[], list[Item]]
+    open: Callable[[], AbstractContextManager[list[Item]]]
 
 
-def _shard_items(path: str) -> list[Item]:
-    """The images of one shard; a shard that cannot be indexed is one item whose reading fails, so its output shard
-    records why and the run goes on."""
-    def reader(members):
+@contextmanager
+def _shard_items(path: str) -> Iterator[list[Item]]:
+    """The images of one shard, read as the data pipeline reads it (:func:`~genlip_fast.data.reader.open_shard`: a
+    webdataset tar or a Parquet file, local or remote); a shard that cannot be opened is one item whose reading
+    fails, so its output shard records why and the run goes on."""
+    try:
+        shard = open_shard(path)
+    except SHARD_ERRORS as e:
+        def unreadable(reason=shard_error(e, path)) -> bytes:
+            raise ValueError(reason)
+        yield [Item("", path, unreadable)]
+        return
+
+    def reader(i: int) -> Callable[[], bytes]:
         def read() -> bytes:
-            with open(path, "rb") as f:
-                fields = read_members(f, members)
+            fields = shard.fields(i)
             ext = next((e for e in IMAGE_EXTS + OTHER_IMAGE_EXTS if e in fields), None)
             if ext is None:
                 raise ValueError(f"no image member (fields {sorted(fields)})")
@@ -77,35 +90,44 @@ def _shard_items(path: str) -> list[Item]:
         return read
 
     try:
-        index = load_index(path)
-    except SHARD_ERRORS as e:
-        def unreadable(reason=shard_error(e)) -> bytes:
-            raise ValueError(reason)
-        return [Item("", path, unreadable)]
-    return [Item(key, path, reader(members)) for key, members in index]
+        yield [Item(shard.key(i), path, reader(i)) for i in range(len(shard))]
+    finally:
+        shard.close()
 
 
 def plan_parts(spec: str, shard_size: int) -> tuple[list[Part], dict]:
-    """The output shards for INPUT and a description of the input for ``features.json``. A folder holding no
-    ``*.tar`` is a folder of images (recursively, sorted by path, ``shard_size`` per output shard); anything else
-    is a shard spec (one output shard per input shard)."""
+    """The output shards for INPUT and a description of the input for ``features.json``. A local folder holding no
+    shard (``*.tar``, ``*.parquet``, compressed tars; searched recursively) is a folder of images (recursively,
+    sorted by path, ``shard_size`` per output shard); anything else is a shard spec (one output shard per input
+    shard)."""
     import xxhash
 
     root = Path(spec)
-    if root.is_dir() and not any(root.glob("*.tar")):
-        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.is_file() and p.suffix.lower() in FOLDER_EXTS)
-        if not files:
-            raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(FOLDER_EXTS))}) and no *.tar shards")
-        items = [Item(f, f, (lambda f=f: (root / f).read_bytes())) for f in files]
-        parts = [Part(i // shard_size, str(root), (lambda i=i: items[i:i + shard_size]))
-                 for i in range(0, len(items), shard_size)]
-        listing = xxhash.xxh64("\n".join(files).encode()).hexdigest()
-        return parts, {"folder": str(root.resolve()), "images": len(files), "listing_xxh64": listing,
-                       "shard_size": shard_size}
+    if root.is_dir():
+        files, shards_inside = [], False
+        for p in root.rglob("*"):
+            if p.name.lower().endswith(SHARD_ENDS):
+                shards_inside = True
+                break
+            if p.suffix.lower() in FOLDER_EXTS and p.is_file():
+                files.append(p.relative_to(root).as_posix())
+        if not shards_inside:
+            if not files:
+                raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(FOLDER_EXTS))}) and no shards "
+                                        f"({', '.join(SHARD_ENDS)})")
+            files.sort()
+
+            def shard(start: int) -> list[Item]:  # made when the shard is processed: memory holds paths, not items
+                return [Item(f, f, (lambda f=f: (root / f).read_bytes())) for f in files[start:start + shard_size]]
+
+            parts = [Part(i // shard_size, str(root), (lambda i=i: nullcontext(shard(i))))
+                     for i in range(0, len(files), shard_size)]
+            listing = xxhash.xxh64("\n".join(files).encode()).hexdigest()
+            return parts, {"folder": str(root.resolve()), "images": len(files), "listing_xxh64": listing,
+                           "shard_size": shard_size}
     shards = expand_spec(spec)
     return ([Part(i, s, (lambda s=s: _shard_items(s))) for i, s in enumerate(shards)],
-            {"shards": [str(Path(s).resolve()) for s in shards]})
+            {"shards": [s if is_remote(s) else str(Path(s).resolve()) for s in shards]})
 
 
 def write_patch_file(path: Path, rows: Iterator[np.ndarray], dim: int, dtype: type,
@@ -164,6 +186,7 @@ class FeatureJob:
     """What ``features`` computes; stored in ``features.json``."""
 
     checkpoint: str
+    """The checkpoint read (absolute; for a run folder, the checkpoint it resolved to)."""
     layer: int | None = None
     """Block whose output is pooled (negative from the end); None: the final-norm features."""
     norm: bool = False
@@ -214,7 +237,8 @@ def extract(encoder: VisionEncoder, job: FeatureJob, spec: str, out_dir: str | P
             if all(p.is_file() for p in files.values()):
                 counts["skipped"] += 1
                 continue
-            done = _run_part(encoder, job, part.items(), files, pool, batch_size, bar.update)
+            with part.open() as items:
+                done = _run_part(encoder, job, items, files, pool, batch_size, bar.update)
             counts["written"] += 1
             counts["encoded"] += done["encoded"]
             counts["failed"] += done["failed"]

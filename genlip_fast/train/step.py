@@ -37,7 +37,8 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..data.batch import PackedBatch, Sample
 from ..data.packing import pack_samples, pad_tokens
-from ..data.pipeline import DataWaitInterrupted, build_data_loader
+from ..data.pipeline import build_data_loader
+from ..data.prefetch import DataWaitInterrupted
 from ..data.sampler import EmptyDatasetError
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig

@@ -1,6 +1,7 @@
 """Configuration of a GenLIP vision encoder exported by genlip_fast (``python -m genlip_fast.convert export-hf``).
 
-Imports only the standard library and transformers (4.55 and later, 5.x included), as remote code must.
+Imports only the standard library and transformers (4.57 and later, 5.x included: the versions the tests run), as
+remote code must.
 """
 
 try:  # transformers 5 renamed the base class; 4.x has only the old name

@@ -12,6 +12,12 @@ Two resize rules, each with a fixed-size and a native-aspect form:
 Then ``(u8 / 255 - mean) / std`` in float32. Fixed size returns ``pixel_values (B, 3, S, S)``; native aspect returns
 ``pixel_values (N, 3*p*p)`` (every image's patches in a row, row-major, each flattened (c, y, x)) with
 ``image_grid_thw (B, 3)`` = (1, rows, cols), Qwen2-VL's layout. Imports only numpy, Pillow and transformers.
+
+Remote code cannot import genlip_fast, so three rules are restated here: :func:`native_grid` is
+``genlip_fast.data.transforms.stage2_grid``, :func:`shorter_side_geometry` its ``stage1_geometry`` and
+:func:`smart_resize` ``genlip_fast.data.inputs.smart_resize`` (itself Qwen2-VL's, whose module path differs between
+transformers versions). ``tests/test_hf_export.py`` holds each equal to its original over many sizes; change them
+together.
 """
 
 import math

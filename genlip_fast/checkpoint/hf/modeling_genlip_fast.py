@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .configuration_genlip_fast import GenLIPVisionConfig
@@ -114,8 +115,12 @@ class GenLIPMLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class GenLIPBlock(nn.Module):
-    """Pre-norm block: ``x += ls1 * attn(norm1 x)``; ``x += ls2 * mlp(norm2 x)`` (no scales without layer scale)."""
+class GenLIPBlock(GradientCheckpointingLayer):
+    """Pre-norm block: ``x += ls1 * attn(norm1 x)``; ``x += ls2 * mlp(norm2 x)`` (no scales without layer scale).
+
+    A ``GradientCheckpointingLayer``: transformers' checkpointing switches (``gradient_checkpointing_enable``, 5.x's
+    ``activation_checkpointing_enable(every_n_layers=...)``) act on it, with ``x`` passed positionally as reentrant
+    checkpointing needs."""
 
     def __init__(self, config):
         super().__init__()
@@ -139,17 +144,18 @@ class GenLIPVisionModel(PreTrainedModel):
     base_model_prefix = "genlip_vision"
     main_input_name = "pixel_values"
     _no_split_modules = ["GenLIPBlock"]
+    _input_embed_layer = "patch_embed"  # get_input_embeddings(): enable_input_require_grads hooks its output
     _supports_sdpa = True
     supports_gradient_checkpointing = True
 
     def __init__(self, config):
         super().__init__(config)
         p, C = config.patch_size, config.num_channels
-        # Stored as the conv it is; applied as a linear map on patches flattened (c, y, x), which is the same thing.
+        # Applied to each patch as a (C, p, p) image: called as a module, so hooks on it run (transformers'
+        # enable_input_require_grads, accelerate's device placement).
         self.patch_embed = nn.Conv2d(C, config.hidden_size, p, stride=p)
         self.blocks = nn.ModuleList(GenLIPBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = make_norm(config, config.hidden_size)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def _init_weights(self, module):
@@ -213,28 +219,27 @@ class GenLIPVisionModel(PreTrainedModel):
             grids = [(pixel_values.shape[2] // p, pixel_values.shape[3] // p)] * pixel_values.shape[0]
             lengths = [h * w for h, w in grids]
             patches = self.patchify(pixel_values)
-        B, L = patches.shape[:2]
-        w = self.patch_embed.weight
-        x = F.linear(patches.to(w.dtype), w.flatten(1), self.patch_embed.bias)  # (B, L, d)
+        B, L, _ = patches.shape
+        p, C = self.config.patch_size, self.config.num_channels
+        x = self.patch_embed(patches.reshape(B * L, C, p, p).to(self.patch_embed.weight.dtype))  # (B*L, d, 1, 1)
+        x = x.reshape(B, L, -1)  # (B, L, d)
         cos, sin = mrope_cos_sin(self.config, grids, L, x.device)
         valid = torch.arange(L, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]  # (B, L)
         key_mask = None if min(lengths) == L else valid[:, None, None, :]  # padding keys are never attended to
 
         hidden = [x] if output_hidden_states else None
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_mask)
-            else:
-                x = block(x, cos, sin, key_mask)
+            x = block(x, cos, sin, key_mask)
             if output_hidden_states:
                 hidden.append(x)
         last = self.norm(x)
-        counts = torch.tensor(lengths, device=x.device, dtype=torch.float32)[:, None]
+        valid = valid.to(last.device)  # under a device_map the blocks may end on another device than they began
+        counts = torch.tensor(lengths, device=last.device, dtype=torch.float32)[:, None]
         pooled = ((last.float() * valid[..., None]).sum(1) / counts).to(last.dtype)  # (B, d)
 
         if flat:  # back to one row per patch, padding dropped
             last = last[valid]
-            hidden = [h[valid] for h in hidden] if hidden is not None else None
+            hidden = [h[valid.to(h.device)] for h in hidden] if hidden is not None else None
         hidden = tuple(hidden) if hidden is not None else None
         if not return_dict:
             return tuple(v for v in (last, pooled, hidden) if v is not None)
