@@ -118,7 +118,8 @@ def init_distributed(device_name: str = "auto", backend: str = "auto", *, replic
                      timeout_s: float | None = None) -> DistInfo:
     """Join (or create) the process group; one process per GPU. Returns this rank's view, with the
     ``replicate × shard`` mesh (see :func:`mesh_shape`). ``timeout_s`` bounds every collective of the groups made
-    here (None: the backend's default); a rank that makes no progress for 90% of it logs which ranks are behind."""
+    here (None: the backend's default); a rank that makes no progress for 90% of it logs which ranks are behind
+    (:mod:`~genlip_fast.train.watch`)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(device_name, local_rank)
     if device.type == "cuda":
@@ -165,7 +166,9 @@ def shutdown(info: DistInfo) -> None:
 
 
 _LAUNCH_STORE: dist.Store | None = None
-"""The launcher's store (torchrun's, shared by every node; it outlives a restart of the workers), when there is one."""
+"""The launcher's store, when there is one: torchrun's, shared by every node. It outlives a restart of the workers,
+not the launch: with the c10d or static rendezvous (torchrun's default, ``--standalone``, the Slurm script) it lives
+in a torchrun process, so a new torchrun in the same out_dir starts without an earlier run's stop record."""
 STOP_KEY = "genlip_stopped"
 
 
