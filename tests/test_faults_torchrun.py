@@ -49,6 +49,17 @@ if attempt == "0" and rank == os.environ.get("FREEZE_RANK"):  # this rank stops 
         return real(step, **kw)
 
     trainer.warmup_cosine = frozen
+if rank == os.environ.get("SLOW_EXIT_RANK"):  # this rank leaves 2 s after the other: torchrun, which polls its
+    import time                                # workers every 0.1 s, SIGTERMs it while it is still leaving
+
+    import genlip_fast.train.distributed as distributed
+    real_destroy = distributed.destroy_process_group
+
+    def slow_destroy():
+        time.sleep(2)
+        real_destroy()
+
+    distributed.destroy_process_group = slow_destroy
 rc = main(sys.argv[1:])
 Path(f"rc_{attempt}_{rank}").write_text(str(rc))
 sys.exit(rc)
@@ -187,8 +198,10 @@ def test_a_frozen_rank_is_named_in_one_line_with_the_last_step_it_finished(shape
 
 
 def test_bad_input_under_torchrun_exits_2_on_every_rank(shapes, tmp_path):
+    """Rank 1 is slow to leave: torchrun's SIGTERM, sent when rank 0 exits 2, must not turn its status into -15."""
     with _torchrun(tmp_path, tiny_overrides(shapes, tmp_path / "run", steps=2,
-                                            data__val_shards=str(tmp_path / "nowhere" / "val-*.tar"))) as proc:
+                                            data__val_shards=str(tmp_path / "nowhere" / "val-*.tar")),
+                   SLOW_EXIT_RANK="1") as proc:
         log = proc.communicate(timeout=240)[0]
     assert _exit_codes(tmp_path, 0) == [2, 2], log[-4000:]
     assert log.count("genlip-train: config error: data.val_shards") == 1, log[-4000:]

@@ -20,6 +20,7 @@ from .format import (
     META,
     latest_checkpoint,
     list_checkpoints,
+    model_config_dict,
     move_aside,
     read_meta,
     require_passing,
@@ -34,5 +35,6 @@ from .safe_load import CheckpointError, load_dcp, rng_state, set_rng_state
 
 __all__ = ["META", "CheckpointError", "OfficialFormatError", "export", "export_official", "import_official",
            "inputs_from_meta", "latest_checkpoint", "list_checkpoints", "load_checkpoint_model", "load_dcp",
-           "load_exported", "load_model", "model_config_from_meta", "move_aside", "read_meta", "require_passing",
-           "resolve_checkpoint", "rng_state", "set_rng_state", "step_dir_name", "step_folders", "verify_checkpoint"]
+           "load_exported", "load_model", "model_config_dict", "model_config_from_meta", "move_aside", "read_meta",
+           "require_passing", "resolve_checkpoint", "rng_state", "set_rng_state", "step_dir_name", "step_folders",
+           "verify_checkpoint"]

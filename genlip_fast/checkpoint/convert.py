@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
-from .format import META
+from .format import META, model_config_dict
 from .load import load_model
 from .manifest import describe, write_manifest
 from .official import DTYPES, GENLIP_FAST_INPUTS, config_to_official, load_official, to_official, write_official
@@ -32,7 +32,7 @@ def import_official(src: str | Path, out: str | Path) -> dict:
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": model.state_dict()}, checkpoint_id=str(out), no_dist=True)
     meta = {"step": 0, "world_size": 0,
-            "model_config": dict(model.cfg.__dict__, mrope_section=list(model.cfg.mrope_section)),
+            "model_config": model_config_dict(model.cfg),
             "inputs": inputs.to_dict(), "source": {"official": str(Path(src).resolve())}}
     (out / META).write_text(json.dumps(meta, indent=2))
     write_manifest(out, describe(out, sorted(os.listdir(out))))  # what every checkpoint read is checked against

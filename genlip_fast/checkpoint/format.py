@@ -22,6 +22,7 @@ import os
 import re
 from pathlib import Path
 
+from ..model.config import ModelConfig
 from .manifest import MANIFEST, check_files, read_manifest
 from .safe_load import DCP_METADATA, CheckpointError
 
@@ -73,6 +74,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_meta(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / META).read_text())
+
+
+def model_config_dict(cfg: ModelConfig) -> dict:
+    """``cfg`` as meta.json, an exported file's metadata and the authors'-layout export store it (plain JSON: the
+    MRoPE sections a list)."""
+    return dict(cfg.__dict__, mrope_section=list(cfg.mrope_section))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    """The :class:`ModelConfig` a :func:`model_config_dict` holds."""
+    return ModelConfig(**{**d, "mrope_section": tuple(d["mrope_section"])})
 
 
 def move_aside(path: Path, why: str) -> Path:

@@ -17,14 +17,12 @@ import torch
 
 from ..data.inputs import ImageTransform, InputSpec
 from ..model import GenLIP, ModelConfig
-from .format import read_meta, require_passing, resolve_checkpoint
+from .format import model_config_from_dict, read_meta, require_passing, resolve_checkpoint
 from .safe_load import load_dcp
 
 
 def model_config_from_meta(meta: dict) -> ModelConfig:
-    d = dict(meta["model_config"])
-    d["mrope_section"] = tuple(d["mrope_section"])
-    return ModelConfig(**d)
+    return model_config_from_dict(meta["model_config"])
 
 
 def load_checkpoint_model(path: str | Path) -> tuple[GenLIP, dict]:
@@ -50,9 +48,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> GenLI
 
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata()
-    cfg_dict = json.loads(md["genlip_model_config"])
-    cfg_dict["mrope_section"] = tuple(cfg_dict["mrope_section"])
-    model = GenLIP(ModelConfig(**cfg_dict))
+    model = GenLIP(model_config_from_dict(json.loads(md["genlip_model_config"])))
     sd = load_file(str(path))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if unexpected or (missing and md.get("genlip_vision_only") != "true"):

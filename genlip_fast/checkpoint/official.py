@@ -34,6 +34,7 @@ import torch
 from ..data.inputs import AUTHORS_PIXEL_MEAN, AUTHORS_PIXEL_STD, ImageTransform, InputSpec
 from ..model import GenLIP, ModelConfig
 from ..model.config import AUTHORS_CODE
+from .format import model_config_dict, model_config_from_dict
 from .sharded import INDEX, write_shards
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,7 @@ def config_from_official(c: dict) -> ModelConfig:
              "config.json is a transformers export of genlip_fast (export-hf: vision tower only); load it with "
              "transformers, or use the checkpoint it was exported from (config.json: genlip_fast.source)")
     if GENLIP_FAST_KEY in c:
-        d = dict(c[GENLIP_FAST_KEY])
-        d["mrope_section"] = tuple(d["mrope_section"])
-        return ModelConfig(**d)
+        return model_config_from_dict(c[GENLIP_FAST_KEY])
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         _require(key in c, f"config.json has no {key!r}")
     _require(c.get("use_swiglu_ffn", False) and c.get("hidden_act", "gelu_pytorch_tanh") == "silu",
@@ -108,7 +107,7 @@ def config_to_official(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> 
     _require(cfg.layer_scale_init is not None and cfg.layer_scale_init > 1e-6,
              f"layer_scale_init={cfg.layer_scale_init} would remove the authors' layer scales (they exist only above "
              "1e-6)")
-    ours = dict(cfg.__dict__, mrope_section=list(cfg.mrope_section), attn_backend="auto", ce_backend="auto")
+    ours = {**model_config_dict(cfg), "attn_backend": "auto", "ce_backend": "auto"}
     return {
         "architectures": ["GenLIPModel"], "model_type": "genlip",
         "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,

@@ -168,8 +168,20 @@ def nested_exceptions(exc: BaseException):
             todo += [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
 
 
+def describe_exception(e: BaseException) -> str:
+    """``Type: message`` of ``e``; for DCP's CheckpointException, whose text is every failing rank's traceback, that
+    of a failure inside it."""
+    if isinstance(e, CheckpointException):
+        e = next((x for x in nested_exceptions(e) if not isinstance(x, CheckpointException)), e)
+        if isinstance(e, CheckpointException):
+            return f"CheckpointException on ranks {sorted(e.failures)}"
+    return f"{type(e).__name__}: {e}"
+
+
 def load_dcp(state: dict, path: Path, **kw) -> None:
-    """``dcp.load`` of ``path`` into ``state`` in place, refusing pickled code (every rank calls it together)."""
+    """``dcp.load`` of ``path`` into ``state`` in place, refusing pickled code (every rank calls it together). A
+    failure is a :class:`CheckpointError`: DCP's own CheckpointException is a BaseException, which would pass every
+    handler of an ordinary error."""
     check_dcp_metadata(path)
     planner = _WeightsOnlyPlanner()
     planner.source = path
@@ -179,8 +191,8 @@ def load_dcp(state: dict, path: Path, **kw) -> None:
         refused = next((x for x in nested_exceptions(e) if isinstance(x, CheckpointError)), None)
         if refused is not None:
             raise CheckpointError(str(refused)) from None
-        raise
+        raise CheckpointError(f"reading {path} failed: {describe_exception(e)}") from e
 
 
-__all__ = ["CheckpointError", "DCP_METADATA", "check_dcp_metadata", "from_plain", "load_dcp",
+__all__ = ["CheckpointError", "DCP_METADATA", "check_dcp_metadata", "describe_exception", "from_plain", "load_dcp",
            "load_rank_file", "nested_exceptions", "rng_state", "set_rng_state", "to_plain"]

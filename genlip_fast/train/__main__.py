@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from . import preflight, runlog
     from ..checkpoint import CheckpointError
-    from .distributed import CollectiveError
     from .metrics import describe_eval
     from .signals import RunStopped, die_with_launcher
     from .step import DataStreamError
     from .trainer import NonFiniteLossError, train
+    from .watch import CollectiveError
 
     def fail(kind: str, e: BaseException | str, code: int, everywhere: bool = False) -> int:
         # Errors after the process group is up are agreed by every rank: rank 0 says it once. The traceback of one

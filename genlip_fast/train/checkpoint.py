@@ -55,6 +55,7 @@ from ..checkpoint.format import (
 from ..checkpoint.manifest import MANIFEST, check_files, describe, write_manifest
 from ..checkpoint.safe_load import (
     CheckpointError,
+    describe_exception,
     from_plain,
     load_dcp,
     load_rank_file,
@@ -62,7 +63,7 @@ from ..checkpoint.safe_load import (
     rng_state,
     to_plain,
 )
-from .distributed import broadcast_object
+from .distributed import all_gather_objects, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,6 @@ def estimate_checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer
         data += 2 * sum(p.numel() * p.element_size() for p in params)
     tensors = len(params) + len(list(model.buffers())) + (len(state) if state else 3 * len(params))
     return data + tensors * world_size * DCP_ENTRY_BYTES + world_size * RANK_FILE_BYTES
-
-
-def all_gather_objects(obj) -> list:
-    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 # ---- checking ----
@@ -201,7 +193,7 @@ class Checkpointer:
                 out = fn()
             except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
                 err = e
-        reports = all_gather_objects(None if err is None else (f"{type(err).__name__}: {err}".strip()[:2000],
+        reports = all_gather_objects(None if err is None else (describe_exception(err).strip()[:2000],
                                                                 _out_of_space(err, tmp, need)))
         failed = {r: rep for r, rep in enumerate(reports) if rep is not None}
         if not failed:
@@ -212,10 +204,12 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 msg = space_message(self.root, need, self.keep) + f"; the partial save {tmp} was removed"
             raise CheckpointSpaceError(broadcast_object(msg)) from err
-        if err is not None:
-            raise err
+        if err is not None and not isinstance(err, CheckpointException):
+            raise err  # this rank's own error, as it was raised
+        # DCP's CheckpointException is a BaseException: raised as it is, it would pass every handler of an ordinary
+        # error and end the run in a traceback
         r, (summary, _) = next(iter(failed.items()))
-        raise CheckpointError(f"saving {tmp} failed on rank {r}: {summary}")
+        raise CheckpointError(f"saving {tmp} failed on rank {r}: {summary}") from err
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, *, data_states: dict[int, dict],
              meta: dict, device: torch.device) -> Path:
@@ -349,5 +343,5 @@ def load_model_weights(path: str | os.PathLike, model: nn.Module) -> Path:
     return ckpt
 
 
-__all__ = ["CheckpointSpaceError", "Checkpointer", "all_gather_objects", "estimate_checkpoint_bytes", "format_bytes",
-           "load_model_weights", "nearest_existing", "space_message", "verify_together"]
+__all__ = ["CheckpointSpaceError", "Checkpointer", "estimate_checkpoint_bytes", "format_bytes", "load_model_weights",
+           "nearest_existing", "space_message", "verify_together"]

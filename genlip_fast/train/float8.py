@@ -118,8 +118,8 @@ def all_gather_blocked(compile: bool, attn_backend: str, device: torch.device) -
     impl = resolve_impl(attn_backend, torch.empty(0, device=device), extra=("flex",))
     if impl == "triton":
         return None
-    return (f"parallel.compile with the {impl} attention: torch.compile takes float8-gathered weights only into a block "
-            f"that is one graph, as with the fused attention")
+    return (f"parallel.compile with the {impl} attention: torch.compile takes float8-gathered weights only into a "
+            f"block that is one graph, as with the fused attention")
 
 
 class Float8ShapeError(ValueError):

@@ -26,8 +26,9 @@ from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer, load_tokenizer
 from ..data.transforms import PIXEL_NORMS, pixel_stats
 from . import float8
-from .checkpoint import all_gather_objects, format_bytes, nearest_existing
+from .checkpoint import format_bytes, nearest_existing
 from .config import ConfigError, JobConfig
+from .distributed import all_gather_objects
 
 log = logging.getLogger("genlip_fast.train")
 

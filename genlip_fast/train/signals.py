@@ -17,8 +17,9 @@ reaches (``tests/test_faults_torchrun.py``):
 - :func:`die_with_launcher`: a worker gets SIGTERM when its torchrun dies (Linux's parent-death signal), so a signal
   that kills torchrun (SIGUSR1 without that option) stops the workers with a checkpoint instead of leaving them
   training unsupervised;
-- after a stop a worker ignores further stop signals until it exits (:meth:`StopSignals.__exit__`), so torchrun's
-  SIGTERM to the ranks still finishing, sent when the first rank exits, does not turn their status into -15;
+- once its run has ended — a stop, the end, or an error every rank raises alike — a worker ignores stop signals
+  until it exits (:meth:`StopSignals.__exit__`), so torchrun's SIGTERM to the ranks still finishing, sent as soon as
+  the first rank exits with a non-zero status, does not turn theirs into -15;
 - a stop is final: rank 0 records it in torchrun's store, and workers that torchrun restarts after it exit at once
   with the same status (:func:`genlip_fast.train.distributed.stop_recorded`); restarts still follow crashes.
 """
@@ -67,8 +68,6 @@ class StopSignals:
 
     def __init__(self):
         self.received: int | None = None
-        self.stop: int | None = None
-        """The signal the ranks agreed to stop for (:meth:`agreed`), once they did."""
         self._interrupts = 0
         self._old = {}
 
@@ -95,14 +94,14 @@ class StopSignals:
         got = torch.tensor([self.received or 0], dtype=torch.int64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(got, op=dist.ReduceOp.MAX)
-        self.stop = int(got.item()) or None
-        return self.stop
+        return int(got.item()) or None
 
     def __exit__(self, *exc):
-        # A torchrun worker that stopped (its own signal or the others' vote) ignores stop signals from here until it
-        # exits: torchrun SIGTERMs the ranks still finishing as soon as one exits. Elsewhere (in-process use) the old
-        # handlers come back.
-        if (self.received or self.stop) and under_torchrun():
+        # A torchrun worker is on its way out however the run ended (a stop, the end, an error every rank raises
+        # alike), and torchrun SIGTERMs the ranks still finishing as soon as one exits with a non-zero status: it
+        # ignores stop signals from here until it exits, so every rank keeps the status the run agreed on. Elsewhere
+        # (in-process use) the old handlers come back.
+        if under_torchrun():
             ignore_stop_signals()
         else:
             for s, h in self._old.items():

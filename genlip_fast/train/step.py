@@ -42,9 +42,8 @@ from ..data.prefetch import DataWaitInterrupted
 from ..data.sampler import EmptyDatasetError
 from ..data.tokenizer import Tokenizer
 from ..model.config import ModelConfig
-from .checkpoint import all_gather_objects
 from .config import ConfigError, JobConfig
-from .distributed import DistInfo, all_reduce_sum, broadcast_object, prepare_micro_step
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, prepare_micro_step
 from .flops import pack_flops
 
 PACKS_MEASURED = 16
@@ -275,15 +274,15 @@ def train_step(model: nn.Module, params: list[torch.Tensor], sources: list[Itera
         loss.backward()
         loss_sum += loss.detach()
         del batch, loss  # the pack is released here: at most the loader's prefetch queue is held
-    interrupted = isinstance(failure, DataWaitInterrupted)
-    votes = [float(stop_requested() or interrupted), float(failure is not None and not interrupted), float(interrupted)]
+    cut_short = isinstance(failure, DataWaitInterrupted)  # this rank's wait; `interrupted` below: any rank's
+    votes = [float(stop_requested() or cut_short), float(failure is not None and not cut_short), float(cut_short)]
     extra = [float(x) for x in counts()]
     totals = torch.cat([torch.tensor(local + votes + extra, dtype=torch.float64, device=device), loss_sum.reshape(1)])
     summed = all_reduce_sum(totals).tolist()
     loss_tokens, tokens, samples, flops, stop_votes, failed, interrupted = summed[:7]
     extra, loss_total = summed[7:-1], summed[-1]
     if failed:
-        raise_agreed(None if isinstance(failure, DataWaitInterrupted) else failure)
+        raise_agreed(None if cut_short else failure)
     if interrupted:
         return StepStats(math.nan, math.nan, 0, 0, 0, 0.0, int(stop_votes), wait, interrupted=True)
     scale = 1.0 / max(1.0, loss_tokens)

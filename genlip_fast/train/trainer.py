@@ -4,10 +4,11 @@ One optimizer step (:mod:`~genlip_fast.train.step`)::
 
     every rank runs its packs of the global batch as its loaders make them     (data streams, see plan_batch)
         loss = sum(the pack's token losses); loss.backward()    (FSDP2 reduce-scatters after the last, as a sum)
-    all_reduce(loss tokens, tokens, samples, FLOPs, loss, stop votes); gradients /= the global loss-token count
-    grad norm over the sharded model; clip
-    finite? AdamW step : skip (no update, grads dropped, counted; too many in a row is an error)
-    metrics (rank 0); checkpoint when due, at the end, or after SIGTERM / SIGUSR1 (voted at the end of every step)
+    all_reduce(loss tokens, tokens, samples, FLOPs, stop votes, data failures, per-source counts, loss)
+    gradients /= the global loss-token count; grad norm over the sharded model; clip
+    finite? AdamW step (then float8's weight scales) : skip (no update, grads dropped, counted; too many in a row
+        is an error)
+    metrics (rank 0); checkpoint when due, at the end, or after a stop signal (voted at the end of every step)
 
 Because every token loss enters with weight 1 and the summed gradients are divided by the same global count, the
 update is the same whether a step's packs run on one rank or many: it equals one big batch's token-mean loss.
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import rng_state, set_rng_state
+from ..checkpoint import model_config_dict, rng_state, set_rng_state
 from ..data import storage
 from ..data.config import data_sources
 from ..data.manifest import describe_dataset
@@ -43,18 +44,15 @@ from . import float8, preflight, runlog
 from .checkpoint import Checkpointer, estimate_checkpoint_bytes, load_model_weights
 from .config import ConfigError, JobConfig, to_dict
 from .distributed import (
-    CollectiveError,
     DistInfo,
     apply_activation_checkpointing,
     apply_compile,
     apply_fsdp,
     barrier,
-    describe_failure,
     init_distributed,
     mixed_precision_policy,
     record_stop,
     shutdown,
-    step_done,
     stop_recorded,
 )
 from .evaluate import Evaluator, caption_heldout
@@ -63,6 +61,7 @@ from .metrics import MetricsLogger
 from .schedule import warmup_cosine
 from .signals import RunStopped, StopSignals, ignore_stop_signals
 from .step import describe_plan, grad_norm_and_clip, padding_pack, plan_batch, train_step
+from .watch import CollectiveError, describe_failure, step_done
 
 # plan_batch and grad_norm_and_clip live in .step; imported from here by older callers (benchmarks)
 __all__ = ["NonFiniteLossError", "Run", "grad_norm_and_clip", "plan_batch", "train"]
@@ -156,7 +155,7 @@ def train(cfg: JobConfig, *, progress: bool = True) -> dict:
     checkpoint).
 
     Raises :class:`~genlip_fast.train.signals.RunStopped` in workers torchrun restarted after a stop signal ended
-    the run (a stop is final), and :class:`~genlip_fast.train.distributed.CollectiveError` naming the ranks behind
+    the run (a stop is final), and :class:`~genlip_fast.train.watch.CollectiveError` naming the ranks behind
     when a collective times out or loses a rank."""
     preflight.check_device(cfg)
     par = cfg.parallel
@@ -330,7 +329,7 @@ class Run:
                 "order in which the open shards' samples are drawn and which samples share a pack differ from an "
                 "uninterrupted run", logging.WARNING)
         self.meta = {"packs_per_step": plan.packs_per_step, "data_streams": plan.data_streams,
-                     "samples_per_pack": plan.samples_per_pack, "model_config": _model_config_dict(self.mcfg),
+                     "samples_per_pack": plan.samples_per_pack, "model_config": model_config_dict(self.mcfg),
                      "job_config": to_dict(cfg)}
 
     def _save(self, step: int, states: dict[int, dict] | None = None) -> Path:
@@ -382,7 +381,6 @@ class Run:
             saved = "nothing new to save"
         self.metrics.message(f"stopped while waiting for data in step {self.step + 1}, which is dropped; {saved} "
                              f"after step {self.step} — rerun the same command to continue", logging.WARNING)
-        self.metrics.close()
 
     def _one_step(self) -> bool:
         """One optimizer step (:func:`~genlip_fast.train.step.train_step`), the AdamW update unless it was not
@@ -486,9 +484,3 @@ class Run:
                 "stopped_by": self.stopped_by,
                 "signal": self.signals.agreed(self.device) if self.stopped_by == "signal" else None,
                 "checkpoint": self.last_ckpt, "evals": self.evaluator.history}
-
-
-def _model_config_dict(mcfg: ModelConfig) -> dict:
-    d = dict(mcfg.__dict__)
-    d["mrope_section"] = list(d["mrope_section"])
-    return d
