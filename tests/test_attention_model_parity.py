@@ -1,8 +1,10 @@
 """Model-level parity: the tiny GenLIP trained with the fused ops (attention and LM-head CE, CPU interpreter) follows
-the reference backends' loss curve in fp32 for 30 steps."""
+the reference backends' loss curve in fp32: 6 steps of a 2-block model in CI (each of three packs twice), 30 steps of
+the preset's 4 blocks with --runslow."""
 
 import copy
 
+import pytest
 import torch
 
 from genlip_fast.data import Sample, pack_samples
@@ -39,10 +41,12 @@ def _train(model, batches):
     return losses
 
 
-# Every kernel program runs in Python under the interpreter (about 3 s of CPU per training step here): ~100 s.
-def test_tiny_model_fused_ops_follow_reference_losses(steps=30):
+# Every kernel program runs in Python under the interpreter: ~2 CPU s per block and fused training step on the
+# 2-core dev machine (2026-12-07), so the preset's 30 steps of 4 blocks (~4.5 min there) run outside CI's budget.
+@pytest.mark.parametrize("steps,n_layers", [(6, 2), pytest.param(30, 4, marks=pytest.mark.slow)])
+def test_tiny_model_fused_ops_follow_reference_losses(steps, n_layers):
     torch.manual_seed(0)
-    cfg = get_preset("tiny", attn_backend="reference", ce_backend="reference")
+    cfg = get_preset("tiny", attn_backend="reference", ce_backend="reference", n_layers=n_layers)
     ref_model = GenLIP(cfg)
     fused_model = GenLIP(cfg.replace(attn_backend="triton", ce_backend="triton"))
     fused_model.load_state_dict(copy.deepcopy(ref_model.state_dict()))

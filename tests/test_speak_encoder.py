@@ -105,6 +105,8 @@ def test_layer_features_and_pooled_output():
         assert torch.equal(a[0], b)
     with pytest.raises(IndexError, match=r"layers \[3, -4\] out of range for 3 blocks"):
         enc(images, layers=[3, -4])
+    with pytest.raises(ValueError, match="layers is empty"):
+        enc(images, layers=[])
 
 
 def test_encoder_features_compile_in_one_graph():
