@@ -169,8 +169,6 @@ class GenLIP(nn.Module):
         before the final norm), through the final norm too when ``norm``. ``layers`` are host ints, so nothing is
         read back from the device; other arguments as :meth:`hidden_states`."""
         n = len(self.blocks)
-        if not layers:
-            raise ValueError("layers is empty: name at least one block (0..n-1, or -1 for the last)")
         bad = [i for i in layers if not -n <= i < n]
         if bad:
             raise IndexError(f"layers {bad} out of range for {n} blocks (use 0..{n - 1} or -{n}..-1)")

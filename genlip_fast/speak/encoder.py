@@ -70,6 +70,9 @@ class VisionEncoder(nn.Module):
         images' patches, in order). With ``layers`` (timm's ``forward_intermediates`` indices: 0 is the first
         block, -1 the last, before the final norm): ``(len(layers), P, d)``, those blocks' outputs, each through the
         final norm when ``norm``. No host syncs; ``torch.compile``-able with ``fullgraph=True``."""
+        if layers is not None and len(layers) == 0:
+            raise ValueError("layers is empty: name at least one block (0..n-1, or -1 for the last), or pass None "
+                             "for the final-LayerNorm features")
         if layers is None:
             return self.model.hidden_states(batch)  # pack_images sets prefix = length: full attention per image
         return torch.stack(self.model.intermediates(batch, layers, norm=norm)[1])
