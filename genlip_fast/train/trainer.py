@@ -35,7 +35,7 @@ from ..data.config import data_sources
 from ..data.manifest import describe_dataset
 from ..data.packing import pad_tokens
 from ..data.pipeline import build_data_loader
-from ..data.specs import NoShardsError, ShardSpecError, expand_spec
+from ..data.specs import NoShardsError, ShardSpecError, expand_spec, split_sources
 from ..data.storage import StorageSetupError
 from ..data.tokenizer import Tokenizer
 from ..model import GenLIP, get_preset
@@ -130,7 +130,8 @@ def ensure_demo_data(cfg: JobConfig, *, write: bool) -> None:
         storage.configure(d.storage_options)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if not d.generate_demo_data or d.sources or ";" in d.train_shards or storage.is_remote(d.train_shards):
+    if (not d.generate_demo_data or d.sources or len(split_sources(d.train_shards)) > 1
+            or storage.is_remote(d.train_shards)):
         return
     try:
         expand_spec(d.train_shards)
