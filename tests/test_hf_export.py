@@ -24,20 +24,11 @@ from genlip_fast.convert import main as convert_main
 from genlip_fast.data.inputs import ImageTransform, InputSpec
 from genlip_fast.data.transforms import grid_for, stage1_geometry
 from genlip_fast.model import GenLIP, get_preset
+from test_official import random_model  # every parameter random, as a trained model's
 
 pytest.importorskip("transformers")
 
 SIZES = [(64, 64), (40, 100), (130, 50), (1, 2000), (3, 5), (2, 2), (301, 97)]
-
-
-def random_model(preset="tiny", **over):
-    """Every parameter random (biases and layer scales too), as a trained model's would be."""
-    torch.manual_seed(0)
-    model = GenLIP(get_preset(preset, attn_backend="reference", ce_backend="reference", **over)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * (0.02 if p.dim() > 1 else 0.1) + (p.dim() == 1) * 0.05)
-    return model
 
 
 def images(seed=0):
@@ -50,7 +41,7 @@ def hf(tmp_path_factory):
     """A tiny genlip_fast model in the authors' layout (a form every command reads), exported with the CLI at its
     native aspect ratio and at a fixed 32 px, and loaded by transformers with HF_HUB_OFFLINE=1."""
     root = tmp_path_factory.mktemp("hf")
-    model = random_model(mlp_bias=True, n_layers=2)
+    model = random_model("tiny", mlp_bias=True, n_layers=2)
     inputs = InputSpec(image=ImageTransform())  # genlip_fast's own rule and CLIP statistics
     src = root / "ckpt"
     official = {**config_to_official(model.cfg), "genlip_fast_inputs": inputs.to_dict()}
@@ -307,7 +298,7 @@ def test_sharded_bf16_export_loads(hf, tmp_path):
 
 def authors_folder(root: Path, preprocessor: dict | None) -> Path:
     """A tiny model in the authors' layout with their processor config (as their runs save it), no genlip_fast keys."""
-    model = random_model(mlp_bias=True)
+    model = random_model("tiny", mlp_bias=True)
     config = config_to_official(model.cfg)
     del config["genlip_fast_model_config"]
     write_official(root, config, to_official(model.state_dict(), model.cfg))
