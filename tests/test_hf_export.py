@@ -23,7 +23,7 @@ from genlip_fast.checkpoint.official import config_to_official, to_official, wri
 from genlip_fast.convert import main as convert_main
 from genlip_fast.data.inputs import ImageTransform, InputSpec
 from genlip_fast.data.transforms import grid_for, stage1_geometry
-from genlip_fast.model import GenLIP, get_preset
+from genlip_fast.model import get_preset
 from test_official import random_model  # every parameter random, as a trained model's
 
 pytest.importorskip("transformers")
